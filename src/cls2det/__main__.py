@@ -1,0 +1,3 @@
+from cls2det.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,280 @@
+"""The ``cls2det`` command: data / teacher / train / eval / study / demo / bench / export.
+
+Every sub-command validates its inputs before spending compute; a bad input ends in one line on stderr
+(``error: ...``) and exit code 2, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from cls2det.config import KD_TERMS, ConfigError, TeacherConfig, TrainConfig, load_config
+
+EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    # key=value overrides may come anywhere after the positionals, which argparse alone does not allow
+    args, extra = parser.parse_known_args(argv)
+    unknown = [e for e in extra if e.startswith("-") or "=" not in e or not hasattr(args, "overrides")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    if not hasattr(args, "func"):
+        parser.print_help()
+        return EXIT_BAD_INPUT
+    from cls2det.data import DatasetError
+    from cls2det.engine import CheckpointError, RunDirError, TrainingError, TrainingInterrupted
+
+    try:
+        return args.func(args) or 0
+    except TrainingInterrupted as err:
+        print(f"interrupted: {err}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (ConfigError, DatasetError, RunDirError, CheckpointError, TrainingError, ValueError, FileNotFoundError) as err:
+        print(f"error: {_one_line(err)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cls2det", description="Distill image classifiers into object detectors.")
+    commands = parser.add_subparsers(title="commands")
+
+    data = commands.add_parser("data", help="make, check or import COCO-format datasets").add_subparsers(title="data")
+    p = data.add_parser("demo", help="generate the embedded demo dataset (sklearn digits on skimage photos)")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train-images", type=int, default=None)
+    p.add_argument("--val-images", type=int, default=None)
+    p.add_argument("--image-size", type=int, default=None)
+    p.set_defaults(func=cmd_data_demo)
+    p = data.add_parser("check", help="validate a COCO-format dataset (JSON, ids, boxes, image files)")
+    p.add_argument("dir", type=Path, help="dataset folder (annotations/{train,val}.json, images/) or a data YAML")
+    p.add_argument("--splits", default="train,val")
+    p.add_argument("--no-images", action="store_true", help="skip opening every image file")
+    p.add_argument("--clip-tolerance", type=float, default=1.0, help="pixels a box may exceed the image (clipped)")
+    p.set_defaults(func=cmd_data_check)
+    p = data.add_parser("import", help="convert a Pascal VOC or YOLO dataset to the COCO-format layout")
+    p.add_argument("format", choices=["voc", "yolo"])
+    p.add_argument("src", type=Path)
+    p.add_argument("--out", required=True, type=Path)
+    p.set_defaults(func=cmd_data_import)
+
+    p = commands.add_parser("teacher", help="train the classifier teacher on the GT crops of a dataset")
+    p.add_argument("dir", type=Path, help="dataset folder or data YAML")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--arch", default=None, help="resnet18 | resnet50 | any torchvision or timm classifier name")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--pretrained", default=None, help="'imagenet' or a local weights file")
+    p.add_argument("--config", type=Path, default=None, help="YAML with TeacherConfig keys")
+    p.add_argument("overrides", nargs="*", help="key=value overrides of TeacherConfig")
+    p.set_defaults(func=cmd_teacher)
+
+    p = commands.add_parser("train", help="train a student detector, with or without distillation")
+    p.add_argument("dir", type=Path, help="dataset folder or data YAML")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--teacher", default=None, help="teacher run folder (needed for --kd cls / kd_loc)")
+    p.add_argument("--detector", default=None, help="student detector name (see `cls2det train --list`)")
+    p.add_argument("--kd", default=None, help=f"none, or a comma list of {', '.join(KD_TERMS)}")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--config", type=Path, default=None, help="YAML with TrainConfig keys (configs/*.yaml)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    p.add_argument("--devices", default=None, help="Fabric devices: N or 'auto'")
+    p.add_argument("--accelerator", default=None, help="Fabric accelerator: auto | cpu | cuda")
+    p.add_argument("--strategy", default=None, help="Fabric strategy: auto | ddp | ...")
+    p.add_argument("--precision", default=None, help="Fabric precision: 32-true | bf16-mixed | 16-mixed")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. distill.temperature=4 optim.lr=0.01")
+    p.set_defaults(func=cmd_train)
+
+    p = commands.add_parser("eval", help="COCO mAP of a trained student on a split")
+    p.add_argument("run", type=Path)
+    p.add_argument("dir", type=Path)
+    p.add_argument("--split", default="val")
+    p.add_argument("--checkpoint", default="last", choices=["last", "best"])
+    p.add_argument("--json", type=Path, default=None, help="also write the metrics to this JSON file")
+    p.set_defaults(func=cmd_eval)
+
+    p = commands.add_parser("study", help="run a grid of rows x seeds x detectors from a YAML and write the report")
+    p.add_argument("config", type=Path)
+    p.add_argument("overrides", nargs="*", help="key=value overrides of the study config")
+    p.set_defaults(func=cmd_study)
+
+    p = commands.add_parser("demo", help="the paper's Table 1 on the embedded dataset, end to end")
+    p.add_argument("--out", type=Path, default=Path("runs/demo"))
+    p.add_argument("overrides", nargs="*", help="key=value overrides of the demo study config")
+    p.set_defaults(func=cmd_demo)
+
+    p = commands.add_parser("bench", help="time distillation against plain training, in one run")
+    p.add_argument("--detector", default="fasterrcnn_mobilenet_v3")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_bench)
+
+    p = commands.add_parser("export", help="export the student alone (no teacher) for deployment")
+    p.add_argument("run", type=Path)
+    p.add_argument("--format", choices=["onnx", "torchscript"], default="onnx")
+    p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--checkpoint", default="last", choices=["last", "best"])
+    p.set_defaults(func=cmd_export)
+    return parser
+
+
+# --------------------------------------------------------------------------------------------------- commands
+
+
+def cmd_data_demo(args) -> int:
+    from cls2det.data import generate_demo
+
+    sizes = {"train_images": args.train_images, "val_images": args.val_images, "image_size": args.image_size}
+    out = generate_demo(args.out, seed=args.seed, **{k: v for k, v in sizes.items() if v is not None})
+    print(f"demo dataset written to {out}")
+    return 0
+
+
+def cmd_data_check(args) -> int:
+    from cls2det.data import check_dataset
+
+    summary = check_dataset(
+        args.dir, splits=tuple(s for s in args.splits.split(",") if s), check_images=not args.no_images,
+        clip_tolerance=args.clip_tolerance,
+    )
+    print(json.dumps(summary, indent=2, default=str))
+    print(f"{args.dir}: OK")
+    return 0
+
+
+def cmd_data_import(args) -> int:
+    from cls2det.data import import_voc, import_yolo
+
+    summary = (import_voc if args.format == "voc" else import_yolo)(args.src, args.out)
+    print(json.dumps(summary, indent=2, default=str))
+    print(f"{args.format} dataset imported to {args.out}")
+    return 0
+
+
+def cmd_teacher(args) -> int:
+    from cls2det.teacher import train_teacher
+
+    config = load_config(
+        TeacherConfig, args.config, args.overrides, arch=args.arch, epochs=args.epochs, pretrained=args.pretrained
+    )
+    metrics = train_teacher(args.dir, args.out, config)
+    print(f"teacher written to {args.out}: val top-1 {metrics['top1']:.2f}%")
+    return 0
+
+
+def train_config_from_args(args) -> TrainConfig:
+    """CLI flags < YAML < key=value overrides; a resumed run starts from its saved config."""
+    path = args.config
+    if args.resume:
+        saved = Path(args.out) / "config.yaml"
+        if not saved.is_file():
+            raise ConfigError(f"nothing to resume: {saved} not found")
+        path = saved
+    base = {
+        "data": str(args.dir), "out": str(args.out), "teacher": args.teacher, "epochs": args.epochs,
+        "devices": _int_or_str(args.devices), "accelerator": args.accelerator, "strategy": args.strategy,
+        "precision": args.precision,
+    }
+    if args.detector is not None:
+        base["student"] = {"detector": args.detector}
+    if args.kd is not None:
+        kd = [] if args.kd.strip().lower() == "none" else [t.strip() for t in args.kd.split(",") if t.strip()]
+        base["distill"] = {"kd": kd}
+    return load_config(TrainConfig, path, args.overrides, **base)
+
+
+def cmd_train(args) -> int:
+    from cls2det.engine import fit
+    from cls2det.students import list_students
+
+    config = train_config_from_args(args)
+    if config.student.detector not in list_students():
+        raise ConfigError(f"unknown detector {config.student.detector!r}; valid: {', '.join(list_students())}")
+    results = fit(config, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
+    if results.get("metrics"):
+        print(format_metrics(results["metrics"], title=f"{config.student.detector} kd={config.distill.kd or 'none'}"))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from cls2det.engine.evaluate import evaluate_student
+    from cls2det.engine.loading import load_student
+
+    model, config = load_student(args.run, checkpoint=args.checkpoint)
+    from cls2det.data import load_split
+
+    metrics = evaluate_student(model, load_split(args.dir, args.split), batch_size=config.batch_size)
+    print(format_metrics(metrics, title=f"{args.run} on {args.dir} [{args.split}]"))
+    if args.json is not None:
+        args.json.write_text(json.dumps(metrics, indent=2, default=float))
+    return 0
+
+
+def cmd_study(args) -> int:
+    from cls2det.engine.study import run_study
+
+    report = run_study(args.config, args.overrides)
+    print(report.read_text())
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from cls2det.engine.study import run_demo
+
+    report = run_demo(args.out, args.overrides)
+    print(report.read_text())
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from cls2det.engine.bench import run_benchmarks
+
+    run_benchmarks(detector=args.detector, batch_size=args.batch_size, image_size=args.image_size,
+                   repeats=args.repeats, device=args.device)
+    return 0
+
+
+def cmd_export(args) -> int:
+    from cls2det.engine.export import export_student
+
+    out = export_student(args.run, fmt=args.format, out=args.out, checkpoint=args.checkpoint)
+    print(f"exported to {out}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------- helpers
+
+
+def format_metrics(metrics: dict, title: str = "") -> str:
+    keys = ["mAP", "AP50", "AP75", "APs", "APm", "APl", "mAR"]
+    head = " | ".join(f"{k:>6}" for k in keys)
+    row = " | ".join(f"{metrics.get(k, float('nan')):6.2f}" for k in keys)
+    return f"{title}\n{head}\n{row}"
+
+
+def _int_or_str(value: str | None):
+    if value is None:
+        return None
+    return int(value) if value.isdigit() else value
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err) or type(err).__name__
+    return " ".join(text.split())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

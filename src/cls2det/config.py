@@ -1,0 +1,287 @@
+"""Typed configuration: dataclasses, loaded from YAML, with ``key=value`` overrides, validated once.
+
+Every run saves the resolved config next to its outputs (``config.yaml``), so a run can be reproduced
+from its folder alone. Unknown keys are errors that list the valid ones.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the typed schema."""
+
+
+TEACHER_TAPS = ("obj", "l0", "l1", "l2", "l3", "l4")
+KD_TERMS = ("cls", "loc", "kd_loc")
+
+
+@dataclass
+class TeacherConfig:
+    """How the classifier teacher is built and trained on D_cls (the GT crops of the train split)."""
+
+    arch: str = "resnet18"  # torchvision or timm model name
+    pretrained: str | None = None  # None, "imagenet" (timm/torchvision hub weights) or a local weights file
+    input_size: int = 112  # crops are resized to input_size x input_size (paper: 112)
+    context: float = 0.0  # enlarge each GT box by this fraction of its size on every side before cropping
+    epochs: int = 6
+    batch_size: int = 64
+    lr: float = 2e-3
+    weight_decay: float = 0.05
+    label_smoothing: float = 0.1
+    warmup_epochs: float = 0.5
+    loss: str = "ce"  # "ce" (softmax), "bce" (per-class sigmoid) or "ce+bce" (both jointly, for sigmoid students)
+    workers: int = 0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_choice("teacher.loss", self.loss, ("ce", "bce", "ce+bce"))
+        _check_positive("teacher.input_size", self.input_size)
+
+
+@dataclass
+class StudentConfig:
+    """Which torchvision detector is the student, and its input geometry."""
+
+    detector: str = "fasterrcnn_mobilenet_v3"
+    image_size: int | None = None  # min_size/max_size of the detector's transform (SSD: fixed size); None = family default
+    backbone_weights: str | None = None  # local state-dict file for the backbone (the ImageNet analogue), or "imagenet"
+    trainable_backbone_layers: int | None = None
+    anchor_sizes: list[int] | None = None  # override the anchor sizes where the family has anchors
+
+
+@dataclass
+class DistillConfig:
+    """The paper's extra losses and their hyper-parameters (defaults: the paper's best)."""
+
+    kd: list[str] = field(default_factory=list)  # subset of KD_TERMS; [] = plain baseline
+    temperature: float = 2.0  # T in eq. (2)-(7)
+    lambda_kd_cls: float = 0.4
+    lambda_kd_loc: float = 1.0
+    lambda_loc: float = 1.0
+    sample_size: int = 112  # s, the spatial-transformer output size of eq. (8)-(9)
+    taps: list[str] = field(default_factory=lambda: ["obj", "l0"])  # teacher layers for KD_loc
+    pool: int = 8  # adaptive average-pool output size for every tap of KD_loc
+    loc_pool: int = 8  # pooling for the teacher-free loc loss, eq. (11)
+    max_positives: int = 256  # cap K per batch (random subset) to bound the teacher's cost
+
+    def __post_init__(self) -> None:
+        for term in self.kd:
+            _check_choice("distill.kd", term, KD_TERMS)
+        for tap in self.taps:
+            _check_choice("distill.taps", tap, TEACHER_TAPS)
+        if self.temperature <= 0:
+            raise ConfigError(f"distill.temperature must be > 0, got {self.temperature}")
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"  # "sgd" or "adamw"
+    lr: float = 0.02
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_steps: int = 100
+    schedule: str = "cosine"  # "cosine", "step" or "constant"
+    grad_clip: float | None = 10.0
+
+    def __post_init__(self) -> None:
+        _check_choice("optim.name", self.name, ("sgd", "adamw"))
+        _check_choice("optim.schedule", self.schedule, ("cosine", "step", "constant"))
+
+
+@dataclass
+class TrainConfig:
+    """A student training run: data, student, distillation, optimisation and the machine."""
+
+    data: str = ""  # dataset directory or data YAML
+    teacher: str | None = None  # teacher run directory (needed when distill.kd is not empty)
+    out: str = "runs/train"
+    epochs: int = 12
+    batch_size: int = 8
+    seed: int = 0
+    workers: int = 0
+    eval_every: int = 1  # epochs between COCO evaluations on val
+    checkpoint_every: int = 1  # epochs between checkpoints (and at SIGINT/SIGTERM)
+    max_steps: int | None = None  # stop after this many optimizer steps (smoke runs)
+    max_nonfinite_steps: int = 5  # stop after this many non-finite losses in a row
+    accelerator: str = "auto"  # Fabric accelerator: auto, cpu, cuda, mps
+    devices: int | str = 1
+    num_nodes: int = 1
+    strategy: str = "auto"  # Fabric strategy: auto, ddp, ...
+    precision: str = "32-true"  # Fabric precision: 32-true, bf16-mixed, 16-mixed
+    student: StudentConfig = field(default_factory=StudentConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+
+@dataclass
+class DemoDataConfig:
+    """Size of the embedded demo dataset (``cls2det data demo``)."""
+
+    seed: int = 0
+    train_images: int = 600
+    val_images: int = 200
+    image_size: int = 128
+
+
+@dataclass
+class StudyConfig:
+    """A grid of training runs (detectors x rows x seeds) that share data, teacher and schedule, and its report.
+
+    ``rows`` maps a row name to ``key=value`` overrides of ``train`` (e.g. ``distill.kd=[cls]``); every row of a
+    seed uses the same seed, data and schedule. Finished runs are skipped, so a study is resumable.
+    """
+
+    name: str = "study"
+    out: str = "runs/study"
+    data: str | None = None  # dataset folder or data YAML; None = generate the demo dataset into out/data
+    demo_data: DemoDataConfig = field(default_factory=DemoDataConfig)
+    teacher_run: str | None = None  # an existing teacher run; None = train one into out/teacher
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    detectors: list[str] = field(default_factory=lambda: ["fasterrcnn_mobilenet_v3"])
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    rows: dict[str, list[str]] = field(default_factory=dict)
+    baseline_row: str = "baseline"
+    notes: list[str] = field(default_factory=list)  # lines printed under the report's table
+
+    def __post_init__(self) -> None:
+        if not self.rows:
+            raise ConfigError("study.rows is empty: name at least one row")
+        if not self.seeds:
+            raise ConfigError("study.seeds is empty")
+
+
+# ----------------------------------------------------------------------------------------------- loading
+
+
+def from_dict(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a nested dict; unknown keys raise :class:`ConfigError`."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix or 'config'} must be a mapping, got {type(values).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(f"unknown key {prefix}{unknown[0]!s}; valid keys: {', '.join(sorted(names))}")
+    kwargs = {}
+    for key, value in values.items():
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = from_dict(hint, value or {}, f"{prefix}{key}.")
+        else:
+            kwargs[key] = _coerce(value, hint, f"{prefix}{key}")
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{prefix or 'config'}: {err}") from None
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def apply_overrides(values: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Apply ``a.b=value`` strings (value parsed as YAML) to a nested dict, in place, and return it."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        key, raw = item.split("=", 1)
+        node = values
+        *parents, leaf = key.strip().split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part} is not a section")
+        node[leaf] = yaml.safe_load(raw) if raw != "" else None
+    return values
+
+
+def load_config(cls: type, path: str | Path | None = None, overrides: Sequence[str] = (), **base: Any) -> Any:
+    """Defaults <- ``base`` keyword values <- YAML file ``path`` <- ``overrides``; returns a validated ``cls``."""
+    values: dict[str, Any] = {k: v for k, v in base.items() if v is not None}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: top level must be a mapping")
+        _deep_update(values, loaded)
+    apply_overrides(values, overrides)
+    return from_dict(cls, values)
+
+
+def save_config(config: Any, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+
+def _deep_update(target: dict, update: dict) -> None:
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(target.get(key), dict):
+            _deep_update(target[key], value)
+        else:
+            target[key] = value
+
+
+def _coerce(value: Any, hint: Any, name: str) -> Any:
+    """Check ``value`` against a simple type hint (int, float, str, bool, list[...], X | None, int | str)."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, name)
+            except ConfigError as err:
+                errors.append(err)
+        raise errors[0]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name} must be a mapping, got {value!r}")
+        return {str(k): _coerce(v, args[1], f"{name}.{k}") for k, v in value.items()}
+    if origin is list:
+        if isinstance(value, str):  # "cls,loc" on the command line
+            value = [v for v in value.split(",") if v]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{name} must be a list, got {value!r}")
+        return [_coerce(v, args[0], name) for v in value]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{name} must be true or false, got {value!r}")
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if hint is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        return str(value)
+    if hint is Any:
+        return value
+    raise ConfigError(f"{name} must be {getattr(hint, '__name__', hint)}, got {value!r}")
+
+
+def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name}: unknown value {value!r}; valid: {', '.join(choices)}")
+
+
+def _check_positive(name: str, value: float) -> None:
+    if value <= 0:
+        raise ConfigError(f"{name} must be > 0, got {value}")

@@ -1,0 +1,265 @@
+"""Importers from Pascal VOC XML and YOLO txt labels to the COCO-format default layout.
+
+Both write ``out/images/{split}/...`` (hard links where the filesystem allows, else copies) and
+``out/annotations/{split}.json``, then validate the result with :func:`check_dataset` and return its summary.
+Errors name the offending file (and line).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import yaml
+from PIL import Image
+
+from cls2det.data.coco import check_dataset
+from cls2det.data.validate import DatasetError
+
+VOC_CLASSES = (
+    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable", "dog",
+    "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
+)  # fmt: skip
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+EDGE_TOLERANCE = 1.0  # px a converted box may leave the image by (rounding in the label tool) before it is an error
+
+
+def _place_image(source: Path, target: Path, link: bool) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.exists():
+        target.unlink()
+    if link:
+        try:
+            os.link(source, target)
+            return
+        except OSError:  # another filesystem, or links not supported: fall back to a copy
+            pass
+    shutil.copy2(source, target)
+
+
+def _write_coco(out: Path, split: str, images: list, annotations: list, class_names: list[str]) -> None:
+    coco = {
+        "info": {"description": f"imported by cls2det ({split})"},
+        "licenses": [],
+        "images": images,
+        "annotations": annotations,
+        "categories": [{"id": k + 1, "name": name} for k, name in enumerate(class_names)],
+    }
+    (out / "annotations").mkdir(parents=True, exist_ok=True)
+    (out / "annotations" / f"{split}.json").write_text(json.dumps(coco, sort_keys=True, indent=1) + "\n")
+
+
+def _clip_box(x1: float, y1: float, x2: float, y2: float, width: int, height: int, where: str) -> list[float]:
+    """COCO xywh of an xyxy box clipped to the image; leaving it by more than EDGE_TOLERANCE is an error."""
+    t = EDGE_TOLERANCE
+    if x1 < -t or y1 < -t or x2 > width + t or y2 > height + t:
+        raise DatasetError(f"{where}: box [{x1:g}, {y1:g}, {x2:g}, {y2:g}] (xyxy) leaves the {width}x{height} image")
+    x1, y1, x2, y2 = max(x1, 0.0), max(y1, 0.0), min(x2, float(width)), min(y2, float(height))
+    if x2 <= x1 or y2 <= y1:
+        raise DatasetError(f"{where}: box has non-positive width/height")
+    return [x1, y1, x2 - x1, y2 - y1]
+
+
+# ----------------------------------------------------------------------------------------------------- VOC
+
+
+def _xml_text(node: ET.Element, path: str, where: str) -> str:
+    child = node.find(path)
+    if child is None or child.text is None or not child.text.strip():
+        raise DatasetError(f"{where}: missing <{path}>")
+    return child.text.strip()
+
+
+def _xml_number(node: ET.Element, path: str, where: str) -> float:
+    text = _xml_text(node, path, where)
+    try:
+        return float(text)
+    except ValueError:
+        raise DatasetError(f"{where}: <{path}> is not a number: {text!r}") from None
+
+
+def read_voc_xml(path: Path, class_names: list[str]) -> tuple[dict, list[dict]]:
+    """One VOC annotation file -> ``({"file_name", "width", "height"}, [{"bbox", "category_id", "iscrowd"}])``.
+
+    VOC boxes are 1-based inclusive pixel indices; as a continuous 0-based box that is
+    ``[xmin - 1, ymin - 1, xmax, ymax]`` (as Detectron2's VOC loader). ``difficult`` objects become
+    ``iscrowd=1`` (ignored by training and by COCO evaluation), as in torchvision's references.
+    """
+    try:
+        root = ET.parse(path).getroot()
+    except ET.ParseError as err:
+        line, column = err.position
+        raise DatasetError(f"{path}:{line}:{column}: malformed XML: {err}") from None
+    except OSError as err:
+        raise DatasetError(f"{path}: cannot read: {err}") from None
+    image = {
+        "file_name": _xml_text(root, "filename", str(path)),
+        "width": int(_xml_number(root, "size/width", str(path))),
+        "height": int(_xml_number(root, "size/height", str(path))),
+    }
+    objects = []
+    for index, obj in enumerate(root.findall("object"), start=1):
+        where = f"{path}: object {index}"
+        name = _xml_text(obj, "name", where)
+        if name not in class_names:
+            raise DatasetError(f"{where}: unknown class {name!r} (classes: {', '.join(class_names)})")
+        difficult = obj.find("difficult")
+        is_difficult = difficult is not None and (difficult.text or "0").strip() == "1"
+        x1, y1, x2, y2 = (_xml_number(obj, f"bndbox/{k}", where) for k in ("xmin", "ymin", "xmax", "ymax"))
+        bbox = _clip_box(x1 - 1, y1 - 1, x2, y2, image["width"], image["height"], where)
+        objects.append({"bbox": bbox, "category_id": class_names.index(name) + 1, "iscrowd": int(is_difficult)})
+    return image, objects
+
+
+def _voc_ids(voc_dir: Path, list_name: str) -> tuple[Path, list[tuple[int, str]]]:
+    """Image ids of an ImageSets list (a name under ImageSets/Main or a path), with their line numbers."""
+    list_file = Path(list_name)
+    if not list_file.is_file():
+        list_file = voc_dir / "ImageSets" / "Main" / f"{list_name}.txt"
+    if not list_file.is_file():
+        raise DatasetError(f"{voc_dir}: image list not found: {list_file}")
+    lines = list_file.read_text(encoding="utf-8").splitlines()
+    return list_file, [(n, line.split()[0]) for n, line in enumerate(lines, start=1) if line.strip()]
+
+
+def import_voc(
+    voc_dir: str | Path,
+    out: str | Path,
+    *,
+    splits: dict[str, str] | None = None,
+    class_names: list[str] | tuple[str, ...] = VOC_CLASSES,
+    link: bool = True,
+) -> dict:
+    """Convert a VOC2007-like folder (Annotations/*.xml, JPEGImages/, ImageSets/Main/*.txt) to COCO format.
+
+    ``splits`` maps an output split to an ImageSets/Main list name (or a list file path); default
+    ``{"train": "trainval", "val": "test"}``. Categories are ``class_names`` (default the 20 VOC classes),
+    ids 1..C. Returns :func:`check_dataset`'s summary of ``out``.
+    """
+    voc_dir, out = Path(voc_dir), Path(out)
+    splits = splits or {"train": "trainval", "val": "test"}
+    class_names = list(class_names)
+    for split, list_name in splits.items():
+        list_file, ids = _voc_ids(voc_dir, list_name)
+        images, annotations = [], []
+        for image_id, (line, name) in enumerate(ids, start=1):
+            xml_path = voc_dir / "Annotations" / f"{name}.xml"
+            if not xml_path.is_file():
+                raise DatasetError(f"{list_file}:{line}: no annotation file {xml_path}")
+            record, objects = read_voc_xml(xml_path, class_names)
+            source = voc_dir / "JPEGImages" / record["file_name"]
+            if not source.is_file():
+                raise DatasetError(f"{xml_path}: image file not found: {source}")
+            file_name = f"{split}/{source.name}"
+            _place_image(source, out / "images" / file_name, link)
+            images.append(
+                {"id": image_id, "file_name": file_name, "width": record["width"], "height": record["height"]}
+            )
+            for obj in objects:
+                area = obj["bbox"][2] * obj["bbox"][3]
+                annotations.append({"id": len(annotations) + 1, "image_id": image_id, "area": area, **obj})
+        _write_coco(out, split, images, annotations, class_names)
+    return check_dataset(out, splits=tuple(splits))
+
+
+# ---------------------------------------------------------------------------------------------------- YOLO
+
+
+def yolo_class_names(yolo_dir: Path) -> list[str]:
+    """Class names from ``data.yaml`` (``names:`` list or ``{index: name}`` mapping) or ``classes.txt``."""
+    for yaml_name in ("data.yaml", "data.yml", "dataset.yaml"):
+        path = yolo_dir / yaml_name
+        if path.is_file():
+            try:
+                spec = yaml.safe_load(path.read_text(encoding="utf-8"))
+            except yaml.YAMLError as err:
+                raise DatasetError(f"{path}: malformed YAML: {str(err).splitlines()[0]}") from None
+            names = spec.get("names") if isinstance(spec, dict) else None
+            if isinstance(names, dict) and sorted(names) == list(range(len(names))):
+                return [str(names[k]) for k in range(len(names))]
+            if isinstance(names, list) and names:
+                return [str(n) for n in names]
+            raise DatasetError(f"{path}: 'names' must be a non-empty list or a mapping 0..C-1 -> name")
+    path = yolo_dir / "classes.txt"
+    if path.is_file():
+        names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if names:
+            return names
+    raise DatasetError(f"{yolo_dir}: no class names: expected data.yaml with 'names:' or classes.txt")
+
+
+def read_yolo_labels(path: Path, width: int, height: int, num_classes: int) -> list[dict]:
+    """One YOLO label file (``cls cx cy w h`` per line, normalised to 0..1) -> ``[{"bbox", "category_id"}]``."""
+    objects = []
+    for line_number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        fields = line.split()
+        if not fields:
+            continue
+        where = f"{path}:{line_number}"
+        if len(fields) != 5:
+            hint = " (segmentation polygons are not supported)" if len(fields) > 5 else ""
+            raise DatasetError(f"{where}: expected 5 values 'cls cx cy w h', got {len(fields)}{hint}")
+        try:
+            cls = int(fields[0])
+            cx, cy, w, h = (float(v) for v in fields[1:])
+        except ValueError:
+            raise DatasetError(f"{where}: not numbers: {line.strip()!r}") from None
+        if not 0 <= cls < num_classes:
+            raise DatasetError(f"{where}: class {cls} out of range 0..{num_classes - 1}")
+        if w <= 0 or h <= 0:
+            raise DatasetError(f"{where}: non-positive box width/height {w:g}/{h:g}")
+        x1, y1 = (cx - w / 2) * width, (cy - h / 2) * height
+        bbox = _clip_box(x1, y1, x1 + w * width, y1 + h * height, width, height, where)
+        objects.append({"bbox": bbox, "category_id": cls + 1})
+    return objects
+
+
+def import_yolo(
+    yolo_dir: str | Path,
+    out: str | Path,
+    *,
+    names: list[str] | None = None,
+    splits: tuple[str, ...] = ("train", "val"),
+    link: bool = True,
+) -> dict:
+    """Convert a YOLO folder (``images/{split}/*.jpg|png`` + ``labels/{split}/*.txt``) to COCO format.
+
+    Class names: ``names`` or, if None, ``data.yaml``'s ``names:`` or ``classes.txt``; category ids 1..C.
+    An image without a label file has no objects; a label file without an image is an error.
+    Returns :func:`check_dataset`'s summary of ``out``.
+    """
+    yolo_dir, out = Path(yolo_dir), Path(out)
+    class_names = list(names) if names is not None else yolo_class_names(yolo_dir)
+    for split in splits:
+        images_dir, labels_dir = yolo_dir / "images" / split, yolo_dir / "labels" / split
+        if not images_dir.is_dir():
+            raise DatasetError(f"{yolo_dir}: split '{split}' missing: no {images_dir}")
+        sources = sorted(p for p in images_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        stems = {p.relative_to(images_dir).with_suffix("") for p in sources}
+        if labels_dir.is_dir():
+            for label_file in sorted(labels_dir.rglob("*.txt")):
+                if label_file.relative_to(labels_dir).with_suffix("") not in stems:
+                    raise DatasetError(f"{label_file}: no image for this label file in {images_dir}")
+        images, annotations = [], []
+        for image_id, source in enumerate(sources, start=1):
+            relative = source.relative_to(images_dir)
+            try:
+                with Image.open(source) as im:
+                    width, height = im.size
+            except Exception as err:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, ... for broken files
+                raise DatasetError(f"{source}: unreadable image file: {err}") from None
+            label_file = (labels_dir / relative).with_suffix(".txt")
+            objects = read_yolo_labels(label_file, width, height, len(class_names)) if label_file.is_file() else []
+            file_name = f"{split}/{relative.as_posix()}"
+            _place_image(source, out / "images" / file_name, link)
+            images.append({"id": image_id, "file_name": file_name, "width": width, "height": height})
+            for obj in objects:
+                area = obj["bbox"][2] * obj["bbox"][3]
+                annotations.append(
+                    {"id": len(annotations) + 1, "image_id": image_id, "area": area, "iscrowd": 0, **obj}
+                )
+        _write_coco(out, split, images, annotations, class_names)
+    return check_dataset(out, splits=tuple(splits))

@@ -1,0 +1,218 @@
+"""Export a trained student alone (no teacher, no training code) as ONNX or TorchScript, with a JSON sidecar.
+
+What is exported is the stock torchvision detector (``adapter.detector``) in eval mode: it takes float RGB images in
+0..1 and does its own resizing and mean/std normalisation, and its labels stay in the detector's convention (index 0
+is background for the softmax families), so ``student.json`` says how to map them back: ``class = label -
+label_offset``, ``category_id = category_ids[class]``.
+
+* ONNX: torch's TorchScript-based exporter (``torch.onnx.export(..., dynamo=False)``, torchvision's own tested path
+  for its detectors); one image per call, input ``image`` [3, H, W] with dynamic H and W, outputs ``boxes`` [N, 4]
+  (xyxy, pixels of the input image), ``labels`` [N] int64, ``scores`` [N] float32.
+* TorchScript: ``torch.jit.script(detector)``; the scripted detector takes ``list[Tensor[3, H, W]]`` and, as every
+  scripted torchvision detector, returns the tuple ``(losses, detections)`` (losses empty in eval mode).
+"""
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from cls2det.config import ConfigError
+from cls2det.engine.loading import load_student
+from cls2det.engine.run_dir import CLASSES, write_json
+
+FORMATS = {"onnx": "student.onnx", "torchscript": "student.torchscript.pt"}  # format -> default file in run/export
+SIDECAR = "student.json"
+ONNX_INPUT = "image"
+ONNX_OUTPUTS = ("boxes", "labels", "scores")
+ONNX_OPSET = 17  # the legacy exporter handles 7..20; 17 is what onnxruntime >= 1.13 runs everywhere
+
+
+class ExportError(RuntimeError):
+    """An export that cannot be done (missing package, unsupported operator in this torch version)."""
+
+
+def export_detector(detector: nn.Module, path: str | Path, fmt: str, *, image_size: int | tuple[int, int],
+                    example: Tensor | None = None) -> Path:
+    """Write torchvision ``detector`` (switched to eval mode) to ``path`` as ``fmt`` ("onnx" or "torchscript").
+
+    image_size: H = W (or (H, W)) of the example image the ONNX exporter traces with; any size runs afterwards.
+    example: the [3, H, W] image in 0..1 to trace with instead of a random one (ONNX only). The file is written under
+    a temporary name and renamed, so a failed export leaves no half-written model behind. Returns ``path``.
+    """
+    _check_format(fmt)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    detector.eval()
+    try:
+        if fmt == "onnx":
+            if example is None:
+                height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
+                device = next(detector.parameters()).device
+                example = torch.rand(3, height, width, generator=torch.Generator().manual_seed(0)).to(device)
+            _export_onnx(detector, example, tmp)
+        else:
+            _export_torchscript(detector, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def export_student(run: str | Path, *, fmt: str = "onnx", out: str | Path | None = None,
+                   checkpoint: str = "last") -> Path:
+    """Export the student of training run folder ``run`` (weights of ``run/checkpoint``) and its sidecar.
+
+    out: the model file; default ``run/export/student.onnx`` or ``run/export/student.torchscript.pt``. The sidecar
+    ``student.json`` is written next to it (one sidecar describes both formats when both are exported there).
+    Raises ConfigError / CheckpointError for a missing or broken run folder or checkpoint, ExportError when the
+    export itself fails. Returns the path of the model file.
+    """
+    _check_format(fmt)
+    run = Path(run)
+    adapter, config = load_student(run, checkpoint=checkpoint)
+    classes = _read_classes(run / CLASSES)
+    detector = adapter.detector
+    size = config.student.image_size or _transform_size(detector)
+    path = Path(out) if out is not None else run / "export" / FORMATS[fmt]
+    export_detector(detector, path, fmt, image_size=size)
+    header = {
+        "detector": config.student.detector,
+        "class_names": classes["class_names"],
+        "category_ids": classes.get("category_ids"),
+        "label_offset": int(adapter.label_offset),
+        "head": adapter.head,
+    }
+    entry = {"file": path.name, "run": str(run), "checkpoint": checkpoint, **_format_card(detector, fmt, size)}
+    write_sidecar(path.parent / SIDECAR, header, fmt, entry)
+    return path
+
+
+def write_sidecar(path: Path, header: dict[str, Any], fmt: str, entry: dict[str, Any]) -> dict[str, Any]:
+    """Write ``{**header, "exports": {fmt: entry, ...}}`` to ``path``; keeps the other format's entry when the
+    existing sidecar describes the same classes and label convention (same student), otherwise starts afresh."""
+    exports: dict[str, Any] = {}
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text())
+        except (OSError, ValueError):
+            old = {}
+        if isinstance(old, dict) and all(old.get(k) == v for k, v in header.items()):
+            exports = {k: v for k, v in old.get("exports", {}).items()
+                       if k != fmt and isinstance(v, dict) and (path.parent / str(v.get("file"))).is_file()}
+    payload = {**header, "exports": {**exports, fmt: entry}}
+    write_json(path, payload)
+    return payload
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+
+def _export_onnx(detector: nn.Module, example: Tensor, path: Path) -> None:
+    try:
+        import onnx  # noqa: F401  (the TorchScript-based exporter serialises through it)
+    except ImportError:
+        raise ExportError("ONNX export needs the 'onnx' package: pip install 'cls2det[export]'") from None
+    dynamic = {ONNX_INPUT: {1: "height", 2: "width"}, **{name: {0: "detections"} for name in ONNX_OUTPUTS}}
+    model = _SingleImage(detector).eval()
+    with warnings.catch_warnings():
+        # Tracing torchvision's detectors prints dozens of TracerWarnings about shape arithmetic; torchvision
+        # routes the data-dependent parts through scripted helpers, so they are expected noise here.
+        warnings.simplefilter("ignore")
+        try:
+            torch.onnx.export(
+                model, (example,), str(path), dynamo=False, opset_version=ONNX_OPSET,
+                input_names=[ONNX_INPUT], output_names=list(ONNX_OUTPUTS), dynamic_axes=dynamic,
+            )
+        except Exception as err:  # the exporter raises many kinds; the user needs one line saying which op failed
+            raise ExportError(f"ONNX export of {type(detector).__name__} failed: {_first_line(err)}") from err
+
+
+class _SingleImage(nn.Module):
+    """image [3, H, W] -> (boxes [N, 4], labels [N], scores [N]): a fixed output order for the ONNX graph.
+
+    The exporter flattens a returned dict in its key order, which differs between families (Faster R-CNN:
+    boxes, labels, scores; RetinaNet / FCOS / SSD: boxes, scores, labels), so names alone would mislabel outputs.
+    """
+
+    def __init__(self, detector: nn.Module) -> None:
+        super().__init__()
+        self.detector = detector
+
+    def forward(self, image: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        detections = self.detector([image])[0]
+        return detections["boxes"], detections["labels"], detections["scores"]
+
+
+def _export_torchscript(detector: nn.Module, path: Path) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TorchScript deprecation notices and torchvision's tuple-output warning
+        try:
+            scripted = torch.jit.script(detector)
+        except Exception as err:
+            raise ExportError(f"TorchScript export of {type(detector).__name__} failed: {_first_line(err)}") from err
+        torch.jit.save(scripted, str(path))
+
+
+def _format_card(detector: nn.Module, fmt: str, image_size: int) -> dict[str, Any]:
+    """What a deployer needs to feed the exported file and read its outputs."""
+    transform = detector.transform
+    card: dict[str, Any] = {
+        "input": {
+            "layout": "[3, H, W] float32, RGB, values in 0..1, one image per call",
+            "note": "resizing and mean/std normalisation happen inside the model; do not normalise",
+            "image_size": image_size,
+            "resize": {"min_size": list(transform.min_size), "max_size": transform.max_size,
+                       "fixed_size": list(transform.fixed_size) if transform.fixed_size else None},
+            "image_mean": [float(v) for v in transform.image_mean],
+            "image_std": [float(v) for v in transform.image_std],
+        },
+        "outputs": {
+            "boxes": "[N, 4] float32, xyxy, pixels of the input image",
+            "labels": "[N] int64, detector convention: class = label - label_offset",
+            "scores": "[N] float32",
+        },
+    }
+    if fmt == "onnx":
+        card["opset"] = ONNX_OPSET
+        card["input_names"] = [ONNX_INPUT]
+        card["output_names"] = list(ONNX_OUTPUTS)
+        card["dynamic_axes"] = {ONNX_INPUT: ["height", "width"], "outputs": "detections"}
+    else:
+        card["call"] = ("model([image]) -> (losses, detections); detections[0] = {'boxes', 'labels', 'scores'} "
+                        "(torch.jit.load, no cls2det needed)")
+    return card
+
+
+def _transform_size(detector: nn.Module) -> int:
+    """The side the detector's transform resizes to (its smallest ``min_size``), for the example image."""
+    transform = detector.transform
+    if transform.fixed_size:
+        return int(transform.fixed_size[0])
+    return int(min(transform.min_size))
+
+
+def _read_classes(path: Path) -> dict[str, Any]:
+    try:
+        classes = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{path}: unreadable ({_first_line(err)})") from None
+    if not isinstance(classes, dict) or not isinstance(classes.get("class_names"), list):
+        raise ConfigError(f"{path}: no 'class_names' list")
+    return classes
+
+
+def _check_format(fmt: str) -> None:
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown export format {fmt!r}; valid: {', '.join(FORMATS)}")
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

@@ -1,0 +1,296 @@
+"""Train a student detector with Lightning Fabric: ``setup`` + a plain loop, one state, atomic checkpoints.
+
+Every step's randomness (flips, the detector's samplers, the positives' subsampling) is drawn from generators
+seeded by ``(seed, step, rank)``, and the epoch's image order from ``(seed, epoch)``: a run stopped at a step
+boundary and resumed reproduces the uninterrupted run exactly on CPU.
+"""
+from __future__ import annotations
+
+import math
+import resource
+import signal
+import time
+from pathlib import Path
+
+import torch
+from lightning_fabric import Fabric
+
+from cls2det.config import TrainConfig, save_config
+from cls2det.data import CocoDetection, collate, load_split
+from cls2det.distill.objective import LOSS_WEIGHTS, distillation_losses, total_loss
+from cls2det.engine.checkpoint import load_model_state, load_state, save_checkpoint
+from cls2det.engine.evaluate import evaluate_student
+from cls2det.engine.logger import MetricsLogger
+from cls2det.engine.run_dir import BEST, CLASSES, CONFIG, LAST, METRICS_CSV, RESULTS, prepare_run_dir, write_json
+from cls2det.engine.schedule import build_optimizer, build_scheduler
+from cls2det.students import create_student
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. too many non-finite losses in a row)."""
+
+
+class TrainingInterrupted(RuntimeError):
+    """SIGINT / SIGTERM: the run saved its state and stopped; ``--resume`` continues it."""
+
+
+def fit(config: TrainConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True) -> dict:
+    """Train ``config``'s student in ``config.out`` and return the final results (also in ``results.json``)."""
+    out = Path(config.out)
+    prepare_run_dir(out, resume=resume, overwrite=overwrite)
+    fabric = Fabric(
+        accelerator=config.accelerator, devices=config.devices, num_nodes=config.num_nodes,
+        strategy=config.strategy, precision=config.precision,
+    )
+    fabric.launch()
+    if fabric.is_global_zero and not resume:
+        save_config(config, out / CONFIG)
+    return _Trainer(fabric, config, out, resume=resume, progress=progress).run()
+
+
+def needs_teacher(config: TrainConfig) -> bool:
+    return any(term in ("cls", "kd_loc") for term in config.distill.kd)
+
+
+def epoch_order(num_items: int, seed: int, epoch: int) -> list[int]:
+    """The shuffled image order of ``epoch``: a pure function of (seed, epoch)."""
+    return torch.randperm(num_items, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
+
+
+def hflip_batch(images: list[torch.Tensor], targets: list[dict], generator: torch.Generator, p: float = 0.5):
+    """Flip each image and its boxes horizontally with probability ``p`` (boxes xyxy in pixels)."""
+    flips = (torch.rand(len(images), generator=generator) < p).tolist()
+    out_images, out_targets = [], []
+    for image, target, flip in zip(images, targets, flips):
+        if flip:
+            width = image.shape[-1]
+            boxes = target["boxes"][:, [2, 1, 0, 3]] * torch.tensor([-1, 1, -1, 1]) + torch.tensor([width, 0, width, 0])
+            image, target = image.flip(-1), {**target, "boxes": boxes}
+        out_images.append(image)
+        out_targets.append(target)
+    return out_images, out_targets
+
+
+class _Trainer:
+    def __init__(self, fabric: Fabric, config: TrainConfig, out: Path, *, resume: bool, progress: bool) -> None:
+        self.fabric, self.config, self.out = fabric, config, out
+        fabric.seed_everything(config.seed, verbose=False)
+        self.train_split = load_split(config.data, "train")
+        self.val_split = load_split(config.data, "val")
+        self.dataset = CocoDetection(self.train_split)
+        self.teacher = None
+        if needs_teacher(config):
+            from cls2det.teacher import load_teacher
+
+            if not config.teacher:
+                raise TrainingError(f"--kd {','.join(config.distill.kd)} needs a teacher: pass --teacher TEACHER_RUN")
+            self.teacher = load_teacher(config.teacher, device=fabric.device)
+            if list(self.teacher.class_names) != list(self.train_split.class_names):
+                raise TrainingError(
+                    f"teacher {config.teacher} was trained on classes {self.teacher.class_names}, "
+                    f"but {config.data} has {self.train_split.class_names}"
+                )
+        student = create_student(config.student.detector, self.train_split.num_classes, config.student)
+        if fabric.is_global_zero:
+            classes = {"class_names": self.train_split.class_names, "category_ids": self.train_split.label_to_cat_id}
+            write_json(out / CLASSES, classes)
+        optimizer = build_optimizer(student, config.optim)
+        world = fabric.world_size
+        self.steps_per_epoch = math.ceil(len(self.dataset) / (config.batch_size * world))
+        self.total_steps = config.epochs * self.steps_per_epoch
+        if config.max_steps is not None:
+            self.total_steps = min(self.total_steps, config.max_steps)
+        self.scheduler = build_scheduler(optimizer, self.total_steps, config.optim)
+        self.model, self.optimizer = fabric.setup(student, optimizer)
+        self.step, self.epoch, self.batch_in_epoch, self.best_map = 0, 0, 0, -1.0
+        self.nonfinite_in_row, self.nonfinite_total = 0, 0
+        self.last_metrics, self.last_eval_step = {}, -1
+        if resume:
+            self._load(out / LAST)
+        self.stop_signal: int | None = None
+        self.logger = MetricsLogger(out / METRICS_CSV, out / "tb") if fabric.is_global_zero else None
+        self.progress = progress and fabric.is_global_zero
+
+    # ----------------------------------------------------------------------------------------------- loop
+
+    def run(self) -> dict:
+        config, fabric = self.config, self.fabric
+        start = time.perf_counter()
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            with _progress(self.progress, self.total_steps, self.step) as bar:
+                while self.epoch < config.epochs and self.step < self.total_steps:
+                    for images, targets in self._batches():
+                        self._train_step(images, targets)
+                        bar(self.step, self.epoch)
+                        if self._should_stop() or self.step >= self.total_steps:
+                            break
+                    if self.stop_signal is not None:
+                        self._save(LAST)
+                        raise TrainingInterrupted(
+                            f"stopped by signal {self.stop_signal} at step {self.step}; "
+                            f"continue with --resume (checkpoint {self.out / LAST})"
+                        )
+                    epoch_done = self.batch_in_epoch >= self.steps_per_epoch
+                    if epoch_done:
+                        self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+                    finished = self.epoch >= config.epochs or self.step >= self.total_steps
+                    if epoch_done and (finished or self.epoch % config.eval_every == 0):
+                        self._evaluate_and_keep_best()
+                    if finished or (epoch_done and self.epoch % config.checkpoint_every == 0):
+                        self._save(LAST)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            if self.logger is not None:
+                self.logger.close()
+        if fabric.is_global_zero and self.last_eval_step != self.step:
+            self.last_metrics = self._evaluate()
+        metrics = self.last_metrics
+        results = {
+            "metrics": metrics, "steps": self.step, "epochs": self.epoch, "nonfinite_steps": self.nonfinite_total,
+            "wall_s": time.perf_counter() - start, "peak_mem_mb": _peak_memory_mb(fabric.device),
+            "detector": config.student.detector, "kd": list(config.distill.kd), "seed": config.seed,
+        }
+        if fabric.is_global_zero:
+            write_json(self.out / RESULTS, results)
+        fabric.barrier()
+        return results
+
+    def _batches(self):
+        """This rank's batches of the current epoch, from ``batch_in_epoch`` on (resume mid-epoch)."""
+        config, fabric = self.config, self.fabric
+        order = epoch_order(len(self.dataset), config.seed, self.epoch)[fabric.global_rank :: fabric.world_size]
+        batches = [order[i : i + config.batch_size] for i in range(0, len(order), config.batch_size)]
+        batches = batches[: self.steps_per_epoch][self.batch_in_epoch :]
+        loader = torch.utils.data.DataLoader(
+            self.dataset, batch_sampler=batches, collate_fn=collate, num_workers=config.workers,
+            pin_memory=fabric.device.type == "cuda",
+        )
+        yield from loader
+
+    def _train_step(self, images, targets) -> None:
+        config, fabric = self.config, self.fabric
+        seed = (config.seed * 1_000_003 + self.step) * fabric.world_size + fabric.global_rank
+        generator = torch.Generator().manual_seed(seed)
+        torch.manual_seed(seed)  # the detector's own samplers draw from the global RNG
+        images, targets = hflip_batch(images, targets, generator)
+        images = [img.to(fabric.device) for img in images]
+        targets = [{k: v.to(fabric.device) for k, v in t.items()} for t in targets]
+
+        output = self.model(images, targets)
+        kd_losses = distillation_losses(output, self.teacher, config.distill, generator=generator)
+        loss = total_loss(output.losses, kd_losses, config.distill)
+        terms = {**output.losses, **kd_losses}
+        self.batch_in_epoch += 1
+        if not torch.isfinite(loss):
+            self._skip_nonfinite(terms)
+            return
+        self.nonfinite_in_row = 0
+        self.optimizer.zero_grad(set_to_none=True)
+        fabric.backward(loss)
+        if config.optim.grad_clip:
+            fabric.clip_gradients(self.model, self.optimizer, max_norm=config.optim.grad_clip, error_if_nonfinite=False)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        if self.logger is not None:
+            row = {"step": self.step, "epoch": self.epoch, "lr": self.optimizer.param_groups[0]["lr"],
+                   "loss": loss.item(), "positives": float(len(output.positives))}
+            row.update({name: value.item() for name, value in terms.items()})
+            row.update({f"w_{n}": getattr(config.distill, LOSS_WEIGHTS[n]) * v.item() for n, v in kd_losses.items()})
+            self.logger.log(row, self.step)
+
+    def _skip_nonfinite(self, terms: dict[str, torch.Tensor]) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        self.nonfinite_in_row += 1
+        self.nonfinite_total += 1
+        bad = [name for name, value in terms.items() if not torch.isfinite(value)]
+        self.fabric.print(f"step {self.step}: non-finite loss in {', '.join(bad)}; step skipped")
+        if self.nonfinite_in_row >= self.config.max_nonfinite_steps:
+            raise TrainingError(
+                f"{self.nonfinite_in_row} non-finite losses in a row (last in: {', '.join(bad)}); "
+                "lower optim.lr or enable gradient clipping"
+            )
+
+    def _should_stop(self) -> bool:
+        """True on every rank once any rank got SIGINT/SIGTERM."""
+        stop = self.stop_signal is not None
+        if self.fabric.world_size > 1:
+            stop = bool(self.fabric.strategy.reduce_boolean_decision(stop, all=False))
+            if stop and self.stop_signal is None:
+                self.stop_signal = signal.SIGTERM
+        return stop
+
+    def _on_signal(self, signum, frame) -> None:
+        if self.stop_signal is not None:  # second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.stop_signal = signum
+
+    # ----------------------------------------------------------------------------------------------- eval / ckpt
+
+    def _evaluate(self) -> dict:
+        return evaluate_student(
+            self.model, self.val_split, device=self.fabric.device, batch_size=self.config.batch_size,
+        )
+
+    def _evaluate_and_keep_best(self) -> None:
+        if self.fabric.is_global_zero:
+            metrics = self.last_metrics = self._evaluate()
+            self.last_eval_step = self.step
+            self.fabric.print(f"epoch {self.epoch}: val mAP {metrics['mAP']:.2f}  AP50 {metrics['AP50']:.2f}")
+            if self.logger is not None and self.logger.tb is not None:
+                for key in ("mAP", "AP50", "AP75"):
+                    self.logger.tb.add_scalar(f"val/{key}", metrics[key], self.step)
+            if metrics["mAP"] > self.best_map:
+                self.best_map = metrics["mAP"]
+                save_checkpoint(self.out / BEST, self.model.state_dict(), {"step": self.step, "mAP": metrics["mAP"]})
+        self.fabric.barrier()
+
+    def _save(self, name: str) -> None:
+        if self.fabric.is_global_zero:
+            state = {
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+                "best_map": self.best_map, "nonfinite_total": self.nonfinite_total,
+            }
+            save_checkpoint(self.out / name, self.model.state_dict(), state)
+        self.fabric.barrier()
+
+    def _load(self, path: Path) -> None:
+        self.model.load_state_dict(load_model_state(path))
+        state = load_state(path)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        self.best_map, self.nonfinite_total = state["best_map"], state["nonfinite_total"]
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+class _progress:
+    """A rich progress bar with ETA (or nothing), called as ``bar(step, epoch)``."""
+
+    def __init__(self, enabled: bool, total: int, completed: int) -> None:
+        self.enabled, self.total, self.completed = enabled, total, completed
+
+    def __enter__(self):
+        if not self.enabled:
+            return lambda step, epoch: None
+        from rich import progress
+
+        self.bar = progress.Progress(
+            progress.TextColumn("{task.description}"), progress.BarColumn(), progress.MofNCompleteColumn(),
+            progress.TimeElapsedColumn(), progress.TimeRemainingColumn(), transient=True,
+        )
+        self.bar.start()
+        task = self.bar.add_task("train", total=self.total, completed=self.completed)
+        return lambda step, epoch: self.bar.update(task, completed=step, description=f"train epoch {epoch}")
+
+    def __exit__(self, *exc) -> None:
+        if self.enabled:
+            self.bar.stop()

@@ -1,0 +1,153 @@
+"""Run a study: detectors x rows x seeds of student trainings on one dataset and teacher, then its report.
+
+Each run is a ``cls2det train`` subprocess (clean peak-memory figures, a crash ends one run only) in
+``out/<detector>/<row>/seed<k>``; a run with ``results.json`` is skipped, one with a checkpoint is resumed.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+import time
+from importlib import resources
+from pathlib import Path
+
+from cls2det.config import (
+    ConfigError, StudyConfig, TrainConfig, apply_overrides, from_dict, load_config, save_config, to_dict,
+)
+from cls2det.engine.run_dir import LAST, METRICS_CSV, RESULTS
+
+DEMO_CONFIG = "demo.yaml"
+
+
+def packaged_config(name: str) -> Path:
+    """Path of a YAML recipe shipped in ``cls2det/configs``."""
+    path = Path(str(resources.files("cls2det") / "configs" / name))
+    if not path.is_file():
+        raise ConfigError(f"no packaged config {name!r}")
+    return path
+
+
+def run_demo(out: str | Path, overrides: list[str] = ()) -> Path:
+    """``cls2det demo``: the packaged demo study, written to ``out``."""
+    return run_study(packaged_config(DEMO_CONFIG), [f"out={out}", *overrides])
+
+
+def run_study(path: str | Path, overrides: list[str] = ()) -> Path:
+    """Run study ``path`` (a :class:`StudyConfig` YAML) with overrides; returns the report's path."""
+    study = load_config(StudyConfig, path, overrides)
+    out = Path(study.out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(study, out / "study.yaml")
+    for row in study.rows:  # validate every row before spending compute
+        row_config(study, row, study.detectors[0], out, 0)
+
+    data = Path(study.data) if study.data else _demo_data(study, out)
+    teacher_run, teacher_top1 = _teacher(study, data, out)
+    results = []
+    for detector in study.detectors:
+        for seed in study.seeds:
+            for row in study.rows:
+                config = row_config(study, row, detector, out, seed)
+                config.data, config.teacher = str(data), str(teacher_run)
+                results.append(_train(config, row))
+    return _report(study, results, teacher_top1, out, data)
+
+
+def row_config(study: StudyConfig, row: str, detector: str, out: Path, seed: int) -> TrainConfig:
+    """The TrainConfig of one run: the study's ``train`` section, then the row's overrides."""
+    values = apply_overrides(copy.deepcopy(to_dict(study.train)), study.rows[row])
+    values["seed"] = seed
+    values["student"]["detector"] = detector
+    values["out"] = str(out / detector / row / f"seed{seed}")
+    return from_dict(TrainConfig, values)
+
+
+def _demo_data(study: StudyConfig, out: Path) -> Path:
+    from cls2det.data import generate_demo
+
+    data = out / "data"
+    if not (data / "annotations" / "val.json").is_file():
+        demo = study.demo_data
+        _say(f"generating the demo dataset in {data}")
+        generate_demo(data, seed=demo.seed, train_images=demo.train_images, val_images=demo.val_images,
+                      image_size=demo.image_size)
+    return data
+
+
+def _teacher(study: StudyConfig, data: Path, out: Path) -> tuple[Path, float | None]:
+    from cls2det.teacher import train_teacher
+
+    run = Path(study.teacher_run) if study.teacher_run else out / "teacher"
+    meta = run / "teacher.json"
+    if not meta.is_file():
+        if study.teacher_run:
+            raise ConfigError(f"teacher_run {run}: teacher.json not found")
+        _say(f"training the teacher ({study.teacher.arch}) in {run}")
+        train_teacher(data, run, study.teacher)
+    top1 = json.loads(meta.read_text()).get("metrics", {}).get("top1")
+    return run, top1
+
+
+def _train(config: TrainConfig, row: str) -> dict:
+    run = Path(config.out)
+    if not (run / RESULTS).is_file():
+        run.parent.mkdir(parents=True, exist_ok=True)
+        recipe = run.parent / f"seed{config.seed}.yaml"
+        save_config(config, recipe)
+        flag = "--resume" if (run / LAST).is_dir() else "--overwrite"
+        cmd = [sys.executable, "-m", "cls2det", "train", config.data, "--out", str(run), "--config", str(recipe),
+               flag, "--no-progress"]
+        _say(f"{config.student.detector} / {row} / seed {config.seed}: training")
+        start = time.perf_counter()
+        proc = subprocess.run(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"}, capture_output=True, text=True)
+        if proc.returncode != 0:
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["(no output)"]
+            raise RuntimeError(f"run {run} failed (exit {proc.returncode}): {tail[0]}")
+        _say(f"  done in {time.perf_counter() - start:.0f} s")
+    results = json.loads((run / RESULTS).read_text())
+    return {**results, "row": row, "seed": config.seed, "detector": config.student.detector, "run": str(run)}
+
+
+def _report(study: StudyConfig, results: list[dict], teacher_top1: float | None, out: Path, data: Path) -> Path:
+    from cls2det.evaluation.plots import plot_ap_vs_iou, plot_loss_curves
+    from cls2det.evaluation.report import write_report
+
+    plots = []
+    plot_ap_vs_iou(results, out / "ap_vs_iou.png")
+    plots.append("ap_vs_iou.png")
+    first_seed = study.seeds[0]
+    curves = {r["row"]: Path(r["run"]) / METRICS_CSV for r in results
+              if r["seed"] == first_seed and r["detector"] == study.detectors[0]}
+    plot_loss_curves(curves, out / "loss_curves.png")
+    plots.append("loss_curves.png")
+    if _prediction_grid(study, results, out, data):
+        plots.append("predictions.png")
+    return write_report(results, out, title=study.name, teacher_top1=teacher_top1, notes=study.notes, plots=plots)
+
+
+def _prediction_grid(study: StudyConfig, results: list[dict], out: Path, data: Path, count: int = 4) -> bool:
+    """Baseline vs the last row on the same val images (first detector, first seed)."""
+    from cls2det.data import CocoDetection, load_split
+    from cls2det.engine.evaluate import predict
+    from cls2det.engine.loading import load_student
+    from cls2det.evaluation.plots import plot_prediction_grid
+
+    rows = [study.baseline_row, list(study.rows)[-1]]
+    runs = {r["row"]: r["run"] for r in results
+            if r["seed"] == study.seeds[0] and r["detector"] == study.detectors[0] and r["row"] in rows}
+    if len(runs) < 2 or rows[0] == rows[1]:
+        return False
+    split = load_split(data, "val")
+    dataset = CocoDetection(split)
+    samples = [dataset[i] for i in range(min(count, len(dataset)))]
+    images = [img for img, _ in samples]
+    predictions = {row: predict(load_student(run)[0], images, "cpu") for row, run in runs.items()}
+    plot_prediction_grid(images, predictions, [t for _, t in samples], split.class_names, out / "predictions.png")
+    return True
+
+
+def _say(message: str) -> None:
+    print(message, flush=True)

@@ -1,0 +1,127 @@
+"""FCOS (torchvision ``fcos_resnet50_fpn``) as a student: a sigmoid head with C outputs.
+
+The adapter runs the stock ``FCOS.forward`` step by step (transform -> backbone -> head -> anchors ->
+center-sampling assignment -> ``head.compute_loss``), so the loss numbers are torchvision's own, and reads off
+the positives: every location FCOS assigns to a GT box.
+
+FCOS has no anchors in the RetinaNet sense. torchvision places one square "anchor" per feature-map location,
+of side ``size_l`` per level (stock: the strides 8, 16, 32, 64, 128), and uses it three ways:
+  * center sampling: a location is a candidate for a GT box if it lies within ``1.5 * size_l`` (per axis) of
+    the box centre, and inside the box;
+  * scale assignment: level l takes the box only if the largest location-to-side distance is in
+    ``(4 * size_l, 8 * size_l)`` (no lower bound on the first level, no upper bound on the last);
+  * regression unit: the head predicts the four side distances in units of ``size_l``.
+``StudentConfig.anchor_sizes`` (5 ints) replaces ``size_l``: smaller sizes move objects to coarser levels and
+shrink the sampling radius (fewer positives per object), larger sizes do the opposite. The locations stay on the
+stride grid (at ``(x * stride, y * stride)``), whatever the sizes.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torchvision.models.detection import FCOS, fcos_resnet50_fpn
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+
+from cls2det.config import StudentConfig
+from cls2det.students._common import (
+    backbone_features, build_resnet_fpn_detector, fpn_level_sizes, image_mean_std, positives_from_matches,
+    transform_batch, transform_kwargs,
+)
+from cls2det.students.base import StudentAdapter, StudentOutput
+
+
+def fcos_anchor_generator(sizes: list[int]) -> AnchorGenerator:
+    """One square anchor of side ``sizes[l]`` per location of FPN level l (P3..P7); stock: [8, 16, 32, 64, 128]."""
+    return AnchorGenerator(tuple((s,) for s in sizes), ((1.0,),) * len(sizes))
+
+
+def fcos_matched_idxs(
+    anchors: list[Tensor], targets: list[dict[str, Tensor]], num_anchors_per_level: list[int],
+    center_sampling_radius: float,
+) -> list[Tensor]:
+    """Per image [A] int64: the GT index assigned to each location, -1 for background.
+
+    A reproduction of the assignment inside ``FCOS.compute_loss`` (torchvision 0.16-0.29), which does not expose
+    it: center sampling, inside-box, per-level scale range, then the smallest-area GT among the candidates.
+    The tests check it against the ``matched_idxs`` torchvision passes to ``FCOSHead.compute_loss``.
+    """
+    matched_idxs = []
+    for anchors_per_image, target in zip(anchors, targets):
+        if target["boxes"].numel() == 0:
+            matched_idxs.append(torch.full((anchors_per_image.size(0),), -1, dtype=torch.int64,
+                                           device=anchors_per_image.device))
+            continue
+        gt_boxes = target["boxes"]  # [M, 4]
+        gt_centers = (gt_boxes[:, :2] + gt_boxes[:, 2:]) / 2  # [M, 2]
+        anchor_centers = (anchors_per_image[:, :2] + anchors_per_image[:, 2:]) / 2  # [A, 2]
+        anchor_sizes = anchors_per_image[:, 2] - anchors_per_image[:, 0]  # [A]
+        # center sampling: the location is within radius * size of the GT centre (Chebyshev distance)
+        is_match = (anchor_centers[:, None, :] - gt_centers[None, :, :]).abs().max(dim=2).values \
+            < center_sampling_radius * anchor_sizes[:, None]  # [A, M]
+        x, y = anchor_centers.unsqueeze(dim=2).unbind(dim=1)  # [A, 1] each
+        x0, y0, x1, y1 = gt_boxes.unsqueeze(dim=0).unbind(dim=2)  # [1, M] each
+        side_dist = torch.stack([x - x0, y - y0, x1 - x, y1 - y], dim=2)  # [A, M, 4]
+        is_match &= side_dist.min(dim=2).values > 0  # inside the box
+        lower_bound = anchor_sizes * 4
+        lower_bound[: num_anchors_per_level[0]] = 0
+        upper_bound = anchor_sizes * 8
+        upper_bound[-num_anchors_per_level[-1]:] = float("inf")
+        max_dist = side_dist.max(dim=2).values  # [A, M]
+        is_match &= (max_dist > lower_bound[:, None]) & (max_dist < upper_bound[:, None])
+        # several candidates: the GT with the smallest area wins
+        gt_areas = (gt_boxes[:, 2] - gt_boxes[:, 0]) * (gt_boxes[:, 3] - gt_boxes[:, 1])  # [M]
+        score = is_match.to(torch.float32) * (1e8 - gt_areas[None, :])  # [A, M]
+        best, matched = score.max(dim=1)  # [A]
+        matched[best < 1e-5] = -1
+        matched_idxs.append(matched)
+    return matched_idxs
+
+
+class FCOSAdapter(StudentAdapter):
+    """A torchvision :class:`FCOS` with ``num_classes = C`` (labels 0..C-1, no background column)."""
+
+    head = "sigmoid"
+
+    def forward_train(self, images: list[Tensor], targets: list[dict[str, Tensor]]) -> StudentOutput:
+        """images: list of [3, H_i, W_i] in 0..1; targets: {"boxes": [N_i, 4] xyxy pixels, "labels": [N_i] in [0, C)}.
+
+        Positives: logits [K, C] (the location's ``cls_logits`` row), pred_boxes [K, 4] =
+        ``box_coder.decode(bbox_regression, anchor)`` as FCOS's postprocess does (not clipped), in the batch
+        tensor's pixels. The centerness output is not part of the record.
+        """
+        det: FCOS = self.detector
+        image_list, targets = transform_batch(det, images, self.to_detector_targets(targets))
+        features = backbone_features(det, image_list.tensors)  # 5 x [N, 256, H_l, W_l]
+        head_outputs = det.head(features)  # cls_logits [N, A, C], bbox_regression [N, A, 4], bbox_ctrness [N, A, 1]
+        anchors = det.anchor_generator(image_list, features)  # N x [A, 4]
+        num_anchors_per_level = [f.size(2) * f.size(3) for f in features]
+        matched_idxs = fcos_matched_idxs(anchors, targets, num_anchors_per_level, det.center_sampling_radius)
+        losses = det.head.compute_loss(targets, head_outputs, anchors, matched_idxs)
+
+        regression = head_outputs["bbox_regression"]
+
+        def decode(i: int, fg: Tensor) -> Tensor:
+            # float32: the coder casts anchors to the regression's dtype, which loses pixels under bf16 autocast
+            return det.box_coder.decode(regression[i, fg].float(), anchors[i][fg])  # [K_i, 4]
+
+        positives = positives_from_matches(matched_idxs, targets, head_outputs["cls_logits"], decode,
+                                           head=self.head, label_offset=self.label_offset)
+        mean, std = image_mean_std(det.transform, image_list.tensors)
+        return StudentOutput(losses, positives, image_list.tensors, mean, std)
+
+
+def fcos_resnet50(num_classes: int, config: StudentConfig) -> FCOSAdapter:
+    """FCOS-ResNet50-FPN for ``num_classes`` foreground classes.
+
+    config.image_size -> transform min_size = max_size; config.anchor_sizes -> the 5 per-level location sizes
+    (module docstring: sampling radius, scale range, regression unit); config.backbone_weights /
+    trainable_backbone_layers -> see :func:`cls2det.students._common.build_resnet_fpn_detector`.
+    """
+    if num_classes <= 0:
+        raise ValueError(f"num_classes must be > 0, got {num_classes}")
+    kwargs = transform_kwargs(config)
+    sizes = fpn_level_sizes(config.anchor_sizes, "fcos_resnet50")
+    if sizes is not None:
+        kwargs["anchor_generator"] = fcos_anchor_generator(sizes)
+    detector = build_resnet_fpn_detector(fcos_resnet50_fpn, num_classes, config, **kwargs)
+    return FCOSAdapter(detector, num_classes)

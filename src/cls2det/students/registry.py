@@ -1,0 +1,33 @@
+"""The detector names ``cls2det train --detector`` accepts, each mapped to its family's builder.
+
+A builder is ``fn(num_classes: int, config: StudentConfig) -> StudentAdapter``. Adding a detector is one
+builder in its family's module and one line here.
+"""
+from __future__ import annotations
+
+import importlib
+
+from cls2det.config import StudentConfig
+from cls2det.students.base import StudentAdapter
+
+STUDENTS: dict[str, str] = {
+    "fasterrcnn_mobilenet_v3": "cls2det.students.faster_rcnn:fasterrcnn_mobilenet_v3",
+    "fasterrcnn_resnet50": "cls2det.students.faster_rcnn:fasterrcnn_resnet50",
+    "retinanet_resnet50": "cls2det.students.retinanet:retinanet_resnet50",
+    "ssd300_vgg16": "cls2det.students.ssd:ssd300_vgg16",
+    "ssdlite320_mobilenet_v3": "cls2det.students.ssd:ssdlite320_mobilenet_v3",
+    "fcos_resnet50": "cls2det.students.fcos:fcos_resnet50",
+}
+
+
+def list_students() -> list[str]:
+    return sorted(STUDENTS)
+
+
+def create_student(name: str, num_classes: int, config: StudentConfig | None = None) -> StudentAdapter:
+    """Build detector ``name`` for ``num_classes`` foreground classes, wrapped in its adapter."""
+    if name not in STUDENTS:
+        raise ValueError(f"unknown detector {name!r}; valid: {', '.join(list_students())}")
+    module, attr = STUDENTS[name].split(":")
+    builder = getattr(importlib.import_module(module), attr)
+    return builder(num_classes, config or StudentConfig(detector=name))

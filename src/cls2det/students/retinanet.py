@@ -1,0 +1,94 @@
+"""RetinaNet (torchvision ``retinanet_resnet50_fpn``) as a student: a sigmoid head with C outputs.
+
+The adapter runs the stock ``RetinaNet.forward`` step by step (transform -> backbone -> head -> anchors ->
+matching -> ``head.compute_loss``), so the loss numbers are torchvision's own, and reads off the positives:
+every anchor the detector's ``proposal_matcher`` assigns to a GT box (IoU >= 0.5, plus each GT's best anchors).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torchvision.models.detection import RetinaNet, retinanet_resnet50_fpn
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.ops import box_iou
+
+from cls2det.config import StudentConfig
+from cls2det.students._common import (
+    backbone_features, build_resnet_fpn_detector, fpn_level_sizes, image_mean_std, positives_from_matches,
+    transform_batch, transform_kwargs,
+)
+from cls2det.students.base import StudentAdapter, StudentOutput
+
+
+def retinanet_anchor_generator(sizes: list[int]) -> AnchorGenerator:
+    """torchvision's RetinaNet anchors with other base sizes: per FPN level (P3..P7) base size ``s`` gives the
+    3 scales per octave ``(s, int(s * 2**(1/3)), int(s * 2**(2/3)))`` x aspect ratios (0.5, 1, 2) = 9 anchors.
+    Stock: ``sizes = [32, 64, 128, 256, 512]``."""
+    anchor_sizes = tuple((s, int(s * 2 ** (1.0 / 3)), int(s * 2 ** (2.0 / 3))) for s in sizes)
+    return AnchorGenerator(anchor_sizes, ((0.5, 1.0, 2.0),) * len(anchor_sizes))
+
+
+def retinanet_matched_idxs(
+    detector: RetinaNet, anchors: list[Tensor], targets: list[dict[str, Tensor]]
+) -> list[Tensor]:
+    """Per image [A] int64: the GT index matched to each anchor, -1 background, -2 ignored (between thresholds).
+
+    The same computation as ``RetinaNet.compute_loss`` (torchvision 0.16-0.29): ``proposal_matcher`` on the
+    [M, A] IoU matrix; an image without GT boxes is all background.
+    """
+    matched_idxs = []
+    for anchors_per_image, target in zip(anchors, targets):
+        if target["boxes"].numel() == 0:
+            matched_idxs.append(torch.full((anchors_per_image.size(0),), -1, dtype=torch.int64,
+                                           device=anchors_per_image.device))
+            continue
+        matched_idxs.append(detector.proposal_matcher(box_iou(target["boxes"], anchors_per_image)))  # [A]
+    return matched_idxs
+
+
+class RetinaNetAdapter(StudentAdapter):
+    """A torchvision :class:`RetinaNet` with ``num_classes = C`` (labels 0..C-1, no background column)."""
+
+    head = "sigmoid"
+
+    def forward_train(self, images: list[Tensor], targets: list[dict[str, Tensor]]) -> StudentOutput:
+        """images: list of [3, H_i, W_i] in 0..1; targets: {"boxes": [N_i, 4] xyxy pixels, "labels": [N_i] in [0, C)}.
+
+        Positives: logits [K, C] (the anchor's ``cls_logits`` row), pred_boxes [K, 4] =
+        ``box_coder.decode_single(bbox_regression, anchor)`` (not clipped), all in the batch tensor's pixels.
+        """
+        det: RetinaNet = self.detector
+        image_list, targets = transform_batch(det, images, self.to_detector_targets(targets))
+        features = backbone_features(det, image_list.tensors)  # 5 x [N, 256, H_l, W_l]
+        head_outputs = det.head(features)  # cls_logits [N, A, C], bbox_regression [N, A, 4]
+        anchors = det.anchor_generator(image_list, features)  # N x [A, 4]
+        matched_idxs = retinanet_matched_idxs(det, anchors, targets)
+        losses = det.head.compute_loss(targets, head_outputs, anchors, matched_idxs)
+
+        regression = head_outputs["bbox_regression"]
+
+        def decode(i: int, fg: Tensor) -> Tensor:
+            # float32: the coder casts anchors to the regression's dtype, which loses pixels under bf16 autocast
+            return det.box_coder.decode_single(regression[i, fg].float(), anchors[i][fg])  # [K_i, 4]
+
+        positives = positives_from_matches(matched_idxs, targets, head_outputs["cls_logits"], decode,
+                                           head=self.head, label_offset=self.label_offset)
+        mean, std = image_mean_std(det.transform, image_list.tensors)
+        return StudentOutput(losses, positives, image_list.tensors, mean, std)
+
+
+def retinanet_resnet50(num_classes: int, config: StudentConfig) -> RetinaNetAdapter:
+    """RetinaNet-ResNet50-FPN (torchvision v1) for ``num_classes`` foreground classes.
+
+    config.image_size -> transform min_size = max_size; config.anchor_sizes -> 5 base sizes, one per FPN level
+    (see :func:`retinanet_anchor_generator`); config.backbone_weights / trainable_backbone_layers -> see
+    :func:`cls2det.students._common.build_resnet_fpn_detector`.
+    """
+    if num_classes <= 0:
+        raise ValueError(f"num_classes must be > 0, got {num_classes}")
+    kwargs = transform_kwargs(config)
+    sizes = fpn_level_sizes(config.anchor_sizes, "retinanet_resnet50")
+    if sizes is not None:
+        kwargs["anchor_generator"] = retinanet_anchor_generator(sizes)
+    detector = build_resnet_fpn_detector(retinanet_resnet50_fpn, num_classes, config, **kwargs)
+    return RetinaNetAdapter(detector, num_classes)

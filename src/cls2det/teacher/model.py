@@ -1,0 +1,382 @@
+"""The classifier teacher: a torchvision or timm classifier that owns its normalisation, input size and feature taps.
+
+Feature taps (``TAPS``) name the layers KD_loc compares (paper, sec. 3.2): ``"obj"`` is the normalised input crop,
+``"l0"`` the stem (first conv block) and ``"l1"``..``"l4"`` the four stages. Where each tap comes from is written once,
+in :class:`TapLayout` (see ``_LAYOUTS`` and :func:`tap_layout`), never as string paths elsewhere.
+"""
+from __future__ import annotations
+
+import difflib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Sequence
+
+import timm
+import torch
+import torchvision
+from torch import Tensor, nn
+
+log = logging.getLogger(__name__)
+
+Tap = Literal["obj", "l0", "l1", "l2", "l3", "l4"]
+TAPS: tuple[Tap, ...] = ("obj", "l0", "l1", "l2", "l3", "l4")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+Library = Literal["torchvision", "timm"]
+
+
+class TeacherError(ValueError):
+    """Bad teacher input: unknown arch, unusable weights file, broken checkpoint. One-line message naming the culprit."""
+
+
+# ----------------------------------------------------------------------------------------------- tap layouts
+
+
+@dataclass(frozen=True)
+class TapLayout:
+    """Where taps ``l0``..``l4`` come from in one model family.
+
+    ``kind="sequential"``: ``segments[i]`` are the dotted module paths that, run in order on the output of tap
+    ``l{i-1}`` (or on the normalised input for ``i == 0``), produce tap ``l{i}``; the model's own ``forward`` must run
+    the same modules in the same order (checked by the tests for every family in the table).
+    ``kind="timm"``: ``feature_indices[i]`` indexes timm's ``feature_info`` / ``forward_intermediates`` for tap
+    ``l{i}``; ``None`` where the model has no such level.
+    """
+
+    kind: Literal["sequential", "timm"]
+    segments: tuple[tuple[str, ...], ...] = ()
+    feature_indices: tuple[int | None, ...] = ()
+
+    @property
+    def available(self) -> tuple[Tap, ...]:
+        levels = self.segments if self.kind == "sequential" else self.feature_indices
+        return ("obj",) + tuple(f"l{i}" for i, level in enumerate(levels) if level is not None)  # type: ignore
+
+
+_RESNET_STAGES = (("layer1",), ("layer2",), ("layer3",), ("layer4",))
+# Families whose stages are named attributes. Key: (library, model class name).
+_LAYOUTS: dict[tuple[str, str], TapLayout] = {
+    ("torchvision", "ResNet"): TapLayout("sequential", (("conv1", "bn1", "relu", "maxpool"),) + _RESNET_STAGES),
+    ("timm", "ResNet"): TapLayout("sequential", (("conv1", "bn1", "act1", "maxpool"),) + _RESNET_STAGES),
+    ("torchvision", "RegNet"): TapLayout(
+        "sequential", (("stem",),) + tuple((f"trunk_output.block{i}",) for i in range(1, 5))
+    ),
+}
+
+
+def tap_layout(net: nn.Module, library: Library) -> TapLayout | None:
+    """The tap layout of ``net``: from the table, from the stride pattern of ``net.features`` (torchvision
+    MobileNet/EfficientNet/ConvNeXt/VGG), or from timm's ``feature_info``. None if taps are not supported."""
+    layout = _LAYOUTS.get((library, type(net).__name__))
+    if layout is not None:
+        return layout
+    if library == "timm":
+        return _timm_layout(net)
+    features = getattr(net, "features", None)
+    if isinstance(features, nn.Sequential) and len(features) >= 5:
+        return _features_layout(features)
+    return None
+
+
+def _timm_layout(net: nn.Module) -> TapLayout | None:
+    if not hasattr(net, "forward_intermediates"):
+        return None
+    reductions = [int(info["reduction"]) for info in getattr(net, "feature_info", [])]
+    if len(reductions) == 5 and reductions == sorted(set(reductions)):  # stem + 4 stages (ResNet, MobileNet, ...)
+        return TapLayout("timm", feature_indices=(0, 1, 2, 3, 4))
+    if len(reductions) == 4 and reductions == sorted(set(reductions)):  # 4 stages, stem not exposed (ConvNeXt, ...)
+        return TapLayout("timm", feature_indices=(None, 0, 1, 2, 3))
+    return None
+
+
+@torch.no_grad()
+def _features_layout(features: nn.Sequential) -> TapLayout | None:
+    """l0 = ``features[0]`` (the stem); l1..l4 = the blocks up to the last one at each of the 4 coarsest strides."""
+    was_training = features.training
+    features.eval()
+    x, sizes = torch.zeros(1, 3, 64, 64), []
+    for block in features:
+        x = block(x)
+        sizes.append(x.shape[-1])
+    features.train(was_training)
+    ends = [i for i in range(1, len(sizes)) if i == len(sizes) - 1 or sizes[i + 1] != sizes[i]]  # last of each stride
+    if len(ends) < 4:
+        return None
+    ends = ends[-4:]
+    starts = [1] + [e + 1 for e in ends[:-1]]
+    stages = tuple(tuple(f"features.{j}" for j in range(s, e + 1)) for s, e in zip(starts, ends))
+    return TapLayout("sequential", (("features.0",),) + stages)
+
+
+# ----------------------------------------------------------------------------------------------- the teacher
+
+
+class Teacher(nn.Module):
+    """Frozen-able classifier wrapper. Input: RGB pixels in 0..1, [K, 3, S, S] (S = ``input_size``, any S works)."""
+
+    def __init__(
+        self,
+        net: nn.Module,
+        *,
+        arch: str,
+        library: Library,
+        class_names: Sequence[str],
+        input_size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        loss: str = "ce",
+    ) -> None:
+        super().__init__()
+        self.net = net
+        self.arch, self.library, self.loss = arch, library, loss
+        self.class_names = list(class_names)
+        self.input_size = int(input_size)
+        self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+        # Not persistent: the checkpoint's JSON is the one source of mean/std; weights stay a plain state dict.
+        self.register_buffer("_mean", torch.tensor(self.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("_std", torch.tensor(self.std).view(1, 3, 1, 1), persistent=False)
+        self.layout = tap_layout(net, library)
+        self.is_frozen = False
+        self.pretrained_report: dict[str, list[str]] = {}
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def available_taps(self) -> tuple[Tap, ...]:
+        return self.layout.available if self.layout is not None else ("obj",)
+
+    def normalize(self, pixels: Tensor) -> Tensor:
+        """[K, 3, S, S] in 0..1 -> (pixels - mean) / std, the input the network expects."""
+        return (pixels - self._mean) / self._std
+
+    def forward(self, pixels: Tensor) -> Tensor:
+        """[K, 3, S, S] RGB in 0..1 -> logits [K, C]."""
+        return self.net(self.normalize(pixels))
+
+    def forward_taps(
+        self, pixels: Tensor, taps: Sequence[str], *, return_logits: bool = False
+    ) -> list[Tensor] | tuple[list[Tensor], Tensor]:
+        """Feature maps [K, M_l, H_l, W_l] for ``taps`` (in the order asked), from pixels [K, 3, S, S] in 0..1.
+
+        Runs the network only as deep as the deepest tap asked; with ``return_logits`` it runs one full pass and also
+        returns the logits [K, C]. Gradients flow to ``pixels`` even when the teacher is frozen.
+        """
+        taps = tuple(taps)
+        for tap in taps:
+            if tap not in self.available_taps:
+                raise TeacherError(
+                    f"teacher {self.arch!r} has no tap {tap!r}; available: {', '.join(self.available_taps)}"
+                )
+        x = self.normalize(pixels)  # [K, 3, S, S]
+        found: dict[str, Tensor] = {"obj": x}
+        levels = sorted({int(t[1]) for t in taps if t != "obj"})
+        logits = None
+        if self.layout is None:  # only "obj" can have been asked
+            logits = self.net(x) if return_logits else None
+        elif self.layout.kind == "timm":
+            logits = self._timm_taps(x, levels, found, return_logits)
+        elif return_logits:
+            logits = self._hooked_full_pass(x, levels, found)
+        else:
+            for level in range(levels[-1] + 1 if levels else 0):
+                for path in self.layout.segments[level]:
+                    x = self.net.get_submodule(path)(x)
+                found[f"l{level}"] = x
+        feats = [found[t] for t in taps]
+        return (feats, logits) if return_logits else feats
+
+    def _timm_taps(self, x: Tensor, levels: list[int], found: dict[str, Tensor], return_logits: bool) -> Tensor | None:
+        indices = [self.layout.feature_indices[level] for level in levels]  # type: ignore[union-attr]
+        if return_logits:
+            final, inter = self.net.forward_intermediates(x, indices=indices or [0], intermediates_only=False)
+            logits = self.net.forward_head(final)
+        elif indices:
+            inter = self.net.forward_intermediates(x, indices=indices, stop_early=True, intermediates_only=True)
+            logits = None
+        else:
+            return None
+        found.update({f"l{level}": feat for level, feat in zip(levels, inter)})
+        return logits
+
+    def _hooked_full_pass(self, x: Tensor, levels: list[int], found: dict[str, Tensor]) -> Tensor:
+        """One pass of the model's own forward; forward hooks on each segment's last module record the taps."""
+        handles = []
+        for level in levels:
+            module = self.net.get_submodule(self.layout.segments[level][-1])  # type: ignore[union-attr]
+            handles.append(module.register_forward_hook(lambda m, i, o, key=f"l{level}": found.__setitem__(key, o)))
+        try:
+            return self.net(x)
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def freeze(self) -> "Teacher":
+        """Eval mode for good (``train()`` is ignored afterwards) and no parameter gradients: a distillation teacher."""
+        self.is_frozen = True
+        self.requires_grad_(False)
+        return super().train(False)
+
+    def train(self, mode: bool = True) -> "Teacher":
+        # A parent module's .train() must not switch a frozen teacher's BatchNorm back to batch statistics.
+        return super().train(False if self.is_frozen else mode)
+
+
+# ----------------------------------------------------------------------------------------------- building
+
+
+def build_teacher(
+    arch: str,
+    num_classes: int,
+    *,
+    class_names: Sequence[str] | None = None,
+    input_size: int = 112,
+    pretrained: str | Path | None = None,
+    library: Library | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+) -> Teacher:
+    """A ``num_classes``-way classifier ``arch`` (torchvision name first, else timm), not frozen.
+
+    ``pretrained``: None (random init), ``"imagenet"`` (torchvision's DEFAULT / timm's weights, needs network; the
+    classifier head is re-initialised) or a local ``.safetensors`` / ``.pth`` / ``.pt`` state dict (a classifier head
+    of another shape is skipped and reported in ``teacher.pretrained_report``). ``mean``/``std`` default to ImageNet's
+    (timm: the model's ``pretrained_cfg``).
+    """
+    if num_classes < 1:
+        raise TeacherError(f"num_classes must be >= 1, got {num_classes}")
+    class_names = [str(c) for c in class_names] if class_names is not None else [str(i) for i in range(num_classes)]
+    if len(class_names) != num_classes:
+        raise TeacherError(f"class_names has {len(class_names)} names but num_classes is {num_classes}")
+    library = library or _library_of(arch)
+    is_imagenet = pretrained is not None and str(pretrained).lower() == "imagenet"
+    if library == "torchvision":
+        net = torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
+        default_mean, default_std = IMAGENET_MEAN, IMAGENET_STD
+    else:
+        net = _timm_model(arch, num_classes, download=is_imagenet)
+        cfg = getattr(net, "pretrained_cfg", None) or {}
+        default_mean, default_std = tuple(cfg.get("mean", IMAGENET_MEAN)), tuple(cfg.get("std", IMAGENET_STD))
+    report: dict[str, list[str]] = {}
+    if is_imagenet and library == "torchvision":
+        report = load_matching_state_dict(net, _download_torchvision(arch), f"ImageNet weights of {arch}")
+    elif pretrained is not None and not is_imagenet:
+        report = load_matching_state_dict(net, read_state_dict(pretrained), str(pretrained))
+    teacher = Teacher(
+        net, arch=arch, library=library, class_names=class_names, input_size=input_size,
+        mean=mean or default_mean, std=std or default_std,
+    )
+    teacher.pretrained_report = report
+    return teacher
+
+
+def _library_of(arch: str) -> Library:
+    if arch in torchvision.models.list_models(module=torchvision.models):
+        return "torchvision"
+    if timm.is_model(arch):
+        return "timm"
+    names = torchvision.models.list_models(module=torchvision.models) + timm.list_models()
+    close = difflib.get_close_matches(arch, names, n=3)
+    hint = f"did you mean {', '.join(close)}? " if close else ""
+    raise TeacherError(
+        f"unknown teacher arch {arch!r}; {hint}valid examples: resnet18, resnet50, resnext50_32x4d, "
+        "mobilenet_v3_large (torchvision), resnet10t, convnext_nano (timm)"
+    )
+
+
+def _timm_model(arch: str, num_classes: int, *, download: bool) -> nn.Module:
+    if not download:
+        return timm.create_model(arch, pretrained=False, num_classes=num_classes)
+    try:  # timm loads the ImageNet weights and re-initialises the head for num_classes itself
+        return timm.create_model(arch, pretrained=True, num_classes=num_classes)
+    except Exception as err:  # noqa: BLE001 - any failure here means "no weights"; report it in one line
+        raise _download_error(arch, err) from None
+
+
+def _download_torchvision(arch: str) -> dict[str, Tensor]:
+    try:
+        weights = torchvision.models.get_model_weights(arch).DEFAULT
+        return weights.get_state_dict(progress=False, check_hash=True)
+    except Exception as err:  # noqa: BLE001
+        raise _download_error(arch, err) from None
+
+
+def _download_error(arch: str, err: BaseException) -> TeacherError:
+    reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+    return TeacherError(
+        f"could not download ImageNet weights for {arch!r} ({type(err).__name__}: {reason}); "
+        "download them on a machine with network access and pass the local file: pretrained=/path/to/weights.safetensors"
+    )
+
+
+# ----------------------------------------------------------------------------------------------- local weights
+
+
+def read_state_dict(path: str | Path) -> dict[str, Tensor]:
+    """A state dict from ``.safetensors`` (safetensors) or ``.pth``/``.pt`` (``torch.load(weights_only=True)``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise TeacherError(f"pretrained weights file not found: {path}")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        elif suffix in (".pth", ".pt"):
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        else:
+            raise TeacherError(f"{path}: unknown weights format {suffix!r}; expected .safetensors, .pth or .pt")
+    except TeacherError:
+        raise
+    except Exception as err:  # noqa: BLE001 - corrupt file, pickle refused by weights_only, ...
+        raise TeacherError(f"{path}: cannot read weights ({type(err).__name__}: {_first_line(err)})") from None
+    for key in ("state_dict", "model"):  # common checkpoint wrappers
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise TeacherError(f"{path}: not a state dict of tensors")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def load_matching_state_dict(net: nn.Module, state: dict[str, Tensor], source: str) -> dict[str, list[str]]:
+    """Load ``state`` into ``net``; classifier-head tensors that are missing, extra or of another shape are skipped.
+
+    Any other missing, extra or mis-shaped tensor means the file is for another architecture: :class:`TeacherError`.
+    Returns ``{"skipped": [...], "unexpected": [...]}`` (keys: the model's head tensors left at their initialisation,
+    the file's head tensors that have no place in the model) and logs them.
+    """
+    own = net.state_dict()
+    head = _head_prefix(net)
+    is_head = lambda key: head is not None and key.startswith(head + ".")  # noqa: E731
+    mismatched = [k for k in own if k in state and state[k].shape != own[k].shape]
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in own]
+    for key in mismatched + missing + unexpected:
+        if is_head(key):
+            continue
+        if key in mismatched:
+            what = f"has shape {tuple(state[key].shape)}, expected {tuple(own[key].shape)}"
+        else:
+            what = "missing" if key in missing else f"has no place in {type(net).__name__}"
+        raise TeacherError(f"{source}: tensor {key!r} {what}; are these weights for another architecture?")
+    skipped = [k for k in own if k in mismatched or k in missing]
+    net.load_state_dict({k: v for k, v in state.items() if k in own and k not in mismatched}, strict=False)
+    if skipped or unexpected:
+        log.info("%s: skipped classifier head %s (new shape for this class count)", source, ", ".join(skipped + unexpected))
+    return {"skipped": skipped, "unexpected": unexpected}
+
+
+def _head_prefix(net: nn.Module) -> str | None:
+    """Module path of the classifier: timm's ``pretrained_cfg['classifier']``, else the last ``nn.Linear``."""
+    cfg = getattr(net, "pretrained_cfg", None) or {}
+    if isinstance(cfg.get("classifier"), str):
+        return cfg["classifier"]
+    linears = [name for name, module in net.named_modules() if isinstance(module, nn.Linear)]
+    return linears[-1] if linears else None
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [""])[0][:200]

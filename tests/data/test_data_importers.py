@@ -1,0 +1,187 @@
+"""Pascal VOC and YOLO importers: round trips on tiny generated sets, and errors naming file and line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cls2det.data import CocoDetection, DatasetError, import_voc, import_yolo, load_split
+
+# ------------------------------------------------------------------------------------------------------ VOC
+
+# image id -> (width, height, objects (name, xmin, ymin, xmax, ymax, difficult) in VOC's 1-based inclusive pixels)
+VOC_IMAGES = {
+    "000001": (48, 32, [("cat", 1, 1, 10, 12, 0), ("dog", 20, 5, 48, 32, 0)]),
+    "000002": (40, 40, [("dog", 5, 6, 15, 16, 1)]),
+    "000003": (36, 30, []),
+}
+
+
+def voc_xml(name: str, width: int, height: int, objects: list) -> str:
+    body = "".join(
+        f"<object><name>{cls}</name><pose>Left</pose><truncated>0</truncated><difficult>{difficult}</difficult>"
+        f"<bndbox><xmin>{x1}</xmin><ymin>{y1}</ymin><xmax>{x2}</xmax><ymax>{y2}</ymax></bndbox></object>\n"
+        for cls, x1, y1, x2, y2, difficult in objects
+    )
+    return (
+        f"<annotation>\n<folder>VOC2007</folder>\n<filename>{name}.jpg</filename>\n"
+        f"<size><width>{width}</width><height>{height}</height><depth>3</depth></size>\n{body}</annotation>\n"
+    )
+
+
+@pytest.fixture
+def voc_dir(tmp_path: Path, write_image) -> Path:
+    root = tmp_path / "VOC2007"
+    for k, (name, (width, height, objects)) in enumerate(VOC_IMAGES.items()):
+        write_image(root / "JPEGImages" / f"{name}.jpg", width, height, seed=k, fmt="JPEG")
+        (root / "Annotations").mkdir(parents=True, exist_ok=True)
+        (root / "Annotations" / f"{name}.xml").write_text(voc_xml(name, width, height, objects))
+    (root / "ImageSets" / "Main").mkdir(parents=True)
+    (root / "ImageSets" / "Main" / "trainval.txt").write_text("000001\n000003\n")
+    (root / "ImageSets" / "Main" / "test.txt").write_text("000002\n")
+    return root
+
+
+def test_voc_round_trip(voc_dir, tmp_path):
+    out = tmp_path / "coco"
+    summary = import_voc(voc_dir, out)
+    assert summary["num_classes"] == 20 and summary["splits"]["train"]["images"] == 2
+    train = load_split(out, "train")
+    assert [im["file_name"] for im in train.images] == ["train/000001.jpg", "train/000003.jpg"]
+    assert (train.images[0]["width"], train.images[0]["height"]) == (48, 32)
+    # 1-based inclusive [xmin, ymin, xmax, ymax] -> 0-based xywh [xmin-1, ymin-1, xmax-xmin+1, ymax-ymin+1]
+    anns = train.annotations[train.images[0]["id"]]
+    assert [a["bbox"] for a in anns] == [[0.0, 0.0, 10.0, 12.0], [19.0, 4.0, 29.0, 28.0]]
+    assert [train.class_names[train.cat_id_to_label[a["category_id"]]] for a in anns] == ["cat", "dog"]
+    assert train.annotations[train.images[1]["id"]] == []  # image without objects
+    val = load_split(out, "val")
+    (difficult,) = val.annotations[val.images[0]["id"]]
+    assert difficult["iscrowd"] == 1 and difficult["bbox"] == [4.0, 5.0, 11.0, 11.0]
+    _, target = CocoDetection(val)[0]
+    assert target["boxes"].shape == (0, 4)  # difficult objects never reach training targets
+    image, target = CocoDetection(train)[0]
+    torch.testing.assert_close(target["boxes"], torch.tensor([[0.0, 0.0, 10.0, 12.0], [19.0, 4.0, 48.0, 32.0]]))
+    source = np.asarray(Image.open(voc_dir / "JPEGImages" / "000001.jpg"), np.float32) / 255
+    torch.testing.assert_close(image, torch.from_numpy(source).permute(2, 0, 1))
+    assert (out / "images" / "train" / "000001.jpg").read_bytes() == (
+        voc_dir / "JPEGImages" / "000001.jpg"
+    ).read_bytes()
+
+
+def test_voc_custom_splits_and_classes(voc_dir, tmp_path):
+    lists = tmp_path / "mine.txt"
+    lists.write_text("000002\n")
+    summary = import_voc(
+        voc_dir, tmp_path / "c", splits={"train": "trainval", "val": str(lists)}, class_names=["cat", "dog"]
+    )
+    assert summary["class_names"] == ["cat", "dog"] and summary["splits"]["val"]["crowd"] == 1
+
+
+XML_1 = "Annotations/000001.xml"
+# (file to overwrite, its new text or None to delete it, fragments the error must contain)
+VOC_ERRORS = {
+    "malformed": (XML_1, "<annotation>\n<filename>x</filename>\n<size>", ["000001.xml:3:", "malformed XML"]),
+    "unknown-class": (XML_1, voc_xml("000001", 48, 32, [("cow!", 1, 1, 5, 5, 0)]), ["object 1", "class 'cow!'"]),
+    "not-a-number": (XML_1, voc_xml("000001", 48, 32, [("cat", 1, 1, "a", 5, 0)]), ["<bndbox/xmax> is not a num"]),
+    "outside": (XML_1, voc_xml("000001", 48, 32, [("cat", 1, 1, 60, 5, 0)]), ["object 1", "leaves the 48x32"]),
+    "missing-size": (XML_1, "<annotation><filename>a.jpg</filename></annotation>", ["missing <size/width>"]),
+    "missing-xml": ("ImageSets/Main/trainval.txt", "000001\n\n000009\n", ["trainval.txt:3", "no annotation file"]),
+    "missing-image": ("JPEGImages/000003.jpg", None, ["000003.xml", "image file not found"]),
+    "missing-list": ("ImageSets/Main/test.txt", None, ["image list not found", "test.txt"]),
+    # a wrong <size> is caught by the final check_dataset, against the real image
+    "wrong-size": ("Annotations/000003.xml", voc_xml("000003", 37, 30, []), ["image id 2", "JSON size 37x30"]),
+}
+
+
+@pytest.mark.parametrize("case", VOC_ERRORS.values(), ids=VOC_ERRORS.keys())
+def test_voc_errors_name_file(voc_dir, tmp_path, case):
+    path, text, fragments = case
+    if text is None:
+        (voc_dir / path).unlink()
+    else:
+        (voc_dir / path).write_text(text)
+    with pytest.raises(DatasetError) as info:
+        import_voc(voc_dir, tmp_path / "out")
+    for fragment in fragments:
+        assert fragment in str(info.value)
+
+
+# ----------------------------------------------------------------------------------------------------- YOLO
+
+
+@pytest.fixture
+def yolo_dir(tmp_path: Path, write_image) -> Path:
+    """train: a.png 64x48 with two boxes, b.jpg 32x32 without a label file; val: c.png 50x40 with one box."""
+    root = tmp_path / "yolo"
+    write_image(root / "images" / "train" / "a.png", 64, 48, seed=1)
+    write_image(root / "images" / "train" / "b.jpg", 32, 32, seed=2, fmt="JPEG")
+    write_image(root / "images" / "val" / "c.png", 50, 40, seed=3)
+    (root / "labels" / "train").mkdir(parents=True)
+    (root / "labels" / "val").mkdir(parents=True)
+    # box 1: cx 0.25, cy 0.5, w 0.25, h 0.5 of 64x48 -> x 8..24, y 12..36 (xywh [8, 12, 16, 24])
+    (root / "labels" / "train" / "a.txt").write_text("0 0.25 0.5 0.25 0.5\n\n2 0.875 0.125 0.25 0.25\n")
+    (root / "labels" / "val" / "c.txt").write_text("1 0.5 0.5 0.2 0.5\n")
+    (root / "data.yaml").write_text("path: .\ntrain: images/train\nval: images/val\nnames: {0: car, 1: bus, 2: van}\n")
+    return root
+
+
+def test_yolo_round_trip(yolo_dir, tmp_path):
+    summary = import_yolo(yolo_dir, tmp_path / "coco")
+    assert summary["class_names"] == ["car", "bus", "van"]
+    train = load_split(tmp_path / "coco", "train")
+    assert [im["file_name"] for im in train.images] == ["train/a.png", "train/b.jpg"]
+    anns = train.annotations[train.images[0]["id"]]
+    # box 2: cx 56, cy 6, w 16, h 12 -> [48, 0, 16, 12]
+    boxes = torch.tensor([a["bbox"] for a in anns], dtype=torch.float64)
+    torch.testing.assert_close(boxes, torch.tensor([[8, 12, 16, 24], [48, 0, 16, 12]], dtype=torch.float64))
+    assert [a["category_id"] for a in anns] == [1, 3]
+    assert train.annotations[train.images[1]["id"]] == []  # no label file: an image without objects
+    val = load_split(tmp_path / "coco", "val")
+    assert val.annotations[val.images[0]["id"]][0]["bbox"] == pytest.approx([20, 10, 10, 20])
+    assert val.annotations[val.images[0]["id"]][0]["category_id"] == 2
+
+
+def test_yolo_names_from_classes_txt_or_argument(yolo_dir, tmp_path):
+    (yolo_dir / "data.yaml").unlink()
+    (yolo_dir / "classes.txt").write_text("a\nb\nc\n")
+    assert import_yolo(yolo_dir, tmp_path / "one")["class_names"] == ["a", "b", "c"]
+    assert import_yolo(yolo_dir, tmp_path / "two", names=["x", "y", "z"])["class_names"] == ["x", "y", "z"]
+    (yolo_dir / "classes.txt").unlink()
+    with pytest.raises(DatasetError, match="no class names"):
+        import_yolo(yolo_dir, tmp_path / "three")
+
+
+@pytest.mark.parametrize(
+    "label,fragments",
+    [
+        ("0 0.5 0.5 0.2\n", ["a.txt:1", "expected 5 values"]),
+        ("0 0.5 0.5 0.2 0.2\n0 0.1 0.1 0.1 0.1 0.2 0.2 0.3\n", ["a.txt:2", "polygons"]),
+        ("5 0.5 0.5 0.2 0.2\n", ["a.txt:1", "class 5 out of range 0..2"]),
+        ("0 0.5 x 0.2 0.2\n", ["a.txt:1", "not numbers"]),
+        ("0 0.5 0.5 0 0.2\n", ["a.txt:1", "non-positive"]),
+        ("0 0.95 0.5 0.2 0.2\n", ["a.txt:1", "leaves the 64x48 image"]),
+    ],
+    ids=["short", "polygon", "class-range", "nan", "zero-width", "outside"],
+)
+def test_yolo_label_errors_name_file_and_line(yolo_dir, tmp_path, label, fragments):
+    (yolo_dir / "labels" / "train" / "a.txt").write_text(label)
+    with pytest.raises(DatasetError) as info:
+        import_yolo(yolo_dir, tmp_path / "out")
+    for fragment in fragments:
+        assert fragment in str(info.value)
+
+
+def test_yolo_structure_errors(yolo_dir, tmp_path):
+    (yolo_dir / "labels" / "train" / "orphan.txt").write_text("0 0.5 0.5 0.1 0.1\n")
+    with pytest.raises(DatasetError, match="orphan.txt: no image"):
+        import_yolo(yolo_dir, tmp_path / "a")
+    (yolo_dir / "labels" / "train" / "orphan.txt").unlink()
+    (yolo_dir / "images" / "train" / "b.jpg").write_bytes(b"junk")
+    with pytest.raises(DatasetError, match="b.jpg: unreadable image"):
+        import_yolo(yolo_dir, tmp_path / "b")
+    with pytest.raises(DatasetError, match="split 'test' missing"):
+        import_yolo(yolo_dir, tmp_path / "c", splits=("test",))

@@ -1,0 +1,99 @@
+"""det2det baselines: logit KD (Chen et al. 2017), FGFI (Wang et al. 2019), PKD (Cao et al. 2022)."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from cls2det.distill import fgfi_loss, fgfi_mask, logit_kd_loss, pkd_loss
+
+
+def test_logit_kd_softmax_hand_case():
+    # K=1, 3 outputs (background included in both): KL(p_t || p_s) with T=1
+    s = torch.tensor([[0.0, 1.0, 2.0]], dtype=torch.float64)
+    t = torch.tensor([[1.0, 0.0, 0.0]], dtype=torch.float64)
+    zs, zt = sum(math.exp(v) for v in (0, 1, 2)), math.exp(1) + 2
+    ps = [math.exp(v) / zs for v in (0, 1, 2)]
+    pt = [math.exp(1) / zt, 1 / zt, 1 / zt]
+    expected = sum(a * math.log(a / b) for a, b in zip(pt, ps))
+    assert logit_kd_loss(s, t, head="softmax", temperature=1.0).item() == pytest.approx(expected, rel=1e-12)
+    # T=3 adds the T^2 factor to the KL of the softened distributions
+    zs, zt = sum(math.exp(v / 3) for v in (0, 1, 2)), math.exp(1 / 3) + 2
+    ps = [math.exp(v / 3) / zs for v in (0, 1, 2)]
+    pt = [math.exp(1 / 3) / zt, 1 / zt, 1 / zt]
+    expected = 9 * sum(a * math.log(a / b) for a, b in zip(pt, ps))
+    assert logit_kd_loss(s, t, head="softmax", temperature=3.0).item() == pytest.approx(expected, rel=1e-12)
+
+
+def test_logit_kd_sigmoid_hand_case_and_zero():
+    s = torch.tensor([[0.3, -0.7]], dtype=torch.float64)
+    t = torch.tensor([[1.2, 0.4]], dtype=torch.float64)
+
+    def sig(v):
+        return 1 / (1 + math.exp(-v))
+
+    def binary_kl(qt, qs):
+        return qt * math.log(qt / qs) + (1 - qt) * math.log((1 - qt) / (1 - qs))
+
+    expected = (binary_kl(sig(1.2), sig(0.3)) + binary_kl(sig(0.4), sig(-0.7))) / 2
+    assert logit_kd_loss(s, t, head="sigmoid").item() == pytest.approx(expected, rel=1e-12)
+    assert logit_kd_loss(t.clone(), t, head="sigmoid").item() == pytest.approx(0.0, abs=1e-14)
+
+
+def test_logit_kd_gradient_and_empty():
+    s = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(3, 4, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda x: logit_kd_loss(x, t, head="softmax", temperature=2.0), (s,))
+    e = torch.zeros(0, 4, requires_grad=True)
+    loss = logit_kd_loss(e, torch.zeros(0, 4), head="sigmoid")
+    loss.backward()
+    assert loss.item() == 0.0 and e.grad.shape == (0, 4)
+    with pytest.raises(ValueError, match="must be equal"):
+        logit_kd_loss(torch.zeros(2, 4), torch.zeros(2, 3), head="softmax")
+
+
+def test_fgfi_mask_hand_case():
+    # one image, G=2 GT boxes, a 2x3 map with A=2 anchors per location
+    iou = torch.zeros(2, 2, 3, 2)
+    iou[0, 0, 0, 1] = 0.8  # GT 0: max 0.8, threshold 0.4
+    iou[0, 1, 2, 0] = 0.5  # kept (0.5 > 0.4)
+    iou[0, 0, 1, 0] = 0.4  # not kept (not > 0.4)
+    iou[1, 1, 1, 1] = 0.1  # GT 1: a small object, max 0.1, threshold 0.05: kept
+    iou[1, 0, 2, 0] = 0.04  # below 0.05
+    expected = torch.tensor([[True, False, False], [False, True, True]])
+    assert torch.equal(fgfi_mask(iou, psi=0.5), expected)
+    # batched [N, G, H, W, A]; a padding GT of zeros adds nothing; no GT at all gives an empty mask
+    batched = torch.stack([iou, torch.cat([iou[:1], torch.zeros(1, 2, 3, 2)])])
+    assert torch.equal(fgfi_mask(batched)[0], expected)
+    assert torch.equal(fgfi_mask(batched)[1], torch.tensor([[True, False, False], [False, False, True]]))
+    assert not fgfi_mask(torch.zeros(0, 2, 3, 2)).any() and fgfi_mask(torch.zeros(0, 2, 3, 2)).shape == (2, 3)
+
+
+def test_fgfi_loss_hand_case():
+    s = torch.zeros(1, 2, 2, 2, requires_grad=True)
+    t = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]], [[0.0, 1.0], [1.0, 0.0]]]])  # [1, 2, 2, 2]
+    mask = torch.tensor([[[True, False], [False, True]]])  # 2 positions
+    # positions (0,0): 1^2 + 0^2 = 1 ; (1,1): 4^2 + 0^2 = 16 -> (1 + 16) / (2 * 2)
+    loss = fgfi_loss(s, t, mask)
+    assert loss.item() == pytest.approx(17 / 4)
+    loss.backward()
+    assert s.grad[0, 0, 0, 1] == 0 and s.grad[0, 0, 1, 1] == pytest.approx(-4 / 2)  # d/ds (s-t)^2/4 = (s-t)/2
+    empty = fgfi_loss(s, t, torch.zeros(1, 2, 2, dtype=torch.bool))
+    assert empty.item() == 0.0 and empty.requires_grad
+
+
+def test_pkd_loss_is_one_minus_pearson():
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(2, 3, 4, 5, generator=g, dtype=torch.float64)
+    t = torch.randn(2, 3, 4, 5, generator=g, dtype=torch.float64) + 0.5 * s
+    n = 2 * 4 * 5
+    r = [np.corrcoef(s[:, c].flatten().numpy(), t[:, c].flatten().numpy())[0, 1] for c in range(3)]
+    expected = float(np.mean([(n - 1) / n * (1 - rc) for rc in r]))
+    assert pkd_loss(s, t).item() == pytest.approx(expected, rel=1e-5)  # 1e-6 eps in the std
+    # invariant to scale and shift of the teacher; zero for identical features
+    assert pkd_loss(s, 3 * t + 7).item() == pytest.approx(pkd_loss(s, t).item(), rel=1e-5)
+    assert pkd_loss(s, s.clone()).item() == pytest.approx(0.0, abs=1e-10)
+    sg = s.clone().requires_grad_()
+    assert torch.autograd.gradcheck(lambda x: pkd_loss(x, t), (sg,))
+    with pytest.raises(ValueError, match="at least 2 values per channel"):
+        pkd_loss(torch.zeros(1, 3, 1, 1), torch.zeros(1, 3, 1, 1))

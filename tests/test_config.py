@@ -1,0 +1,79 @@
+from pathlib import Path
+
+import pytest
+
+from cls2det.config import (
+    ConfigError, DistillConfig, StudyConfig, TeacherConfig, TrainConfig, apply_overrides, load_config, save_config,
+)
+
+CONFIGS = Path(__file__).resolve().parents[1] / "src" / "cls2det" / "configs"
+
+
+def test_defaults_are_the_papers():
+    d = DistillConfig()
+    assert (d.temperature, d.lambda_kd_cls, d.taps, d.pool, d.sample_size) == (2.0, 0.4, ["obj", "l0"], 8, 112)
+
+
+def test_yaml_then_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("epochs: 3\ndistill:\n  kd: [cls]\n  temperature: 4\n")
+    config = load_config(TrainConfig, path, ["distill.kd=cls,loc", "optim.lr=0.5", "student.image_size=128"], epochs=9)
+    assert config.epochs == 3  # the file wins over base values
+    assert config.distill.kd == ["cls", "loc"] and config.distill.temperature == 4.0
+    assert config.optim.lr == 0.5 and config.student.image_size == 128
+
+
+def test_round_trip(tmp_path):
+    config = load_config(TrainConfig, None, ["distill.kd=[cls,kd_loc]", "devices=2"])
+    save_config(config, tmp_path / "c.yaml")
+    assert load_config(TrainConfig, tmp_path / "c.yaml") == config
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("epochz=3", "unknown key epochz; valid keys:"),
+        ("distill.tau=3", "unknown key distill.tau; valid keys:"),
+        ("distill.kd=[cls,foo]", "distill.kd: unknown value 'foo'; valid: cls, loc, kd_loc"),
+        ("distill.taps=[l9]", "distill.taps: unknown value 'l9'"),
+        ("epochs=three", "epochs must be int, got 'three'"),
+        ("distill.temperature=0", "distill.temperature must be > 0"),
+        ("optim.name=adam", "optim.name: unknown value 'adam'; valid: sgd, adamw"),
+        ("nokey", "is not of the form key=value"),
+    ],
+)
+def test_bad_values_name_the_culprit(override, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        load_config(TrainConfig, None, [override])
+
+
+def test_bad_yaml_is_one_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("epochs: [1,\n")
+    with pytest.raises(ConfigError, match="bad.yaml: not valid YAML") as info:
+        load_config(TrainConfig, path)
+    assert "\n" not in str(info.value)
+
+
+def test_teacher_config_checks():
+    with pytest.raises(ConfigError, match="teacher.loss"):
+        TeacherConfig(loss="hinge")
+
+
+def test_apply_overrides_nested():
+    assert apply_overrides({}, ["a.b.c=1", "a.d=x"]) == {"a": {"b": {"c": 1}, "d": "x"}}
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.rglob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_parses(path):
+    """Each recipe in configs/ loads into its typed config (studies, then every row of them)."""
+    from cls2det.engine.study import row_config
+
+    if path.name.startswith("study") or path.name == "demo.yaml":
+        study = load_config(StudyConfig, path)
+        for row in study.rows:
+            row_config(study, row, study.detectors[0], Path("runs"), 0)
+    elif path.parent.name == "teacher":
+        load_config(TeacherConfig, path)
+    else:
+        load_config(TrainConfig, path)
