@@ -54,6 +54,8 @@ class StudentConfig:
     backbone_weights: str | None = None  # local state-dict file for the backbone (the ImageNet analogue), or "imagenet"
     trainable_backbone_layers: int | None = None
     anchor_sizes: list[int] | None = None  # override the anchor sizes where the family has anchors
+    options: dict[str, Any] = field(default_factory=dict)  # extra keyword arguments of the torchvision builder,
+    # e.g. {rpn_post_nms_top_n_train: 300, box_batch_size_per_image: 128} for a fast Faster R-CNN
 
 
 @dataclass
@@ -70,6 +72,7 @@ class DistillConfig:
     pool: int = 8  # adaptive average-pool output size for every tap of KD_loc
     loc_pool: int = 8  # pooling for the teacher-free loc loss, eq. (11)
     max_positives: int = 256  # cap K per batch (random subset) to bound the teacher's cost
+    soft_label_cache: bool = True  # KD_cls teacher logits computed once per GT box (and flip), not every step
 
     def __post_init__(self) -> None:
         for term in self.kd:
@@ -144,6 +147,9 @@ class StudyConfig:
     demo_data: DemoDataConfig = field(default_factory=DemoDataConfig)
     teacher_run: str | None = None  # an existing teacher run; None = train one into out/teacher
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    # The ImageNet stand-in: pre-train the student's backbone once as a classifier on the train split's GT crops
+    # (same weights for every row); None = use train.student.backbone_weights as given.
+    backbone_pretrain: TeacherConfig | None = None
     train: TrainConfig = field(default_factory=TrainConfig)
     detectors: list[str] = field(default_factory=lambda: ["fasterrcnn_mobilenet_v3"])
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
@@ -274,6 +280,8 @@ def _coerce(value: Any, hint: Any, name: str) -> Any:
         return str(value)
     if hint is Any:
         return value
+    if dataclasses.is_dataclass(hint) and isinstance(value, dict):
+        return from_dict(hint, value, f"{name}.")
     raise ConfigError(f"{name} must be {getattr(hint, '__name__', hint)}, got {value!r}")
 
 

@@ -1,17 +1,11 @@
-"""benchmarks/bench_crops.py runs end to end on a tiny case and reports consistent numbers."""
-import importlib.util
-from pathlib import Path
-
+"""The crop benchmark (benchmarks/bench_crops.py, `cls2det bench`) runs end to end on a tiny case."""
 import pytest
 
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_crops.py"
+from cls2det.engine import bench_crops as bench
 
 
 @pytest.mark.slow
 def test_crop_benchmark_tiny_case():
-    spec = importlib.util.spec_from_file_location("bench_crops", BENCH)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
     result = bench.run_crop_benchmark(boxes=8, images=2, size=256, crop=16, repeats=1, threads=1)
     assert result["max_abs_diff"] == {"crops": 0.0, "box_grad": 0.0}  # same kernel, same samples
     for name in ("ours", "naive"):

@@ -31,42 +31,59 @@ def images() -> list[torch.Tensor]:
     return [torch.rand(3, 96, 128, generator=g), torch.rand(3, 120, 80, generator=g)]
 
 
+def calibrate_batchnorm(det) -> None:
+    """Set every BatchNorm's running stats to one batch's statistics.
+
+    With weights=None the backbone's BatchNorms hold mean 0 / var 1, and the untrained MobileNetV3's activations
+    shrink to ~1e-8 by its last stage: every RoI then gets the same features, scores tie and labels are all equal,
+    so there would be nothing to compare. One train-mode pass with momentum 1 makes the eval-mode network normalise.
+    """
+    norms = [m for m in det.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for m in norms:
+        m.momentum = 1.0
+    det.backbone.train()
+    with torch.no_grad():
+        det.backbone(det.transform(images())[0].tensors)
+    det.eval()
+
+
 @pytest.fixture(scope="module")
 def detector():
-    """An untrained Faster R-CNN that outputs 20 detections of several classes with distinct scores.
-
-    Untrained, its class scores are all ~1/(C+1) and below the 0.05 default threshold only by chance; a wide random
-    classifier makes the scores depend on the box and input, so the order and labels are meaningful to compare.
-    """
+    """An untrained Faster R-CNN that outputs 20 detections of several classes with distinct scores."""
     det = tiny_adapter().detector
-    det.roi_heads.score_thresh = 0.0
+    calibrate_batchnorm(det)
+    det.roi_heads.score_thresh = 0.0  # keep the top 20 (class, box) pairs whatever their score
     det.roi_heads.detections_per_img = 20
-    g = torch.Generator().manual_seed(2)
     with torch.no_grad():
-        predictor = det.roi_heads.box_predictor
-        predictor.cls_score.weight.copy_(torch.randn(predictor.cls_score.weight.shape, generator=g) * 0.5)
-        predictor.cls_score.bias.copy_(torch.tensor([0.0, 1.0, 0.8, 0.6]))
-        predictor.bbox_pred.weight.copy_(torch.randn(predictor.bbox_pred.weight.shape, generator=g) * 0.05)
+        det.roi_heads.box_predictor.cls_score.bias.copy_(torch.tensor([2.0, 0.0, 0.0, 0.0]))  # a background bias
     return det
 
 
 def reference(det, image: torch.Tensor) -> dict[str, torch.Tensor]:
     with torch.no_grad():
         out = det([image])[0]
-    # The comparison is only meaningful if there is something to compare and no ties to reorder.
-    assert len(out["scores"]) >= 5
-    assert len(out["labels"].unique()) >= 2
-    assert len(out["scores"].unique()) == len(out["scores"])
+    assert len(out["scores"]) >= 5 and len(out["labels"].unique()) >= 2  # something worth comparing
     return out
 
 
 def assert_same_detections(boxes, labels, scores, ref: dict[str, torch.Tensor]) -> float:
+    """Same detections as ``ref`` (boxes within 1e-3 px / relative, identical labels, scores within 1e-5).
+
+    Both lists are sorted by score, but two proposals can pool the same features and tie exactly (an untrained
+    net), so rows are paired one-to-one by label, score and box rather than by position. Returns the max box error.
+    """
     boxes, labels, scores = (torch.as_tensor(np.asarray(a)) for a in (boxes, labels, scores))
-    assert boxes.shape == ref["boxes"].shape
-    torch.testing.assert_close(boxes, ref["boxes"], rtol=1e-3, atol=1e-3)
-    assert torch.equal(labels, ref["labels"])
-    torch.testing.assert_close(scores, ref["scores"], rtol=1e-4, atol=1e-5)
-    return float((boxes - ref["boxes"]).abs().max())
+    assert boxes.shape == ref["boxes"].shape and labels.dtype == torch.int64
+    torch.testing.assert_close(scores, ref["scores"], rtol=1e-4, atol=1e-5)  # sorted, so ties do not matter here
+    free = list(range(len(labels)))
+    worst = 0.0
+    for box, label, score in zip(ref["boxes"], ref["labels"], ref["scores"]):
+        match = [j for j in free if labels[j] == label and abs(scores[j] - score) <= 1e-5
+                 and torch.allclose(boxes[j], box, rtol=1e-3, atol=1e-3)]
+        assert match, f"no exported detection matches label {int(label)} score {float(score):.6f} box {box.tolist()}"
+        free.remove(match[0])
+        worst = max(worst, float((boxes[match[0]] - box).abs().max()))
+    return worst
 
 
 @pytest.fixture(scope="module")
@@ -85,8 +102,8 @@ def test_onnx_matches_pytorch_on_two_sizes(detector, onnx_file):
     for image in images():
         ref = reference(detector, image)
         boxes, labels, scores = session.run(None, {ONNX_INPUT: image.numpy()})
-        assert labels.dtype == np.int64
-        assert_same_detections(boxes, labels, scores, ref)
+        worst = assert_same_detections(boxes, labels, scores, ref)
+        print(f"ONNX vs PyTorch, {tuple(image.shape)}: max box difference {worst:.2e} px")
         # boxes are in the input image's pixels (the transform's resize is undone inside the graph)
         assert boxes[:, 2].max() <= image.shape[2] + 1e-3 and boxes[:, 3].max() <= image.shape[1] + 1e-3
 
@@ -96,10 +113,11 @@ def test_onnx_traced_on_an_empty_image_still_detects(detector, tmp_path):
     """The example image has no detection above the threshold: the graph must not bake in 'no boxes'."""
     ort = pytest.importorskip("onnxruntime")
     g = torch.Generator().manual_seed(3)
-    candidates = [torch.rand(3, 96, 96, generator=g) * s for s in (0.2, 0.5, 1.0)] + [torch.zeros(3, 96, 96)]
+    candidates = [torch.zeros(3, 96, 96)] + [torch.rand(3, 96, 96, generator=g) * s for s in (0.2, 0.5, 1.0)]
     with torch.no_grad():
-        top = torch.stack([detector([c])[0]["scores"].max() for c in candidates])
-    low, high = int(top.argmin()), int(top.argmax())
+        scores = [detector([c])[0]["scores"] for c in candidates]
+    top = torch.tensor([float(s.max()) if len(s) else 0.0 for s in scores])
+    low, high = int(top.argmin()), int(top.argmax())  # best score of each image (0 when it has no detection)
     assert top[high] - top[low] > 1e-3
     det = tiny_adapter().detector  # same weights as `detector`, a threshold of its own
     det.load_state_dict(detector.state_dict())
@@ -189,7 +207,7 @@ def test_missing_run_folder_is_a_config_error(tmp_path):
 
 def test_missing_checkpoint_is_a_checkpoint_error(tmp_path):
     run, _ = make_run(tmp_path, checkpoint=False)
-    with pytest.raises(CheckpointError, match=r"checkpoint weights not found: .*best[/\\]model.safetensors"):
+    with pytest.raises(CheckpointError, match=r"^checkpoint weights not found: .*run[/\\]best$"):
         export_student(run, checkpoint="best")
     assert not (run / "export").exists()
 

@@ -55,7 +55,8 @@ def test_weights_file_is_a_plain_state_dict_usable_as_pretrained(saved):
     teacher, run = saved
     other = build_teacher("test_resnet", 5, pretrained=run / "teacher.safetensors")  # new class count: head skipped
     assert other.pretrained_report["skipped"] == ["fc.weight", "fc.bias"]
-    assert torch.equal(other.net.state_dict()["layer1.0.conv1.weight"], teacher.net.state_dict()["layer1.0.conv1.weight"])
+    key = "layer1.0.conv1.weight"
+    assert torch.equal(other.net.state_dict()[key], teacher.net.state_dict()[key])
 
 
 def test_tampered_weights_are_refused(saved):

@@ -5,6 +5,8 @@ the losses themselves are the pure functions of :mod:`cls2det.distill.losses`.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import Tensor
 
@@ -23,13 +25,15 @@ def subsample_positives(positives: Positives, max_count: int, generator: torch.G
 
 
 def distillation_losses(
-    output: StudentOutput, teacher, config: DistillConfig, *, generator: torch.Generator | None = None
+    output: StudentOutput, teacher, config: DistillConfig, *, generator: torch.Generator | None = None,
+    soft_labels: Callable[[Positives], Tensor] | None = None,
 ) -> dict[str, Tensor]:
     """Unweighted KD terms ``{"kd_cls", "loc", "kd_loc"}`` (those in ``config.kd``) for one batch.
 
     ``teacher`` (a frozen :class:`~cls2det.teacher.Teacher`, may be None when only ``loc`` is asked) sees crops in
     0..1 pixels: the detector's normalised batch is mapped back with its own mean/std, so the crops are exactly the
     pixels the detector saw (after its resize) and the teacher applies its own normalisation.
+    ``soft_labels(positives) -> [K, C]``, when given, returns KD_cls's teacher logits from a cache instead.
     """
     if not config.kd:
         return {}
@@ -45,9 +49,12 @@ def distillation_losses(
 
     losses: dict[str, Tensor] = {}
     if "cls" in config.kd:
-        with torch.no_grad():
-            gt_crops = crop_boxes(pixels, gt_boxes, index, size=teacher.input_size)  # [K, 3, S, S]
-            teacher_logits = teacher(gt_crops).float()  # [K, C]
+        if soft_labels is not None:
+            teacher_logits = soft_labels(positives).to(positives.logits.device)  # [K, C]
+        else:
+            with torch.no_grad():
+                gt_crops = crop_boxes(pixels, gt_boxes, index, size=teacher.input_size)  # [K, 3, S, S]
+                teacher_logits = teacher(gt_crops).float()  # [K, C]
         losses["kd_cls"] = kd_cls_loss(
             positives.logits.float(), teacher_logits, positives.labels, head=positives.head,
             temperature=config.temperature,

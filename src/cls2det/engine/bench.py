@@ -76,14 +76,11 @@ def run_benchmarks(*, detector: str, batch_size: int, image_size: int, repeats: 
     print(f"{'mode':<14}{'s/step':>10}{'x baseline':>12}")
     for mode, seconds in steps.items():
         print(f"{mode:<14}{seconds:>10.3f}{seconds / base:>12.2f}")
-    result = {"steps": steps}
-    try:
-        from benchmarks.bench_crops import run_crop_benchmark  # only in a source checkout
-    except ImportError:
-        run_crop_benchmark = None
-    if run_crop_benchmark is not None:
-        result["crops"] = run_crop_benchmark(device=device)
-    return result
+    from cls2det.engine.bench_crops import format_table, run_crop_benchmark
+
+    crops = run_crop_benchmark(boxes=256, images=2, size=1024, crop=112, repeats=repeats, device=device)
+    print(format_table(crops))
+    return {"steps": steps, "crops": crops}
 
 
 def _sync(device: str) -> None:

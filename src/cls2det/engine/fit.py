@@ -17,11 +17,14 @@ from lightning_fabric import Fabric
 
 from cls2det.config import TrainConfig, save_config
 from cls2det.data import CocoDetection, collate, load_split
+from cls2det.distill.cache import SoftLabelCache, build_soft_label_cache
 from cls2det.distill.objective import LOSS_WEIGHTS, distillation_losses, total_loss
 from cls2det.engine.checkpoint import load_model_state, load_state, save_checkpoint
 from cls2det.engine.evaluate import evaluate_student
 from cls2det.engine.logger import MetricsLogger
-from cls2det.engine.run_dir import BEST, CLASSES, CONFIG, LAST, METRICS_CSV, RESULTS, prepare_run_dir, write_json
+from cls2det.engine.run_dir import (
+    BEST, CLASSES, CONFIG, LAST, METRICS_CSV, RESULTS, SOFT_LABELS, prepare_run_dir, write_json,
+)
 from cls2det.engine.schedule import build_optimizer, build_scheduler
 from cls2det.students import create_student
 
@@ -58,7 +61,10 @@ def epoch_order(num_items: int, seed: int, epoch: int) -> list[int]:
 
 
 def hflip_batch(images: list[torch.Tensor], targets: list[dict], generator: torch.Generator, p: float = 0.5):
-    """Flip each image and its boxes horizontally with probability ``p`` (boxes xyxy in pixels)."""
+    """Flip each image and its boxes horizontally with probability ``p`` (boxes xyxy in pixels).
+
+    Returns (images, targets, flipped [N] bool).
+    """
     flips = (torch.rand(len(images), generator=generator) < p).tolist()
     out_images, out_targets = [], []
     for image, target, flip in zip(images, targets, flips):
@@ -68,7 +74,7 @@ def hflip_batch(images: list[torch.Tensor], targets: list[dict], generator: torc
             image, target = image.flip(-1), {**target, "boxes": boxes}
         out_images.append(image)
         out_targets.append(target)
-    return out_images, out_targets
+    return out_images, out_targets, torch.tensor(flips, dtype=torch.bool)
 
 
 class _Trainer:
@@ -90,6 +96,9 @@ class _Trainer:
                     f"teacher {config.teacher} was trained on classes {self.teacher.class_names}, "
                     f"but {config.data} has {self.train_split.class_names}"
                 )
+        self.soft_labels = None
+        if self.teacher is not None and "cls" in config.distill.kd and config.distill.soft_label_cache:
+            self.soft_labels = self._soft_label_cache()
         student = create_student(config.student.detector, self.train_split.num_classes, config.student)
         if fabric.is_global_zero:
             classes = {"class_names": self.train_split.class_names, "category_ids": self.train_split.label_to_cat_id}
@@ -174,12 +183,22 @@ class _Trainer:
         seed = (config.seed * 1_000_003 + self.step) * fabric.world_size + fabric.global_rank
         generator = torch.Generator().manual_seed(seed)
         torch.manual_seed(seed)  # the detector's own samplers draw from the global RNG
-        images, targets = hflip_batch(images, targets, generator)
+        images, targets, flipped = hflip_batch(images, targets, generator)
+        soft_labels = None
+        if self.soft_labels is not None:
+            image_ids = torch.stack([t["image_id"] for t in targets]).cpu()  # [N]
+
+            def soft_labels(positives):
+                index = positives.image_index.cpu()
+                return self.soft_labels.lookup(image_ids[index], positives.gt_index, flipped[index])
+
         images = [img.to(fabric.device) for img in images]
         targets = [{k: v.to(fabric.device) for k, v in t.items()} for t in targets]
 
         output = self.model(images, targets)
-        kd_losses = distillation_losses(output, self.teacher, config.distill, generator=generator)
+        kd_losses = distillation_losses(
+            output, self.teacher, config.distill, generator=generator, soft_labels=soft_labels
+        )
         loss = total_loss(output.losses, kd_losses, config.distill)
         terms = {**output.losses, **kd_losses}
         self.batch_in_epoch += 1
@@ -226,6 +245,14 @@ class _Trainer:
         if self.stop_signal is not None:  # second Ctrl-C: stop now
             raise KeyboardInterrupt
         self.stop_signal = signum
+
+    def _soft_label_cache(self) -> SoftLabelCache:
+        """Built once by rank 0 into the run folder (kept for --resume), then loaded by every rank."""
+        path = self.out / SOFT_LABELS
+        if self.fabric.is_global_zero and not path.is_file():
+            build_soft_label_cache(self.teacher, self.dataset, device=self.fabric.device).save(path)
+        self.fabric.barrier()
+        return SoftLabelCache.load(path)
 
     # ----------------------------------------------------------------------------------------------- eval / ckpt
 

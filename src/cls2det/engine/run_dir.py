@@ -12,6 +12,7 @@ LAST = "last"  # checkpoint folder of the latest state (end of epoch or interrup
 BEST = "best"  # checkpoint folder of the best val mAP (weights only are needed from it)
 RESULTS = "results.json"
 METRICS_CSV = "metrics.csv"
+SOFT_LABELS = "soft_labels.safetensors"  # the teacher's logits per GT box (distill.soft_label_cache)
 CLASSES = "classes.json"  # class names and COCO category ids, so a run is usable without its dataset
 
 

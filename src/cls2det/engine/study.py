@@ -48,10 +48,13 @@ def run_study(path: str | Path, overrides: list[str] = ()) -> Path:
     teacher_run, teacher_top1 = _teacher(study, data, out)
     results = []
     for detector in study.detectors:
+        backbone = _backbone(study, data, out, detector)
         for seed in study.seeds:
             for row in study.rows:
                 config = row_config(study, row, detector, out, seed)
                 config.data, config.teacher = str(data), str(teacher_run)
+                if backbone is not None:
+                    config.student.backbone_weights = str(backbone)
                 results.append(_train(config, row))
     return _report(study, results, teacher_top1, out, data)
 
@@ -89,6 +92,18 @@ def _teacher(study: StudyConfig, data: Path, out: Path) -> tuple[Path, float | N
         train_teacher(data, run, study.teacher)
     top1 = json.loads(meta.read_text()).get("metrics", {}).get("top1")
     return run, top1
+
+
+def _backbone(study: StudyConfig, data: Path, out: Path, detector: str) -> Path | None:
+    from cls2det.engine.pretrain import pretrain_backbone
+
+    if study.backbone_pretrain is None:
+        return None
+    path = out / "backbone" / f"{detector}.safetensors"
+    if not path.is_file():
+        _say(f"pre-training the {detector} backbone on the train crops (the ImageNet stand-in)")
+        pretrain_backbone(data, detector, path, study.backbone_pretrain)
+    return path
 
 
 def _train(config: TrainConfig, row: str) -> dict:

@@ -205,12 +205,12 @@ def positives_from_matches(
         gt = matched[fg]  # [K_i]
         parts.append((
             torch.full_like(fg, i), target["boxes"][gt].detach(), target["labels"][gt] - label_offset,
-            cls_logits[i, fg], decode(i, fg),
+            cls_logits[i, fg], decode(i, fg), gt,
         ))
     if not parts:
         return empty_positives(cls_logits.device, cls_logits.dtype, cls_logits.shape[-1], head)
-    image_index, gt_boxes, labels, logits, pred_boxes = (torch.cat(p) for p in zip(*parts))
-    return Positives(image_index, gt_boxes, labels, logits, pred_boxes, head)
+    image_index, gt_boxes, labels, logits, pred_boxes, gt_index = (torch.cat(p) for p in zip(*parts))
+    return Positives(image_index, gt_boxes, labels, logits, pred_boxes, head, gt_index)
 
 
 # ------------------------------------------------------------------------------------ classifier-layout backbones

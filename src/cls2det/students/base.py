@@ -26,6 +26,7 @@ class Positives:
     logits: Tensor  # [K, C+1] (head="softmax", column 0 = background) or [K, C] (head="sigmoid")
     pred_boxes: Tensor  # [K, 4] the student's decoded prediction, differentiable w.r.t. its regression output
     head: str  # "softmax" or "sigmoid"
+    gt_index: Tensor | None = None  # [K] int64, index of the assigned GT box within its image's targets
 
     def __len__(self) -> int:
         return int(self.labels.numel())
@@ -33,8 +34,8 @@ class Positives:
     def subset(self, index: Tensor) -> "Positives":
         """The positives at ``index`` ([k] int64 or bool mask)."""
         return Positives(
-            self.image_index[index], self.gt_boxes[index], self.labels[index],
-            self.logits[index], self.pred_boxes[index], self.head,
+            self.image_index[index], self.gt_boxes[index], self.labels[index], self.logits[index],
+            self.pred_boxes[index], self.head, None if self.gt_index is None else self.gt_index[index],
         )
 
 
@@ -90,5 +91,5 @@ def empty_positives(device: torch.device, dtype: torch.dtype, num_logits: int, h
     return Positives(
         torch.zeros(0, dtype=torch.int64, device=device), torch.zeros(0, 4, dtype=dtype, device=device),
         torch.zeros(0, dtype=torch.int64, device=device), torch.zeros(0, num_logits, dtype=dtype, device=device),
-        torch.zeros(0, 4, dtype=dtype, device=device), head,
+        torch.zeros(0, 4, dtype=dtype, device=device), head, torch.zeros(0, dtype=torch.int64, device=device),
     )

@@ -90,10 +90,11 @@ class FasterRCNNAdapter(StudentAdapter):
     def _positives(self, proposals: list[Tensor], matched_idxs: list[Tensor], labels: list[Tensor],
                    targets: list[dict[str, Tensor]], class_logits: Tensor, box_regression: Tensor) -> Positives:
         """The sampled foreground proposals; rows of ``class_logits`` follow the images' proposals in order."""
-        gt_boxes = []
+        gt_boxes, gt_index = [], []
         for matched, label, target in zip(matched_idxs, labels, targets):
             fg = torch.where(label > 0)[0]  # [K_i]; an image without GT boxes has none
             gt_boxes.append(target["boxes"][matched[fg]].detach())
+            gt_index.append(matched[fg])
         all_labels = torch.cat(labels)  # [R]
         fg = torch.where(all_labels > 0)[0]  # [K]
         image_index = torch.cat([torch.full_like(label, i) for i, label in enumerate(labels)])[fg]  # [K]
@@ -101,7 +102,7 @@ class FasterRCNNAdapter(StudentAdapter):
         regression = box_regression.reshape(box_regression.shape[0], -1, 4)[fg, fg_labels]  # [K, 4]
         pred_boxes = self.detector.roi_heads.box_coder.decode_single(regression, torch.cat(proposals)[fg])  # [K, 4]
         return Positives(image_index, torch.cat(gt_boxes), fg_labels - self.label_offset, class_logits[fg],
-                         pred_boxes, self.head)
+                         pred_boxes, self.head, torch.cat(gt_index))
 
 
 def _check_num_classes(num_classes: int) -> None:

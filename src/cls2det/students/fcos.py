@@ -17,6 +17,8 @@ stride grid (at ``(x * stride, y * stride)``), whatever the sizes.
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 from torchvision.models.detection import FCOS, fcos_resnet50_fpn
@@ -110,7 +112,7 @@ class FCOSAdapter(StudentAdapter):
         return StudentOutput(losses, positives, image_list.tensors, mean, std)
 
 
-def fcos_resnet50(num_classes: int, config: StudentConfig) -> FCOSAdapter:
+def fcos_resnet50(num_classes: int, config: StudentConfig, **options: Any) -> FCOSAdapter:
     """FCOS-ResNet50-FPN for ``num_classes`` foreground classes.
 
     config.image_size -> transform min_size = max_size; config.anchor_sizes -> the 5 per-level location sizes
@@ -119,7 +121,7 @@ def fcos_resnet50(num_classes: int, config: StudentConfig) -> FCOSAdapter:
     """
     if num_classes <= 0:
         raise ValueError(f"num_classes must be > 0, got {num_classes}")
-    kwargs = transform_kwargs(config)
+    kwargs = {**transform_kwargs(config), **options}
     sizes = fpn_level_sizes(config.anchor_sizes, "fcos_resnet50")
     if sizes is not None:
         kwargs["anchor_generator"] = fcos_anchor_generator(sizes)

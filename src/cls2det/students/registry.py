@@ -24,10 +24,24 @@ def list_students() -> list[str]:
     return sorted(STUDENTS)
 
 
+def backbone_classifier(name: str, num_classes: int):
+    """The torchvision classifier whose state dict ``student.backbone_weights`` takes for detector ``name``."""
+    if name not in STUDENTS:
+        raise ValueError(f"unknown detector {name!r}; valid: {', '.join(list_students())}")
+    module = importlib.import_module(STUDENTS[name].split(":")[0])
+    if not hasattr(module, "backbone_classifier"):
+        raise ValueError(f"{name}: backbone pre-training is not available for this family")
+    return module.backbone_classifier(name, num_classes)
+
+
 def create_student(name: str, num_classes: int, config: StudentConfig | None = None) -> StudentAdapter:
     """Build detector ``name`` for ``num_classes`` foreground classes, wrapped in its adapter."""
     if name not in STUDENTS:
         raise ValueError(f"unknown detector {name!r}; valid: {', '.join(list_students())}")
     module, attr = STUDENTS[name].split(":")
     builder = getattr(importlib.import_module(module), attr)
-    return builder(num_classes, config or StudentConfig(detector=name))
+    config = config or StudentConfig(detector=name)
+    try:
+        return builder(num_classes, config, **config.options)
+    except TypeError as err:  # an option the torchvision builder does not take
+        raise ValueError(f"student.options for {name}: {err}") from None

@@ -6,6 +6,8 @@ every anchor the detector's ``proposal_matcher`` assigns to a GT box (IoU >= 0.5
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 from torchvision.models.detection import RetinaNet, retinanet_resnet50_fpn
@@ -77,7 +79,7 @@ class RetinaNetAdapter(StudentAdapter):
         return StudentOutput(losses, positives, image_list.tensors, mean, std)
 
 
-def retinanet_resnet50(num_classes: int, config: StudentConfig) -> RetinaNetAdapter:
+def retinanet_resnet50(num_classes: int, config: StudentConfig, **options: Any) -> RetinaNetAdapter:
     """RetinaNet-ResNet50-FPN (torchvision v1) for ``num_classes`` foreground classes.
 
     config.image_size -> transform min_size = max_size; config.anchor_sizes -> 5 base sizes, one per FPN level
@@ -86,7 +88,7 @@ def retinanet_resnet50(num_classes: int, config: StudentConfig) -> RetinaNetAdap
     """
     if num_classes <= 0:
         raise ValueError(f"num_classes must be > 0, got {num_classes}")
-    kwargs = transform_kwargs(config)
+    kwargs = {**transform_kwargs(config), **options}
     sizes = fpn_level_sizes(config.anchor_sizes, "retinanet_resnet50")
     if sizes is not None:
         kwargs["anchor_generator"] = retinanet_anchor_generator(sizes)

@@ -76,8 +76,9 @@ def read_teacher_meta(run_dir: str | Path) -> dict:
     if not isinstance(names, list) or not isinstance(num_classes, int) or len(names) != num_classes:
         raise TeacherError(f"{path}: class_names must be a list of num_classes ({num_classes}) names")
     for key in ("mean", "std"):
-        if not (isinstance(meta[key], list) and len(meta[key]) == 3 and all(isinstance(v, (int, float)) for v in meta[key])):
-            raise TeacherError(f"{path}: {key} must be a list of 3 numbers, got {meta[key]!r}")
+        values = meta[key]
+        if not (isinstance(values, list) and len(values) == 3 and all(isinstance(v, (int, float)) for v in values)):
+            raise TeacherError(f"{path}: {key} must be a list of 3 numbers, got {values!r}")
     return meta
 
 

@@ -27,7 +27,7 @@ Library = Literal["torchvision", "timm"]
 
 
 class TeacherError(ValueError):
-    """Bad teacher input: unknown arch, unusable weights file, broken checkpoint. One-line message naming the culprit."""
+    """Bad teacher input (unknown arch, unusable weights, broken checkpoint); a one-line message naming the culprit."""
 
 
 # ----------------------------------------------------------------------------------------------- tap layouts
@@ -250,7 +250,7 @@ def build_teacher(
     class_names = [str(c) for c in class_names] if class_names is not None else [str(i) for i in range(num_classes)]
     if len(class_names) != num_classes:
         raise TeacherError(f"class_names has {len(class_names)} names but num_classes is {num_classes}")
-    library = library or _library_of(arch)
+    library = _library_of(arch, library)
     is_imagenet = pretrained is not None and str(pretrained).lower() == "imagenet"
     if library == "torchvision":
         net = torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
@@ -272,10 +272,13 @@ def build_teacher(
     return teacher
 
 
-def _library_of(arch: str) -> Library:
-    if arch in torchvision.models.list_models(module=torchvision.models):
+def _library_of(arch: str, library: str | None = None) -> Library:
+    """The library that builds ``arch``: torchvision first, else timm (or check the one given)."""
+    if library not in (None, "torchvision", "timm"):
+        raise TeacherError(f"unknown model library {library!r}; valid: torchvision, timm")
+    if library in (None, "torchvision") and arch in torchvision.models.list_models(module=torchvision.models):
         return "torchvision"
-    if timm.is_model(arch):
+    if library in (None, "timm") and timm.is_model(arch):
         return "timm"
     names = torchvision.models.list_models(module=torchvision.models) + timm.list_models()
     close = difflib.get_close_matches(arch, names, n=3)
@@ -307,7 +310,8 @@ def _download_error(arch: str, err: BaseException) -> TeacherError:
     reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
     return TeacherError(
         f"could not download ImageNet weights for {arch!r} ({type(err).__name__}: {reason}); "
-        "download them on a machine with network access and pass the local file: pretrained=/path/to/weights.safetensors"
+        "download them on a machine with network access and pass the local file: "
+        "pretrained=/path/to/weights.safetensors"
     )
 
 
@@ -353,7 +357,7 @@ def load_matching_state_dict(net: nn.Module, state: dict[str, Tensor], source: s
     is_head = lambda key: head is not None and key.startswith(head + ".")  # noqa: E731
     mismatched = [k for k in own if k in state and state[k].shape != own[k].shape]
     missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in state if k not in own]
+    unexpected = [k for k in state if k not in own and not k.endswith("num_batches_tracked")]
     for key in mismatched + missing + unexpected:
         if is_head(key):
             continue
@@ -365,7 +369,8 @@ def load_matching_state_dict(net: nn.Module, state: dict[str, Tensor], source: s
     skipped = [k for k in own if k in mismatched or k in missing]
     net.load_state_dict({k: v for k, v in state.items() if k in own and k not in mismatched}, strict=False)
     if skipped or unexpected:
-        log.info("%s: skipped classifier head %s (new shape for this class count)", source, ", ".join(skipped + unexpected))
+        skipped_all = ", ".join(skipped + unexpected)
+        log.info("%s: skipped classifier head %s (new shape for this class count)", source, skipped_all)
     return {"skipped": skipped, "unexpected": unexpected}
 
 

@@ -1,8 +1,8 @@
 """Train the classifier teacher on D_cls, the ground-truth crops of the detection train split (paper, sec. 3.1).
 
 Recipe: AdamW (no decay on norms/biases), linear warm-up then cosine LR per step, label smoothing, batched
-augmentation of the crop tensors (random resized crop + small translation, brightness/contrast; horizontal flip off by
-default because digits and text are not flip-invariant). Top-1 on the val crops after every epoch; the best epoch's
+augmentation of the crop tensors (mild random resized crop + small translation, brightness/contrast; horizontal flip
+off by default because digits and text are not flip-invariant). Top-1 on the val crops after every epoch; the best epoch's
 weights are kept.
 """
 from __future__ import annotations
@@ -28,9 +28,12 @@ from cls2det.teacher.model import Teacher, TeacherError, build_teacher
 class Augment:
     """Batched augmentation of crops [B, 3, S, S] in 0..1 (all ranges are sampled uniformly per crop)."""
 
-    scale: tuple[float, float] = (0.6, 1.0)  # area fraction of the random resized crop
+    # Mild by default: crops are tight GT boxes, and a strong zoom (scale 0.6) cuts digits into other digits
+    # (demo set, ResNet-18 at 32 px, 6 epochs: scale 0.6-1 + translate 0.1 -> 84.2% top-1; 0.85-1 + 0.05 -> 87.9%;
+    # no augmentation -> 86.6%).
+    scale: tuple[float, float] = (0.85, 1.0)  # area fraction of the random resized crop
     ratio: tuple[float, float] = (3 / 4, 4 / 3)  # aspect ratio of the random resized crop
-    translate: float = 0.1  # extra shift, fraction of the crop side (may move content out: zero padding, as KD crops)
+    translate: float = 0.05  # extra shift, fraction of the crop side (may move content out: zero padding, as KD crops)
     brightness: float = 0.3  # multiply by 1 +- brightness
     contrast: float = 0.3  # scale the deviation from the crop's mean grey by 1 +- contrast
     hflip: bool = False  # flip half the crops horizontally (off: digits are not flip-invariant)
@@ -135,7 +138,8 @@ def fit_teacher(
                     scheduler.step()
                     loss_sum, seen = loss_sum + loss.item() * len(labels), seen + len(labels)
                     bar.update(task, advance=1, description=f"teacher epoch {epoch}/{config.epochs} loss {loss:.3f}")
-                top1 = evaluate_top1(teacher, val_set, device=str(device)) if val_set is not None and len(val_set) else None
+                has_val = val_set is not None and len(val_set) > 0
+                top1 = evaluate_top1(teacher, val_set, device=str(device)) if has_val else None
                 history.append({"epoch": epoch, "loss": loss_sum / max(seen, 1), "top1": top1})
                 if progress:
                     bar.console.log(f"teacher epoch {epoch}: loss {loss_sum / max(seen, 1):.4f}, val top-1 {top1}")
@@ -162,7 +166,9 @@ def fit_teacher(
 def train_teacher(
     data: str | Path, out: str | Path, config: TeacherConfig, *, progress: bool = True, device: str = "cpu"
 ) -> dict[str, Any]:
-    """Build D_cls from ``data``'s train/val splits, train ``config.arch`` on it, save ``out/teacher.{safetensors,json}``.
+    """Build D_cls from ``data``'s train/val splits, train ``config.arch`` on it, write it to ``out``.
+
+    Writes ``out/teacher.safetensors`` and ``out/teacher.json`` (see :func:`~cls2det.teacher.io.save_teacher`).
 
     Returns the metrics (also stored in teacher.json): top1 (percent, best epoch, val crops), epochs, wall_s, ...
     """

@@ -1,0 +1,211 @@
+"""Benchmark: crop_boxes (one grid_sample per image, grids stacked) vs crop_boxes_naive (image replicated per box).
+
+Times forward + backward (gradient w.r.t. the boxes, as in KD_loc / loc) of both variants in the same run, measures
+their peak memory, checks that they agree, and prints a table with the ratios.
+
+    python benchmarks/bench_crops.py --boxes 256 --images 2 --size 1024 --crop 112 --repeats 5 --device cpu
+
+Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` above what the inputs hold; on CPU each variant runs once in
+a fresh subprocess that reports its peak resident set size (VmHWM, reset after allocating the inputs and a warm-up
+call; ``ru_maxrss`` where that is unavailable) above its RSS at that point, with glibc's mmap threshold fixed so that
+freed tensors leave the RSS. Separate processes keep one variant's allocator caches from hiding the other's peak.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from cls2det.distill import crop_boxes, crop_boxes_naive
+
+VARIANTS = {"ours": crop_boxes, "naive": crop_boxes_naive}
+
+
+def make_inputs(boxes: int, images: int, size: int, device: str, seed: int = 0):
+    """Images [N, 3, size, size] in 0..1, K random boxes (8 px to half the image) spread evenly over the images."""
+    g = torch.Generator().manual_seed(seed)
+    pixels = torch.rand(images, 3, size, size, generator=g)
+    wh = torch.rand(boxes, 2, generator=g) * (size / 2 - 8) + 8
+    xy = torch.rand(boxes, 2, generator=g) * (size - wh)
+    box = torch.cat([xy, xy + wh], dim=1)
+    index = torch.randperm(boxes, generator=g) % images  # shuffled, as positives come from an assigner
+    return pixels.to(device), box.to(device), index.to(device)
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def forward_backward(fn, images, boxes, index, crop: int):
+    """One KD_loc-like step: crop with gradient w.r.t. the boxes, reduce, backward. Returns (crops, box grad)."""
+    b = boxes.detach().requires_grad_()
+    out = fn(images, b, index, size=crop)  # [K, 3, crop, crop]
+    out.mean().backward()
+    return out.detach(), b.grad
+
+
+def time_variants(images, boxes, index, crop: int, repeats: int, device: str) -> dict[str, float]:
+    """Median seconds of forward + backward per variant, interleaved so both see the same machine load."""
+    times: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    for name, fn in VARIANTS.items():  # warm-up
+        forward_backward(fn, images, boxes, index, crop)
+    for _ in range(repeats):
+        for name, fn in VARIANTS.items():
+            _sync(device)
+            start = time.perf_counter()
+            forward_backward(fn, images, boxes, index, crop)
+            _sync(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def _proc_status_mib(key: str) -> float | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's resident-set high-water mark (Linux >= 4.0); False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_mib() -> float:
+    hwm = _proc_status_mib("VmHWM")
+    return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def peak_memory_mib(
+    variant: str, boxes: int, images: int, size: int, crop: int, device: str, seed: int, threads: int = 0
+) -> float:
+    """Peak extra memory (MiB) of one forward + backward of ``variant`` above its inputs."""
+    if device.startswith("cuda"):
+        inputs = make_inputs(boxes, images, size, device, seed)
+        _warm_up(VARIANTS[variant], *inputs, crop)
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        forward_backward(VARIANTS[variant], *inputs, crop)
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    cmd = [sys.executable, __file__, "--worker", variant, "--boxes", str(boxes), "--images", str(images),
+           "--size", str(size), "--crop", str(crop), "--seed", str(seed), "--device", device, "--threads", str(threads)]
+    # a fixed mmap threshold: glibc returns every large block to the OS on free, so RSS follows the live tensors
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if result.returncode != 0:
+        last = (result.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"bench_crops memory worker for {variant!r} failed (exit {result.returncode}): {last}")
+    return json.loads(result.stdout.strip().splitlines()[-1])["peak_mib"]
+
+
+def _warm_up(fn, images, boxes, index, crop: int) -> None:
+    """One tiny call, so that library initialisation (kernels, thread pools) is not counted as the variant's peak."""
+    forward_backward(fn, images[:1, :, :64, :64], boxes[:1] / 16, index[:1] * 0, crop)
+
+
+def _worker(args: argparse.Namespace) -> None:
+    images, boxes, index = make_inputs(args.boxes, args.images, args.size, args.device, args.seed)
+    fn = VARIANTS[args.worker]
+    _warm_up(fn, images, boxes, index, args.crop)
+    # baseline: the current RSS with the high-water mark reset to it; else the high-water mark so far
+    base = _proc_status_mib("VmRSS") if _reset_peak_rss() else None
+    base = _peak_rss_mib() if base is None else base
+    forward_backward(fn, images, boxes, index, args.crop)
+    print(json.dumps({"peak_mib": _peak_rss_mib() - base}))
+
+
+def run_crop_benchmark(
+    *, boxes: int = 256, images: int = 2, size: int = 1024, crop: int = 112, repeats: int = 5, device: str = "cpu",
+    memory: bool = True, seed: int = 0, threads: int = 0,
+) -> dict:
+    """Run the benchmark; returns {"config", "ours", "naive", "speedup", "memory_ratio", "max_abs_diff"}.
+
+    ``ours`` / ``naive``: {"time_s": median forward+backward seconds, "peak_mib": peak extra memory or None}.
+    ``speedup`` = naive time / ours; ``memory_ratio`` = naive peak / ours; ``max_abs_diff``: largest difference of
+    the crops and of the box gradients between the two variants. ``threads`` > 0 sets torch's CPU threads.
+    """
+    if threads > 0:
+        torch.set_num_threads(threads)
+    inputs = make_inputs(boxes, images, size, device, seed)
+    (out_a, grad_a), (out_b, grad_b) = (forward_backward(fn, *inputs, crop) for fn in VARIANTS.values())
+    max_abs_diff = {"crops": (out_a - out_b).abs().max().item(), "box_grad": (grad_a - grad_b).abs().max().item()}
+    del out_a, out_b
+    times = time_variants(*inputs, crop, repeats, device)
+    del inputs
+    result = {"config": dict(boxes=boxes, images=images, size=size, crop=crop, repeats=repeats, device=device,
+                                threads=torch.get_num_threads()),
+              "max_abs_diff": max_abs_diff}
+    for name in VARIANTS:
+        peak = peak_memory_mib(name, boxes, images, size, crop, device, seed, threads) if memory else None
+        result[name] = {"time_s": times[name], "peak_mib": peak}
+    result["speedup"] = times["naive"] / times["ours"]
+    if memory:
+        result["memory_ratio"] = result["naive"]["peak_mib"] / max(result["ours"]["peak_mib"], 1e-6)
+    return result
+
+
+def format_table(result: dict) -> str:
+    c = result["config"]
+    lines = [
+        f"crop_boxes, K={c['boxes']} boxes from {c['images']} images of {c['size']}x{c['size']}, s={c['crop']}, "
+        f"{c['device']} ({c['threads']} threads), forward+backward, median of {c['repeats']}",
+        f"{'variant':<8} {'time (s)':>10} {'peak (MiB)':>12}",
+    ]
+    for name in VARIANTS:
+        peak = result[name]["peak_mib"]
+        lines.append(f"{name:<8} {result[name]['time_s']:>10.4f} {'-' if peak is None else f'{peak:.1f}':>12}")
+    ratio = f"{result['memory_ratio']:.1f}x less memory" if "memory_ratio" in result else "memory not measured"
+    lines.append(f"ours vs naive: {result['speedup']:.2f}x faster, {ratio}; max |diff| crops "
+                 f"{result['max_abs_diff']['crops']:.2e}, box grads {result['max_abs_diff']['box_grad']:.2e}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--boxes", type=int, default=256)
+    parser.add_argument("--images", type=int, default=2)
+    parser.add_argument("--size", type=int, default=1024, help="image side in pixels")
+    parser.add_argument("--crop", type=int, default=112, help="crop side s in pixels")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    parser.add_argument("--json", action="store_true", help="print the result dict as JSON after the table")
+    parser.add_argument("--worker", choices=sorted(VARIANTS), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    if args.worker:
+        _worker(args)
+        return
+    result = run_crop_benchmark(boxes=args.boxes, images=args.images, size=args.size, crop=args.crop,
+                                repeats=args.repeats, device=args.device, memory=not args.no_memory, seed=args.seed,
+                                threads=args.threads)
+    print(format_table(result))
+    if args.json:
+        print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
