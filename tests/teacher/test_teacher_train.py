@@ -129,10 +129,20 @@ def test_fit_is_seeded_and_leaves_the_global_rng_alone():
     assert ma["steps"] == 3 and ma["num_train"] == 24 and ma["epochs"] == 1 and ma["wall_s"] > 0
 
 
-def test_fit_refuses_an_empty_training_set():
+def test_fit_refuses_an_empty_training_set_and_a_frozen_teacher():
     empty = TensorDataset(torch.zeros(0, 3, 8, 8), torch.zeros(0, dtype=torch.int64))
     with pytest.raises(TeacherError, match="training set is empty"):
         fit_teacher(build_teacher("test_resnet", 3), empty, None, TeacherConfig(), progress=False)
+    with pytest.raises(TeacherError, match="teacher 'test_resnet' is frozen"):
+        fit_teacher(build_teacher("test_resnet", 3).freeze(), shapes(6, 16), None, TeacherConfig(), progress=False)
+
+
+def test_fit_reports_each_epoch_with_progress_on(capsys):
+    config = TeacherConfig(arch="test_resnet", input_size=16, epochs=2, batch_size=4)
+    metrics = fit_teacher(build_teacher("test_resnet", 3, input_size=16), shapes(8, 16), shapes(6, 16, seed=1), config)
+    out = capsys.readouterr().out
+    for h in metrics["history"]:
+        assert f"teacher epoch {h['epoch']}: train loss {h['loss']:.4f}, val top-1 {h['top1']:.2f}%" in out
 
 
 @pytest.mark.slow

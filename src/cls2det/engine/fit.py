@@ -153,6 +153,7 @@ class _Trainer:
                 signal.signal(sig, handler)
             if self.logger is not None:
                 self.logger.close()
+        ranks_agree = self._ranks_agree()
         if fabric.is_global_zero and self.last_eval_step != self.step:
             self.last_metrics = self._evaluate()
         metrics = self.last_metrics
@@ -160,6 +161,7 @@ class _Trainer:
             "metrics": metrics, "steps": self.step, "epochs": self.epoch, "nonfinite_steps": self.nonfinite_total,
             "wall_s": time.perf_counter() - start, "peak_mem_mb": _peak_memory_mb(fabric.device),
             "detector": config.student.detector, "kd": list(config.distill.kd), "seed": config.seed,
+            "world_size": fabric.world_size, "ranks_agree": ranks_agree,
         }
         if fabric.is_global_zero:
             write_json(self.out / RESULTS, results)
@@ -231,6 +233,15 @@ class _Trainer:
                 f"{self.nonfinite_in_row} non-finite losses in a row (last in: {', '.join(bad)}); "
                 "lower optim.lr or enable gradient clipping"
             )
+
+    def _ranks_agree(self) -> bool:
+        """Whether every rank ended with the same weights (a cheap checksum, gathered across ranks)."""
+        with torch.no_grad():
+            checksum = torch.stack([p.double().sum() for p in self.model.parameters()]).sum()
+        if self.fabric.world_size == 1:
+            return True
+        gathered = self.fabric.all_gather(checksum.to(self.fabric.device))
+        return bool(torch.all(gathered == gathered[0]))
 
     def _should_stop(self) -> bool:
         """True on every rank once any rank got SIGINT/SIGTERM."""

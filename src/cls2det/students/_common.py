@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 from torchvision.models import ResNet50_Weights
-from torchvision.ops import FrozenBatchNorm2d
+from torchvision.ops import FrozenBatchNorm2d, box_iou
 
 from cls2det.config import StudentConfig
 from cls2det.students.base import Positives, empty_positives
@@ -181,6 +181,22 @@ def image_mean_std(transform: nn.Module, like: Tensor) -> tuple[Tensor, Tensor]:
     mean = torch.as_tensor(transform.image_mean, device=like.device, dtype=like.dtype)
     std = torch.as_tensor(transform.image_std, device=like.device, dtype=like.dtype)
     return mean, std
+
+
+def match_anchors(detector: nn.Module, anchors: list[Tensor], targets: list[dict[str, Tensor]]) -> list[Tensor]:
+    """Per image [A] int64: the GT index matched to each anchor, -1 background, -2 ignored (between thresholds).
+
+    The computation of ``RetinaNet.compute_loss`` and ``SSD.forward`` (torchvision 0.16-0.29): the detector's
+    ``proposal_matcher`` on the [M, A] IoU matrix; an image without GT boxes is all background.
+    """
+    matched_idxs = []
+    for anchors_per_image, target in zip(anchors, targets):
+        if target["boxes"].numel() == 0:
+            matched_idxs.append(torch.full((anchors_per_image.size(0),), -1, dtype=torch.int64,
+                                           device=anchors_per_image.device))
+            continue
+        matched_idxs.append(detector.proposal_matcher(box_iou(target["boxes"], anchors_per_image)))  # [A]
+    return matched_idxs
 
 
 def positives_from_matches(

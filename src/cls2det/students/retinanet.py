@@ -12,12 +12,11 @@ import torch
 from torch import Tensor
 from torchvision.models.detection import RetinaNet, retinanet_resnet50_fpn
 from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.ops import box_iou
 
 from cls2det.config import StudentConfig
 from cls2det.students._common import (
-    backbone_features, build_resnet_fpn_detector, fpn_level_sizes, image_mean_std, positives_from_matches,
-    transform_batch, transform_kwargs,
+    backbone_features, build_resnet_fpn_detector, fpn_level_sizes, image_mean_std, match_anchors,
+    positives_from_matches, transform_batch, transform_kwargs,
 )
 from cls2det.students.base import StudentAdapter, StudentOutput
 
@@ -29,23 +28,6 @@ def retinanet_anchor_generator(sizes: list[int]) -> AnchorGenerator:
     anchor_sizes = tuple((s, int(s * 2 ** (1.0 / 3)), int(s * 2 ** (2.0 / 3))) for s in sizes)
     return AnchorGenerator(anchor_sizes, ((0.5, 1.0, 2.0),) * len(anchor_sizes))
 
-
-def retinanet_matched_idxs(
-    detector: RetinaNet, anchors: list[Tensor], targets: list[dict[str, Tensor]]
-) -> list[Tensor]:
-    """Per image [A] int64: the GT index matched to each anchor, -1 background, -2 ignored (between thresholds).
-
-    The same computation as ``RetinaNet.compute_loss`` (torchvision 0.16-0.29): ``proposal_matcher`` on the
-    [M, A] IoU matrix; an image without GT boxes is all background.
-    """
-    matched_idxs = []
-    for anchors_per_image, target in zip(anchors, targets):
-        if target["boxes"].numel() == 0:
-            matched_idxs.append(torch.full((anchors_per_image.size(0),), -1, dtype=torch.int64,
-                                           device=anchors_per_image.device))
-            continue
-        matched_idxs.append(detector.proposal_matcher(box_iou(target["boxes"], anchors_per_image)))  # [A]
-    return matched_idxs
 
 
 class RetinaNetAdapter(StudentAdapter):
@@ -64,7 +46,7 @@ class RetinaNetAdapter(StudentAdapter):
         features = backbone_features(det, image_list.tensors)  # 5 x [N, 256, H_l, W_l]
         head_outputs = det.head(features)  # cls_logits [N, A, C], bbox_regression [N, A, 4]
         anchors = det.anchor_generator(image_list, features)  # N x [A, 4]
-        matched_idxs = retinanet_matched_idxs(det, anchors, targets)
+        matched_idxs = match_anchors(det, anchors, targets)
         losses = det.head.compute_loss(targets, head_outputs, anchors, matched_idxs)
 
         regression = head_outputs["bbox_regression"]

@@ -18,32 +18,16 @@ from torchvision.models.detection import ssd300_vgg16 as tv_ssd300_vgg16
 from torchvision.models.detection import ssdlite320_mobilenet_v3_large as tv_ssdlite320
 from torchvision.models.detection.anchor_utils import DefaultBoxGenerator
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
-from torchvision.ops import box_iou
 
 from cls2det.config import StudentConfig
 from cls2det.students._common import (
     backbone_features, build_imagenet_detector, features_view, freeze_stages, image_mean_std, load_view_weights,
-    positives_from_matches, stage_indices, transform_batch,
+    match_anchors, positives_from_matches, stage_indices, transform_batch,
 )
 from cls2det.students.base import StudentAdapter, StudentOutput
 
 SSD300_MIN_SIZE = 268  # below this the VGG extra layers (3x3 convs without padding) run out of pixels
 
-
-def ssd_matched_idxs(detector: SSD, anchors: list[Tensor], targets: list[dict[str, Tensor]]) -> list[Tensor]:
-    """Per image [A] int64: the GT index matched to each default box, -1 = background.
-
-    The same computation as ``SSD.forward`` (torchvision 0.16-0.29): ``proposal_matcher`` on the [M, A] IoU
-    matrix; an image without GT boxes is all background.
-    """
-    matched_idxs = []
-    for anchors_per_image, target in zip(anchors, targets):
-        if target["boxes"].numel() == 0:
-            matched_idxs.append(torch.full((anchors_per_image.size(0),), -1, dtype=torch.int64,
-                                           device=anchors_per_image.device))
-            continue
-        matched_idxs.append(detector.proposal_matcher(box_iou(target["boxes"], anchors_per_image)))  # [A]
-    return matched_idxs
 
 
 class SSDAdapter(StudentAdapter):
@@ -64,7 +48,7 @@ class SSDAdapter(StudentAdapter):
         features = backbone_features(det, image_list.tensors)  # 6 x [N, D_l, H_l, W_l]
         head_outputs = det.head(features)  # cls_logits [N, A, C+1], bbox_regression [N, A, 4]
         anchors = det.anchor_generator(image_list, features)  # N x [A, 4]
-        matched_idxs = ssd_matched_idxs(det, anchors, targets)
+        matched_idxs = match_anchors(det, anchors, targets)
         losses = det.compute_loss(targets, head_outputs, anchors, matched_idxs)
 
         regression = head_outputs["bbox_regression"]

@@ -106,6 +106,8 @@ def fit_teacher(
     """
     if len(train_set) == 0:
         raise TeacherError("the teacher's training set is empty (no ground-truth boxes in the train split?)")
+    if teacher.is_frozen:
+        raise TeacherError(f"teacher {teacher.arch!r} is frozen (a distillation teacher); build a new one to train")
     augment = augment if augment is not None else Augment(hflip=bool(getattr(config, "hflip", False)))
     start = time.perf_counter()
     with torch.random.fork_rng(devices=[]):
@@ -120,7 +122,7 @@ def fit_teacher(
         optimizer = torch.optim.AdamW(_param_groups(teacher, config.weight_decay), lr=config.lr)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, warmup, steps))
         teacher.to(device).train()
-        history: list[dict[str, float]] = []
+        history: list[dict[str, Any]] = []
         best_top1, best_state, best_epoch = -1.0, None, 0
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                    TimeRemainingColumn())
@@ -129,7 +131,7 @@ def fit_teacher(
             for epoch in range(1, config.epochs + 1):
                 loss_sum = seen = 0.0
                 for crops, labels in loader:
-                    crops = augment(crops, generator).to(device)  # [B, 3, S, S]
+                    crops = augment(crops.to(device), generator)  # [B, 3, S, S]
                     labels = labels.to(device)
                     loss = classification_loss(teacher(crops), labels, config.loss, config.label_smoothing)
                     optimizer.zero_grad(set_to_none=True)
@@ -142,7 +144,8 @@ def fit_teacher(
                 top1 = evaluate_top1(teacher, val_set, device=str(device)) if has_val else None
                 history.append({"epoch": epoch, "loss": loss_sum / max(seen, 1), "top1": top1})
                 if progress:
-                    bar.console.log(f"teacher epoch {epoch}: loss {loss_sum / max(seen, 1):.4f}, val top-1 {top1}")
+                    val = f"{top1:.2f}%" if top1 is not None else "n/a"
+                    bar.console.print(f"teacher epoch {epoch}: train loss {loss_sum / max(seen, 1):.4f}, val top-1 {val}")
                 if top1 is not None and top1 > best_top1:
                     best_top1, best_epoch = top1, epoch
                     best_state = {k: v.detach().clone() for k, v in teacher.net.state_dict().items()}
