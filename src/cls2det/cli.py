@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     from cls2det.data import DatasetError
     from cls2det.engine import CheckpointError, RunDirError, TrainingError, TrainingInterrupted
+    from cls2det.engine.export import ExportError  # e.g. onnx not installed: a one-line error, not a traceback
 
     try:
         return args.func(args) or 0
@@ -39,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except (ConfigError, DatasetError, RunDirError, CheckpointError, TrainingError, ValueError, FileNotFoundError) as err:
+    except (ConfigError, DatasetError, RunDirError, CheckpointError, TrainingError, ExportError, ValueError,
+            FileNotFoundError) as err:
         print(f"error: {_one_line(err)}", file=sys.stderr)
         return EXIT_BAD_INPUT
 

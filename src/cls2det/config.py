@@ -37,6 +37,7 @@ class TeacherConfig:
     label_smoothing: float = 0.1
     warmup_epochs: float = 0.5
     loss: str = "ce"  # "ce" (softmax), "bce" (per-class sigmoid) or "ce+bce" (both jointly, for sigmoid students)
+    hflip: bool = False  # flip half the crops (off: digits and text are not flip-invariant; on for natural objects)
     workers: int = 0
     seed: int = 0
 

@@ -14,6 +14,16 @@ from cls2det.config import TeacherConfig
 from cls2det.teacher import Augment, TeacherError, build_teacher, classification_loss, evaluate_top1, fit_teacher
 from cls2det.teacher.train import _lr_factor
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny training runs are latency-bound: on shared CPU cores, 2 intra-op threads ran them ~4x slower than 1
+    (a 5-epoch ResNet-18 demo fit: 81 s vs 22 s). Restored afterwards; the library never changes thread counts."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 NO_AUG = dict(scale=(1.0, 1.0), ratio=(1.0, 1.0), translate=0.0, brightness=0.0, contrast=0.0)
 
 
@@ -145,7 +155,6 @@ def test_fit_reports_each_epoch_with_progress_on(capsys):
         assert f"teacher epoch {h['epoch']}: train loss {h['loss']:.4f}, val top-1 {h['top1']:.2f}%" in out
 
 
-@pytest.mark.slow
 def test_training_learns_shapes_and_keeps_the_best_epoch():
     """Proof of learning: chance is 33%; a tiny ResNet from scratch reaches > 90% top-1 in 60 steps."""
     train, val = shapes(240, seed=0), shapes(150, seed=1)
@@ -153,7 +162,7 @@ def test_training_learns_shapes_and_keeps_the_best_epoch():
     config = TeacherConfig(arch="test_resnet", input_size=32, epochs=4, batch_size=16, lr=5e-3, seed=1)
     start = time.perf_counter()
     metrics = fit_teacher(teacher, train, val, config, progress=False)
-    assert time.perf_counter() - start < 60  # ~10 s on 2 idle cores
+    assert time.perf_counter() - start < 20  # ~2 s on one free core
     top1s = [h["top1"] for h in metrics["history"]]
     assert metrics["top1"] == max(top1s) > 90.0 and metrics["best_epoch"] == 1 + top1s.index(max(top1s))
     assert evaluate_top1(teacher, val) == pytest.approx(metrics["top1"])  # the best epoch's weights were kept
@@ -162,18 +171,21 @@ def test_training_learns_shapes_and_keeps_the_best_epoch():
 
 @pytest.mark.slow
 def test_train_teacher_on_the_demo_dataset(tmp_path):
-    """End to end: demo detection set -> D_cls crops -> ResNet-18 at 56 px -> run folder that load_teacher reads."""
+    """End to end: demo detection set -> D_cls crops -> ResNet-18 at 32 px -> run folder that load_teacher reads.
+
+    32 px: the demo digits are 8x8 scans, upscaled; 32 px is as good as 112 px here at a tenth of the cost.
+    """
     pytest.importorskip("cls2det.data")
     from cls2det.data import ClassificationCrops, generate_demo, load_split
     from cls2det.teacher import load_teacher, train_teacher
 
     data = generate_demo(tmp_path / "demo", train_images=200, val_images=80, image_size=128)
-    config = TeacherConfig(arch="resnet18", input_size=56, epochs=3, batch_size=64, lr=3e-3)
+    config = TeacherConfig(arch="resnet18", input_size=32, epochs=5, batch_size=32, lr=3e-3)
     metrics = train_teacher(data, tmp_path / "teacher", config, progress=False)
-    assert metrics["top1"] > 60.0  # ten digit classes: chance is 10%
+    assert metrics["top1"] > 50.0  # ten digit classes: chance is 10%; measured 70% (5 epochs, 736 crops)
     meta = json.loads((tmp_path / "teacher" / "teacher.json").read_text())
-    assert meta["class_names"] == [str(d) for d in range(10)] and meta["input_size"] == 56
+    assert meta["class_names"] == [str(d) for d in range(10)] and meta["input_size"] == 32
     assert meta["metrics"]["top1"] == metrics["top1"] and meta["config"]["lr"] == 3e-3
     teacher = load_teacher(tmp_path / "teacher")
-    val = ClassificationCrops(load_split(data, "val"), size=56)
+    val = ClassificationCrops(load_split(data, "val"), size=32)
     assert evaluate_top1(teacher, val) == pytest.approx(metrics["top1"])

@@ -7,6 +7,7 @@ boundary and resumed reproduces the uninterrupted run exactly on CPU.
 from __future__ import annotations
 
 import math
+import os
 import resource
 import signal
 import time
@@ -23,7 +24,8 @@ from cls2det.engine.checkpoint import load_model_state, load_state, save_checkpo
 from cls2det.engine.evaluate import evaluate_student
 from cls2det.engine.logger import MetricsLogger
 from cls2det.engine.run_dir import (
-    BEST, CLASSES, CONFIG, LAST, METRICS_CSV, RESULTS, SOFT_LABELS, prepare_run_dir, write_json,
+    BEST, CLASSES, CONFIG, LAST, METRICS_CSV, RESULTS, SOFT_LABELS, discard_replaced, prepare_run_dir, restore,
+    write_json,
 )
 from cls2det.engine.schedule import build_optimizer, build_scheduler
 from cls2det.students import create_student
@@ -40,15 +42,25 @@ class TrainingInterrupted(RuntimeError):
 def fit(config: TrainConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True) -> dict:
     """Train ``config``'s student in ``config.out`` and return the final results (also in ``results.json``)."""
     out = Path(config.out)
-    prepare_run_dir(out, resume=resume, overwrite=overwrite)
+    replaced = prepare_run_dir(out, resume=resume, overwrite=overwrite)
     fabric = Fabric(
         accelerator=config.accelerator, devices=config.devices, num_nodes=config.num_nodes,
         strategy=config.strategy, precision=config.precision,
     )
     fabric.launch()
+    try:
+        trainer = _Trainer(fabric, config, out, resume=resume, progress=progress)
+    except BaseException:
+        if fabric.is_global_zero:
+            restore(out, replaced)  # --overwrite with a bad input loses nothing
+        raise
+    if fabric.is_global_zero:
+        discard_replaced(replaced)
+    # saved only once the data, teacher and student are validated: a run that failed on a bad input leaves no
+    # config.yaml behind, so fixing the input and running again does not hit "holds another run"
     if fabric.is_global_zero and not resume:
         save_config(config, out / CONFIG)
-    return _Trainer(fabric, config, out, resume=resume, progress=progress).run()
+    return trainer.run()
 
 
 def needs_teacher(config: TrainConfig) -> bool:
@@ -116,6 +128,8 @@ class _Trainer:
         self.last_metrics, self.last_eval_step = {}, -1
         if resume:
             self._load(out / LAST)
+            if fabric.is_global_zero:
+                truncate_metrics(out / METRICS_CSV, self.step)
         self.stop_signal: int | None = None
         self.logger = MetricsLogger(out / METRICS_CSV, out / "tb") if fabric.is_global_zero else None
         self.progress = progress and fabric.is_global_zero
@@ -212,11 +226,12 @@ class _Trainer:
         fabric.backward(loss)
         if config.optim.grad_clip:
             fabric.clip_gradients(self.model, self.optimizer, max_norm=config.optim.grad_clip, error_if_nonfinite=False)
+        lr = self.optimizer.param_groups[0]["lr"]  # the LR this step used (the scheduler moves it on below)
         self.optimizer.step()
         self.scheduler.step()
         self.step += 1
         if self.logger is not None:
-            row = {"step": self.step, "epoch": self.epoch, "lr": self.optimizer.param_groups[0]["lr"],
+            row = {"step": self.step, "epoch": self.epoch, "lr": lr,
                    "loss": loss.item(), "positives": float(len(output.positives))}
             row.update({name: value.item() for name, value in terms.items()})
             row.update({f"w_{n}": getattr(config.distill, LOSS_WEIGHTS[n]) * v.item() for n, v in kd_losses.items()})
@@ -226,7 +241,8 @@ class _Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.nonfinite_in_row += 1
         self.nonfinite_total += 1
-        bad = [name for name, value in terms.items() if not torch.isfinite(value)]
+        # every term finite but not their weighted sum (an overflow): name the total rather than nothing
+        bad = [name for name, value in terms.items() if not torch.isfinite(value)] or ["total loss"]
         self.fabric.print(f"step {self.step}: non-finite loss in {', '.join(bad)}; step skipped")
         if self.nonfinite_in_row >= self.config.max_nonfinite_steps:
             raise TrainingError(
@@ -268,8 +284,10 @@ class _Trainer:
     # ----------------------------------------------------------------------------------------------- eval / ckpt
 
     def _evaluate(self) -> dict:
+        # the unwrapped module: rank 0 evaluates alone, and a DDP forward would broadcast buffers to ranks that are
+        # waiting in a barrier (a deadlock)
         return evaluate_student(
-            self.model, self.val_split, device=self.fabric.device, batch_size=self.config.batch_size,
+            self.model.module, self.val_split, device=self.fabric.device, batch_size=self.config.batch_size,
         )
 
     def _evaluate_and_keep_best(self) -> None:
@@ -302,6 +320,34 @@ class _Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         self.best_map, self.nonfinite_total = state["best_map"], state["nonfinite_total"]
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Keep the header and the complete rows of steps <= ``step`` in metrics.csv.
+
+    A run killed between checkpoints logged steps that its resumed run does again; without this the CSV would hold
+    those steps twice (and a row cut short by the kill).
+    """
+    if not path.is_file():
+        return
+    with open(path, newline="") as f:  # keep the csv module's \r\n line ends as they are
+        lines = f.read().splitlines(keepends=True)
+    if not lines:
+        return
+    header, rows = lines[0], lines[1:]
+
+    def keep(line: str) -> bool:
+        if not line.endswith("\n") or line.count(",") != header.count(","):
+            return False
+        head = line.split(",", 1)[0]
+        return head.isdigit() and int(head) <= step
+
+    kept = [line for line in rows if keep(line)]
+    if len(kept) != len(rows):
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "w", newline="") as f:
+            f.write(header + "".join(kept))
+        os.replace(tmp, path)
 
 
 def _peak_memory_mb(device: torch.device) -> float:

@@ -20,20 +20,40 @@ class RunDirError(ValueError):
     """An output folder that cannot be used as asked."""
 
 
-def prepare_run_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
-    """Create ``out``; refuse one that holds another run unless ``resume`` or ``overwrite``."""
+def prepare_run_dir(out: Path, *, resume: bool, overwrite: bool) -> Path | None:
+    """Create ``out``; refuse one that holds another run unless ``resume`` or ``overwrite``.
+
+    With ``overwrite`` the old run is moved aside, not deleted, and its new path returned: the caller deletes it
+    once the new run has started (:func:`discard_replaced`) or puts it back if the start fails (:func:`restore`).
+    """
     if resume and overwrite:
         raise RunDirError("--resume and --overwrite exclude each other")
     holds_run = out.is_dir() and any((out / name).exists() for name in (CONFIG, LAST, RESULTS))
     if resume:
         if not (out / LAST).is_dir():
             raise RunDirError(f"nothing to resume in {out}: no '{LAST}' checkpoint")
-        return
+        return None
+    replaced = None
     if holds_run:
         if not overwrite:
             raise RunDirError(f"{out} holds another run; pass --resume to continue it or --overwrite to replace it")
-        shutil.rmtree(out)
+        replaced = out.with_name(out.name + ".replaced")
+        shutil.rmtree(replaced, ignore_errors=True)
+        os.replace(out, replaced)
     out.mkdir(parents=True, exist_ok=True)
+    return replaced
+
+
+def restore(out: Path, replaced: Path | None) -> None:
+    """Put back the run that ``prepare_run_dir(overwrite=True)`` moved aside (the new one failed to start)."""
+    if replaced is not None and replaced.is_dir():
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(replaced, out)
+
+
+def discard_replaced(replaced: Path | None) -> None:
+    if replaced is not None:
+        shutil.rmtree(replaced, ignore_errors=True)
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:

@@ -280,7 +280,7 @@ def _library_of(arch: str, library: str | None = None) -> Library:
         return "torchvision"
     if library in (None, "timm") and timm.is_model(arch):
         return "timm"
-    names = torchvision.models.list_models(module=torchvision.models) + timm.list_models()
+    names = list(dict.fromkeys(torchvision.models.list_models(module=torchvision.models) + timm.list_models()))
     close = difflib.get_close_matches(arch, names, n=3)
     hint = f"did you mean {', '.join(close)}? " if close else ""
     raise TeacherError(

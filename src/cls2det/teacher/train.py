@@ -2,8 +2,8 @@
 
 Recipe: AdamW (no decay on norms/biases), linear warm-up then cosine LR per step, label smoothing, batched
 augmentation of the crop tensors (mild random resized crop + small translation, brightness/contrast; horizontal flip
-off by default because digits and text are not flip-invariant). Top-1 on the val crops after every epoch; the best epoch's
-weights are kept.
+off by default because digits and text are not flip-invariant). Top-1 on the val crops after every epoch; the best
+epoch's weights are kept.
 """
 from __future__ import annotations
 
@@ -108,7 +108,7 @@ def fit_teacher(
         raise TeacherError("the teacher's training set is empty (no ground-truth boxes in the train split?)")
     if teacher.is_frozen:
         raise TeacherError(f"teacher {teacher.arch!r} is frozen (a distillation teacher); build a new one to train")
-    augment = augment if augment is not None else Augment(hflip=bool(getattr(config, "hflip", False)))
+    augment = augment if augment is not None else Augment(hflip=config.hflip)
     start = time.perf_counter()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
@@ -145,7 +145,8 @@ def fit_teacher(
                 history.append({"epoch": epoch, "loss": loss_sum / max(seen, 1), "top1": top1})
                 if progress:
                     val = f"{top1:.2f}%" if top1 is not None else "n/a"
-                    bar.console.print(f"teacher epoch {epoch}: train loss {loss_sum / max(seen, 1):.4f}, val top-1 {val}")
+                    mean_loss = loss_sum / max(seen, 1)
+                    bar.console.print(f"teacher epoch {epoch}: train loss {mean_loss:.4f}, val top-1 {val}")
                 if top1 is not None and top1 > best_top1:
                     best_top1, best_epoch = top1, epoch
                     best_state = {k: v.detach().clone() for k, v in teacher.net.state_dict().items()}

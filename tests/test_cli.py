@@ -1,0 +1,170 @@
+"""The ``cls2det`` command: ``python -m cls2det`` subprocesses for the data commands and for bad inputs (exit 2, one
+``error:`` line on stderr, no traceback), and ``cls2det.cli.main`` in-process for train -> eval -> export."""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from cls2det.cli import main
+from cls2det.students import list_students
+
+
+def test_help_lists_every_command(run_cli):
+    result = run_cli("--help", timeout=60)
+    assert result.returncode == 0, result.stderr
+    for command in ("data", "teacher", "train", "eval", "study", "demo", "bench", "export"):
+        assert command in result.stdout
+
+
+@pytest.mark.slow
+def test_data_demo_then_check(run_cli, tmp_path):
+    data = tmp_path / "D"
+    made = run_cli("data", "demo", "--out", data, "--train-images", 8, "--val-images", 4, "--image-size", 96)
+    assert made.returncode == 0, made.stderr
+    for split, count in (("train", 8), ("val", 4)):
+        coco = json.loads((data / "annotations" / f"{split}.json").read_text())
+        assert len(coco["images"]) == count and coco["annotations"]
+        assert all(img["width"] == img["height"] == 96 for img in coco["images"])
+        assert all((data / "images" / img["file_name"]).is_file() for img in coco["images"])
+    checked = run_cli("data", "check", data)
+    assert checked.returncode == 0, checked.stderr
+    assert checked.stdout.strip().splitlines()[-1] == f"{data}: OK"
+
+
+# ------------------------------------------------------------------------------------------------ bad inputs
+
+BAD_CASES = (
+    "check_missing_dir", "check_broken_json", "unknown_detector", "unknown_kd_term", "unknown_override_key",
+    "out_holds_a_run", "resume_nothing", "teacher_without_meta", "eval_missing_run",
+)
+
+
+def bad_inputs(root: Path, data: Path, teacher: Path) -> dict[str, tuple[list, list[str]]]:
+    """name -> (arguments, strings the error line must contain); builds the broken inputs under ``root``."""
+    broken = root / "broken"
+    shutil.copytree(data, broken)
+    (broken / "annotations" / "train.json").write_text('{"images": [')
+    held = root / "held"
+    held.mkdir()
+    (held / "config.yaml").write_text("epochs: 1\n")  # what makes a folder "hold a run"
+    (root / "empty").mkdir()
+    (root / "no_meta").mkdir()  # a teacher folder without teacher.json
+    shutil.copy(teacher / "teacher.safetensors", root / "no_meta")
+    train = ["train", data, "--out"]
+    return {
+        "check_missing_dir": (["data", "check", root / "nowhere"], ["nowhere"]),
+        "check_broken_json": (["data", "check", broken], ["train.json"]),
+        "unknown_detector": ([*train, root / "r1", "--detector", "nope"], ["'nope'", *list_students()]),
+        "unknown_kd_term": ([*train, root / "r2", "--kd", "foo"], ["'foo'", "cls, loc, kd_loc"]),
+        "unknown_override_key": ([*train, root / "r3", "epochz=1"], ["epochz", "epochs"]),
+        "out_holds_a_run": ([*train, held], [str(held), "holds another run", "--resume", "--overwrite"]),
+        "resume_nothing": ([*train, root / "empty", "--resume"], ["nothing to resume", str(root / "empty")]),
+        "teacher_without_meta": ([*train, root / "r4", "--kd", "cls", "--teacher", root / "no_meta"],
+                                 ["teacher.json", str(root / "no_meta")]),
+        "eval_missing_run": (["eval", root / "norun", data], ["norun", "not a training run"]),
+    }
+
+
+@pytest.fixture(scope="module")
+def bad_runs(tmp_path_factory, demo_data, teacher_run, cli_env):
+    """Every bad input's process, all started at once (each pays ~5 s of imports; in parallel they share it)."""
+    root = tmp_path_factory.mktemp("bad")
+    cases = bad_inputs(root, demo_data, teacher_run)
+    assert tuple(cases) == BAD_CASES
+    procs = {
+        name: subprocess.Popen([sys.executable, "-m", "cls2det", *map(str, args)], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env=cli_env)
+        for name, (args, _) in cases.items()
+    }
+    done = {}
+    for name, proc in procs.items():
+        stdout, stderr = proc.communicate(timeout=300)
+        done[name] = (proc.returncode, stdout, stderr, cases[name][1])
+    return root, done
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", BAD_CASES)
+def test_bad_input_is_one_error_line_and_exit_2(bad_runs, case):
+    _, done = bad_runs
+    returncode, _, stderr, expected = done[case]
+    assert returncode == 2, stderr[-2000:]
+    assert "Traceback" not in stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
+    for text in expected:
+        assert text in lines[0]
+
+
+@pytest.mark.slow
+def test_a_failed_start_leaves_no_run_behind(bad_runs, demo_data, teacher_run, tiny_overrides, capsys, one_thread):
+    """After the teacher error, fixing the teacher and running again must not hit "holds another run"."""
+    root, _ = bad_runs
+    assert (root / "held" / "config.yaml").read_text() == "epochs: 1\n"  # the refused run touched nothing
+    assert not (root / "r4" / "config.yaml").exists()
+    code = main(["train", str(demo_data), "--out", str(root / "r4"), "--kd", "cls", "--teacher", str(teacher_run),
+                 "--no-progress", *tiny_overrides("ssdlite320_mobilenet_v3"), "max_steps=1"])
+    assert code == 0, capsys.readouterr().err
+    assert (root / "r4" / "results.json").is_file()
+
+
+# ------------------------------------------------------------------------------------------------ happy path
+
+def test_train_eval_export_in_process(demo_data, teacher_run, tiny_overrides, tmp_path, capsys, one_thread):
+    run = tmp_path / "run"
+    code = main(["train", str(demo_data), "--out", str(run), "--teacher", str(teacher_run), "--kd", "cls,loc,kd_loc",
+                 "--no-progress", *tiny_overrides("ssdlite320_mobilenet_v3"), "max_steps=1"])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    assert "ssdlite320_mobilenet_v3 kd=['cls', 'loc', 'kd_loc']" in printed.out and "mAP |" in printed.out
+    results = json.loads((run / "results.json").read_text())
+    assert results["steps"] == 1
+
+    metrics_file = tmp_path / "metrics.json"
+    code = main(["eval", str(run), str(demo_data), "--json", str(metrics_file)])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    lines = printed.out.strip().splitlines()
+    assert lines[-2].split() == "mAP | AP50 | AP75 | APs | APm | APl | mAR".split()
+    assert len(lines[-1].split("|")) == 7
+    # the same weights on the same split: eval agrees with the run's own final evaluation
+    metrics = json.loads(metrics_file.read_text())
+    for key in ("mAP", "AP50", "AP75", "APs", "APm", "APl", "mAR"):
+        assert same_number(metrics[key], results["metrics"][key]), key
+        assert f"{metrics[key]:6.2f}" in lines[-1]
+
+    exported = tmp_path / "student.pt"
+    code = main(["export", str(run), "--format", "torchscript", "--out", str(exported)])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    assert str(exported) in printed.out
+    sidecar = json.loads((tmp_path / "student.json").read_text())
+    classes = json.loads((run / "classes.json").read_text())
+    assert sidecar["class_names"] == classes["class_names"] and sidecar["detector"] == "ssdlite320_mobilenet_v3"
+    scripted = torch.jit.load(str(exported))
+    _, detections = scripted([torch.rand(3, 96, 96)])
+    assert set(detections[0]) == {"boxes", "labels", "scores"}
+
+
+def same_number(a: float, b: float) -> bool:
+    return (math.isnan(a) and math.isnan(b)) or a == b
+
+
+def test_export_failure_is_one_error_line(tmp_path, capsys, monkeypatch):
+    """An export the environment cannot do (ExportError, e.g. onnx not installed) ends like any bad input."""
+    from cls2det.engine import export
+
+    def fail(*args, **kwargs):
+        raise export.ExportError("ONNX export needs the 'onnx' package: pip install 'cls2det[export]'")
+
+    monkeypatch.setattr(export, "export_student", fail)
+    assert main(["export", str(tmp_path), "--format", "onnx"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ONNX export needs the 'onnx' package") and err.count("\n") == 1
