@@ -23,6 +23,15 @@ def test_yaml_then_overrides(tmp_path):
     assert config.optim.lr == 0.5 and config.student.image_size == 128
 
 
+def test_explicit_flags_win_over_the_yaml(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("out: from_yaml\nepochs: 3\nstudent: {detector: ssd300_vgg16, image_size: 300}\n")
+    flags = {"out": "from_flag", "epochs": None, "student": {"detector": "fcos_resnet50"}}
+    config = load_config(TrainConfig, path, ["epochs=5"], flags=flags)
+    assert (config.out, config.epochs, config.student.detector, config.student.image_size) == (
+        "from_flag", 5, "fcos_resnet50", 300)
+
+
 def test_round_trip(tmp_path):
     config = load_config(TrainConfig, None, ["distill.kd=[cls,kd_loc]", "devices=2"])
     save_config(config, tmp_path / "c.yaml")

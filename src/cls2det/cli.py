@@ -169,33 +169,33 @@ def cmd_data_import(args) -> int:
 def cmd_teacher(args) -> int:
     from cls2det.teacher import train_teacher
 
-    config = load_config(
-        TeacherConfig, args.config, args.overrides, arch=args.arch, epochs=args.epochs, pretrained=args.pretrained
-    )
+    flags = {"arch": args.arch, "epochs": args.epochs, "pretrained": args.pretrained}
+    config = load_config(TeacherConfig, args.config, args.overrides, flags=flags)
     metrics = train_teacher(args.dir, args.out, config)
     print(f"teacher written to {args.out}: val top-1 {metrics['top1']:.2f}%")
     return 0
 
 
 def train_config_from_args(args) -> TrainConfig:
-    """CLI flags < YAML < key=value overrides; a resumed run starts from its saved config."""
+    """YAML < explicit flags (--out, the dataset, --kd, ...) < key=value overrides; --resume starts from the run's
+    saved config."""
     path = args.config
     if args.resume:
         saved = Path(args.out) / "config.yaml"
         if not saved.is_file():
             raise ConfigError(f"nothing to resume: {saved} not found")
         path = saved
-    base = {
+    flags = {
         "data": str(args.dir), "out": str(args.out), "teacher": args.teacher, "epochs": args.epochs,
         "devices": _int_or_str(args.devices), "accelerator": args.accelerator, "strategy": args.strategy,
         "precision": args.precision,
     }
     if args.detector is not None:
-        base["student"] = {"detector": args.detector}
+        flags["student"] = {"detector": args.detector}
     if args.kd is not None:
         kd = [] if args.kd.strip().lower() == "none" else [t.strip() for t in args.kd.split(",") if t.strip()]
-        base["distill"] = {"kd": kd}
-    return load_config(TrainConfig, path, args.overrides, **base)
+        flags["distill"] = {"kd": kd}
+    return load_config(TrainConfig, path, args.overrides, flags=flags)
 
 
 def cmd_train(args) -> int:

@@ -212,8 +212,12 @@ def apply_overrides(values: dict[str, Any], overrides: Sequence[str]) -> dict[st
     return values
 
 
-def load_config(cls: type, path: str | Path | None = None, overrides: Sequence[str] = (), **base: Any) -> Any:
-    """Defaults <- ``base`` keyword values <- YAML file ``path`` <- ``overrides``; returns a validated ``cls``."""
+def load_config(
+    cls: type, path: str | Path | None = None, overrides: Sequence[str] = (), *, flags: dict[str, Any] | None = None,
+    **base: Any,
+) -> Any:
+    """Defaults <- ``base`` values <- YAML file ``path`` <- ``flags`` (explicit command-line flags) <- ``overrides``
+    (``key=value`` strings); ``None`` values in ``base`` and ``flags`` are skipped. Returns a validated ``cls``."""
     values: dict[str, Any] = {k: v for k, v in base.items() if v is not None}
     if path is not None:
         path = Path(path)
@@ -226,6 +230,7 @@ def load_config(cls: type, path: str | Path | None = None, overrides: Sequence[s
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: top level must be a mapping")
         _deep_update(values, loaded)
+    _deep_update(values, {k: v for k, v in (flags or {}).items() if v is not None})
     apply_overrides(values, overrides)
     return from_dict(cls, values)
 

@@ -237,7 +237,7 @@ def test_backbone_weight_errors(tmp_path, monkeypatch):
     torch.save(state, tmp_path / "short.pt")
     with pytest.raises(ValueError, match="missing backbone weight features.3.block.0.0.weight"):
         build("mv3", backbone_weights=str(tmp_path / "short.pt"))
-    with pytest.raises(FileNotFoundError, match="nope.pt"):
+    with pytest.raises(ValueError, match="weights file not found: .*nope.pt"):
         build("mv3", backbone_weights=str(tmp_path / "nope.pt"))
     _patch_download(monkeypatch, urllib.error.URLError("no network"))
     with pytest.raises(RuntimeError, match="backbone_weights='imagenet'.*no network") as err:

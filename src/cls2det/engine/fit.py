@@ -23,6 +23,7 @@ from cls2det.distill.objective import LOSS_WEIGHTS, distillation_losses, total_l
 from cls2det.engine.checkpoint import load_model_state, load_state, save_checkpoint
 from cls2det.engine.evaluate import evaluate_student
 from cls2det.engine.logger import MetricsLogger
+from cls2det.engine.run_dir import TrainingError, TrainingInterrupted
 from cls2det.engine.run_dir import (
     BEST, CLASSES, CONFIG, LAST, METRICS_CSV, RESULTS, SOFT_LABELS, discard_replaced, prepare_run_dir, restore,
     write_json,
@@ -30,13 +31,6 @@ from cls2det.engine.run_dir import (
 from cls2det.engine.schedule import build_optimizer, build_scheduler
 from cls2det.students import create_student
 
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (e.g. too many non-finite losses in a row)."""
-
-
-class TrainingInterrupted(RuntimeError):
-    """SIGINT / SIGTERM: the run saved its state and stopped; ``--resume`` continues it."""
 
 
 def fit(config: TrainConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True) -> dict:

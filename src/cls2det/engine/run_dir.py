@@ -1,4 +1,4 @@
-"""The run folder: what it holds, and refusing to overwrite another run by accident."""
+"""The run folder: what it holds, refusing to overwrite another run by accident, and how a run ends badly."""
 from __future__ import annotations
 
 import json
@@ -18,6 +18,14 @@ CLASSES = "classes.json"  # class names and COCO category ids, so a run is usabl
 
 class RunDirError(ValueError):
     """An output folder that cannot be used as asked."""
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. too many non-finite losses in a row)."""
+
+
+class TrainingInterrupted(RuntimeError):
+    """SIGINT / SIGTERM: the run saved its state and stopped; ``--resume`` continues it."""
 
 
 def prepare_run_dir(out: Path, *, resume: bool, overwrite: bool) -> Path | None:

@@ -17,6 +17,7 @@ from torchvision.models import ResNet50_Weights
 from torchvision.ops import FrozenBatchNorm2d, box_iou
 
 from cls2det.config import StudentConfig
+from cls2det.teacher.model import read_state_dict  # one safe reader for every local weights file
 from cls2det.students.base import Positives, empty_positives
 
 # The order in which torchvision unfreezes ResNet stages (``backbone_utils._resnet_fpn_extractor``).
@@ -64,26 +65,6 @@ def build_resnet_fpn_detector(builder: Callable[..., nn.Module], num_classes: in
     return detector
 
 
-def read_state_dict(path: str | Path) -> dict[str, Tensor]:
-    """A flat ``{name: tensor}`` dict from a ``.safetensors`` file or a ``torch.save`` file (weights only)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"backbone weights file not found: {path}")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any reader failure is the same user error: a bad file
-        raise ValueError(f"{path}: not a readable state-dict file ({type(err).__name__})") from None
-    for key in ("state_dict", "model"):  # common checkpoint wrappers
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise ValueError(f"{path}: expected a flat dict of tensors (a state dict)")
-    return state
 
 
 def load_backbone_weights(body: nn.Module, path: str | Path) -> None:
