@@ -199,7 +199,7 @@ def train_config_from_args(args) -> TrainConfig:
 
 
 def cmd_train(args) -> int:
-    from cls2det.engine import fit
+    from cls2det.engine.fit import fit
     from cls2det.students import list_students
 
     config = train_config_from_args(args)

@@ -11,7 +11,8 @@ import shutil
 import pytest
 import torch
 
-from cls2det.engine import RunDirError, TrainingError, fit
+from cls2det.engine import RunDirError, TrainingError
+from cls2det.engine.fit import fit
 from cls2det.engine.run_dir import CONFIG, LAST, RESULTS, SOFT_LABELS
 from cls2det.students import list_students
 
