@@ -130,16 +130,13 @@ def _report(study: StudyConfig, results: list[dict], teacher_top1: float | None,
     from cls2det.evaluation.plots import plot_ap_vs_iou, plot_loss_curves
     from cls2det.evaluation.report import write_report
 
-    plots = []
-    plot_ap_vs_iou(results, out / "ap_vs_iou.png")
-    plots.append("ap_vs_iou.png")
+    plots = [plot_ap_vs_iou(results, out / "ap_vs_iou.png")]
     first_seed = study.seeds[0]
     curves = {r["row"]: Path(r["run"]) / METRICS_CSV for r in results
               if r["seed"] == first_seed and r["detector"] == study.detectors[0]}
-    plot_loss_curves(curves, out / "loss_curves.png")
-    plots.append("loss_curves.png")
+    plots.append(plot_loss_curves(curves, out / "loss_curves.png"))
     if _prediction_grid(study, results, out, data):
-        plots.append("predictions.png")
+        plots.append(out / "predictions.png")
     return write_report(results, out, title=study.name, teacher_top1=teacher_top1, notes=study.notes, plots=plots)
 
 
@@ -150,11 +147,12 @@ def _prediction_grid(study: StudyConfig, results: list[dict], out: Path, data: P
     from cls2det.engine.loading import load_student
     from cls2det.evaluation.plots import plot_prediction_grid
 
-    rows = [study.baseline_row, list(study.rows)[-1]]
+    others = [row for row in study.rows if row != study.baseline_row]
+    if study.baseline_row not in study.rows or not others:
+        return False
+    rows = [study.baseline_row, others[-1]]
     runs = {r["row"]: r["run"] for r in results
             if r["seed"] == study.seeds[0] and r["detector"] == study.detectors[0] and r["row"] in rows}
-    if len(runs) < 2 or rows[0] == rows[1]:
-        return False
     split = load_split(data, "val")
     dataset = CocoDetection(split)
     samples = [dataset[i] for i in range(min(count, len(dataset)))]
