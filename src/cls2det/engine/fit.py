@@ -23,10 +23,9 @@ from cls2det.distill.objective import LOSS_WEIGHTS, distillation_losses, total_l
 from cls2det.engine.checkpoint import load_model_state, load_state, save_checkpoint
 from cls2det.engine.evaluate import evaluate_student
 from cls2det.engine.logger import MetricsLogger
-from cls2det.engine.run_dir import TrainingError, TrainingInterrupted
 from cls2det.engine.run_dir import (
-    BEST, CLASSES, CONFIG, LAST, METRICS_CSV, RESULTS, SOFT_LABELS, discard_replaced, prepare_run_dir, restore,
-    write_json,
+    BEST, CLASSES, CONFIG, LAST, METRICS_CSV, RESULTS, SOFT_LABELS, TrainingError, TrainingInterrupted,
+    discard_replaced, prepare_run_dir, restore, write_json,
 )
 from cls2det.engine.schedule import build_optimizer, build_scheduler
 from cls2det.students import create_student
