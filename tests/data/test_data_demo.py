@@ -13,7 +13,7 @@ from PIL import Image
 
 from cls2det.data import check_dataset, generate_demo
 from cls2det.data import demo as demo_module
-from cls2det.data.demo import BACKGROUNDS, box_iou, load_backgrounds, load_digit_images
+from cls2det.data.demo import BACKGROUNDS, MAX_IOU, box_iou, load_backgrounds, load_digit_images
 
 SMALL = {"train_images": 10, "val_images": 5, "image_size": 64}
 
@@ -69,7 +69,7 @@ def test_layout_and_annotations_are_valid(small_demo):
             boxes = [
                 (a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]) for a in anns
             ]
-            assert all(box_iou(a, b) <= 0.3 + 1e-9 for a, b in combinations(boxes, 2))
+            assert all(box_iou(a, b) <= MAX_IOU + 1e-9 for a, b in combinations(boxes, 2))
 
 
 def test_train_and_val_use_disjoint_digit_samples(small_demo):
@@ -90,10 +90,11 @@ def test_boxes_are_tight_on_visible_ink(tmp_path, monkeypatch):
     monkeypatch.setattr(demo_module, "ink_colour", lambda rng, patch: np.zeros(3, np.float32))
     root = generate_demo(tmp_path / "grey", seed=3, train_images=8, val_images=2, image_size=96)
     coco = json.loads((root / "annotations" / "train.json").read_text())
-    threshold = 0.5 * (1 - demo_module.INK_ALPHA) * 255 + 0.5  # darker than this = ink
+    threshold = 0.5 * (1 - demo_module.INK_ALPHA) * 255  # the value of a pixel at alpha = INK_ALPHA
     for image in coco["images"]:
-        ink = np.asarray(Image.open(root / "images" / image["file_name"]))[:, :, 0] < threshold  # [H, W]
-        outside = ink.copy()
+        value = np.asarray(Image.open(root / "images" / image["file_name"]))[:, :, 0].astype(np.float64)  # [H, W]
+        ink = value < threshold + 0.5  # alpha >= INK_ALPHA up to the uint8 rounding
+        outside = value < threshold - 0.5  # surely alpha > INK_ALPHA
         for ann in coco["annotations"]:
             if ann["image_id"] != image["id"]:
                 continue

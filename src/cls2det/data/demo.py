@@ -3,7 +3,7 @@
 Nothing is downloaded. Objects are the 1,797 8x8 digits of ``sklearn.datasets.load_digits`` (10 classes),
 backgrounds are random crops of the photos/textures that ship inside scikit-image (``BACKGROUNDS``). Each digit is
 cropped to its ink, upscaled to a longer side of 14..56 px (for 128 px images; scaled with ``image_size``) with its
-aspect ratio distorted by 0.7..1.4, slightly blurred, and alpha-blended into the background with its intensity as
+aspect ratio distorted by 0.8..1.25, slightly blurred, and alpha-blended into the background with its intensity as
 the alpha mask (so the digit, not a rectangle, is pasted), in a random colour of random polarity and contrast.
 The box is the tight box of the digit's visible ink (alpha >= ``INK_ALPHA``); a later digit may cover part of an
 earlier one (IoU between boxes <= ``MAX_IOU``). Train and val draw from disjoint digit samples; every annotation
@@ -29,7 +29,9 @@ BACKGROUNDS = (
     "hubble_deep_field", "immunohistochemistry", "moon", "retina", "rocket",
 )  # fmt: skip
 MIN_SIZE, MAX_SIZE = 14, 56  # longer side of a digit, in px of a 128 px image
-MAX_IOU = 0.3  # max IoU between two boxes of one image
+# Max IoU between two boxes of one image. At 0.3, 22% of the val digits were >20% covered by another one and the
+# teacher's top-1 stalled at ~90%; at 0.1 objects still overlap but stay readable.
+MAX_IOU = 0.1
 INK_ALPHA = 0.25  # alpha from which a pixel counts as visible ink (defines the box)
 MAX_OBJECTS = 6
 
@@ -76,13 +78,13 @@ def digit_alpha(digit: np.ndarray, rng: np.random.Generator, longer: int) -> np.
     """Alpha mask float32 ``[h, w]`` in 0..1 of one 8x8 digit: cropped to its ink, upscaled, blurred, 1 px margin."""
     rows, cols = np.nonzero(digit >= 0.25)
     digit = digit[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
-    aspect = digit.shape[1] / digit.shape[0] * rng.uniform(0.7, 1.4)  # width / height
+    aspect = digit.shape[1] / digit.shape[0] * rng.uniform(0.8, 1.25)  # width / height
     height, width = (longer, longer * aspect) if aspect <= 1 else (longer / aspect, longer)
     height, width = max(round(height), 4), max(round(width), 4)
     up = np.asarray(Image.fromarray(digit).resize((width, height), Image.BICUBIC), dtype=np.float32)
     up = gaussian_filter(np.pad(up, 2), sigma=rng.uniform(0.3, 1.2))  # slight blur; the pad keeps the fade-out
-    low = rng.uniform(0.15, 0.35)  # intensities below `low` are paper (transparent), above `low + 0.35` full ink
-    return np.clip((up - low) / 0.35, 0.0, 1.0) * rng.uniform(0.8, 1.0)
+    low = rng.uniform(0.05, 0.2)  # intensities below `low` are paper (transparent), above `low + 0.35` full ink
+    return np.clip((up - low) / 0.35, 0.0, 1.0) * rng.uniform(0.9, 1.0)
 
 
 def ink_colour(rng: np.random.Generator, patch: np.ndarray) -> np.ndarray:
@@ -90,7 +92,7 @@ def ink_colour(rng: np.random.Generator, patch: np.ndarray) -> np.ndarray:
     lightness), contrast and saturation."""
     mean = float(patch.mean())
     dark = rng.random() < (0.8 if mean > 0.5 else 0.2)
-    lightness = mean - rng.uniform(0.3, 0.7) if dark else mean + rng.uniform(0.3, 0.7)
+    lightness = mean - rng.uniform(0.4, 0.7) if dark else mean + rng.uniform(0.4, 0.7)
     hue = rng.uniform(0.0, 1.0, size=3)
     colour = np.clip(lightness, 0.0, 1.0) + rng.uniform(0.0, 0.8) * (hue - hue.mean())
     return np.clip(colour, 0.0, 1.0).astype(np.float32)
