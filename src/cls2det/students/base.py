@@ -4,6 +4,8 @@ An adapter wraps one torchvision detector family. It is the only code that knows
 internals. In train mode it runs the detector's own loss computation (unchanged) and also returns,
 for the positives the detector's own matcher / sampler chose, the record the distillation losses need.
 In eval mode it returns torchvision's detections, with labels mapped back to 0-based classes.
+A trained, frozen adapter can also teach a student of its own family (det2det, :meth:`StudentAdapter.teach`): its
+feature maps and its class logits for the student's positives, computed on the student's own batch.
 """
 from __future__ import annotations
 
