@@ -42,7 +42,8 @@ def test_data_demo_then_check(run_cli, tmp_path):
 
 BAD_CASES = (
     "check_missing_dir", "check_broken_json", "unknown_detector", "unknown_kd_term", "unknown_override_key",
-    "out_holds_a_run", "resume_nothing", "teacher_without_meta", "eval_missing_run",
+    "out_holds_a_run", "resume_nothing", "teacher_without_meta", "eval_missing_run", "unknown_det_method",
+    "det_without_det_teacher",
 )
 
 
@@ -69,6 +70,10 @@ def bad_inputs(root: Path, data: Path, teacher: Path) -> dict[str, tuple[list, l
         "teacher_without_meta": ([*train, root / "r4", "--kd", "cls", "--teacher", root / "no_meta"],
                                  ["teacher.json", str(root / "no_meta")]),
         "eval_missing_run": (["eval", root / "norun", data], ["norun", "not a training run"]),
+        "unknown_det_method": ([*train, root / "r5", "--kd", "cls,det:foo"],
+                               ["'det:foo'", "det:logit, det:fgfi, det:pkd"]),
+        "det_without_det_teacher": ([*train, root / "r6", "--kd", "cls,det:pkd", "--teacher", teacher],
+                                    ["needs a detector teacher", "--det-teacher RUN"]),
     }
 
 
@@ -116,6 +121,21 @@ def test_a_failed_start_leaves_no_run_behind(bad_runs, demo_data, teacher_run, t
 
 
 # ------------------------------------------------------------------------------------------------ happy path
+
+def test_det_teacher_flag_and_det_terms_reach_the_config(tmp_path):
+    from cls2det.cli import build_parser, train_config_from_args
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("distill: {kd: [cls], det_teacher: from_yaml, lambda_det_pkd: 3}\n")
+    parse = build_parser().parse_args
+    args = parse(["train", "data", "distill.fgfi_psi=0.7", "--out", "o", "--config", str(recipe), "--kd",
+                  "cls,loc,kd_loc,det:pkd", "--det-teacher", "runs/det"])
+    distill = train_config_from_args(args).distill
+    assert distill.kd == ["cls", "loc", "kd_loc", "det:pkd"] and distill.det_teacher == "runs/det"
+    assert distill.lambda_det_pkd == 3.0 and distill.fgfi_psi == 0.7  # the YAML's other keys stay
+    kept = train_config_from_args(parse(["train", "data", "--out", "o", "--config", str(recipe), "--kd", "det:logit"]))
+    assert kept.distill.kd == ["det:logit"] and kept.distill.det_teacher == "from_yaml"
+
 
 def test_train_eval_export_in_process(demo_data, teacher_run, tiny_overrides, tmp_path, capsys, one_thread):
     run = tmp_path / "run"

@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from cls2det.config import KD_TERMS, ConfigError, TeacherConfig, TrainConfig, load_config
+from cls2det.config import DET_TERMS, KD_TERMS, ConfigError, TeacherConfig, TrainConfig, load_config
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
@@ -85,7 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--teacher", default=None, help="teacher run folder (needed for --kd cls / kd_loc)")
     p.add_argument("--detector", default=None, help="student detector name (see `cls2det train --list`)")
-    p.add_argument("--kd", default=None, help=f"none, or a comma list of {', '.join(KD_TERMS)}")
+    p.add_argument("--kd", default=None, help=f"none, or a comma list of {', '.join(KD_TERMS + DET_TERMS)}")
+    p.add_argument("--det-teacher", default=None, metavar="RUN",
+                   help="detector teacher for the det:* terms: a run of the student's detector (train --kd none)")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--config", type=Path, default=None, help="YAML with TrainConfig keys (configs/*.yaml)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
@@ -192,9 +194,11 @@ def train_config_from_args(args) -> TrainConfig:
     }
     if args.detector is not None:
         flags["student"] = {"detector": args.detector}
+    distill = {"det_teacher": args.det_teacher}
     if args.kd is not None:
         kd = [] if args.kd.strip().lower() == "none" else [t.strip() for t in args.kd.split(",") if t.strip()]
-        flags["distill"] = {"kd": kd}
+        distill["kd"] = kd
+    flags["distill"] = {k: v for k, v in distill.items() if v is not None}
     return load_config(TrainConfig, path, args.overrides, flags=flags)
 
 

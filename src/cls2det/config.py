@@ -20,6 +20,13 @@ class ConfigError(ValueError):
 
 TEACHER_TAPS = ("obj", "l0", "l1", "l2", "l3", "l4")
 KD_TERMS = ("cls", "loc", "kd_loc")
+DET_METHODS = ("logit", "fgfi", "pkd")  # det2det baselines, named "det:<method>" in distill.kd
+DET_TERMS = tuple(f"det:{method}" for method in DET_METHODS)
+
+
+def det_methods(kd: Sequence[str]) -> list[str]:
+    """The det2det methods a ``distill.kd`` list names: ``[cls, det:pkd]`` -> ``[pkd]``."""
+    return [term.split(":", 1)[1] for term in kd if term.startswith("det:")]
 
 
 @dataclass
@@ -61,9 +68,10 @@ class StudentConfig:
 
 @dataclass
 class DistillConfig:
-    """The paper's extra losses and their hyper-parameters (defaults: the paper's best)."""
+    """The paper's extra losses and their hyper-parameters (defaults: the paper's best), and the det2det baselines
+    that distill a trained detector of the student's family (``det:logit``, ``det:fgfi``, ``det:pkd``)."""
 
-    kd: list[str] = field(default_factory=list)  # subset of KD_TERMS; [] = plain baseline
+    kd: list[str] = field(default_factory=list)  # subset of KD_TERMS + DET_TERMS; [] = plain baseline
     temperature: float = 2.0  # T in eq. (2)-(7)
     lambda_kd_cls: float = 0.4
     lambda_kd_loc: float = 1.0
@@ -74,14 +82,25 @@ class DistillConfig:
     loc_pool: int = 8  # pooling for the teacher-free loc loss, eq. (11)
     max_positives: int = 256  # cap K per batch (random subset) to bound the teacher's cost
     soft_label_cache: bool = True  # KD_cls teacher logits computed once per GT box (and flip), not every step
+    # det2det: the teacher is a detector run of the student's family and input size (`cls2det train --kd none`)
+    det_teacher: str | None = None  # its run folder (--det-teacher); needed by every det:* term
+    det_temperature: float = 1.0  # T of det:logit; 1 = the detectors' own softmax / sigmoid (our choice, not tuned)
+    lambda_det_logit: float = 1.0  # Chen et al. 2017: L_cls = 0.5 L_hard + 0.5 L_soft, i.e. soft weighted as hard
+    lambda_det_fgfi: float = 0.01  # Wang et al. 2019's imitation loss weight (their code's default)
+    lambda_det_pkd: float = 6.0  # Cao et al. 2022's weight per feature level (their Faster R-CNN FPN recipe)
+    fgfi_psi: float = 0.5  # FGFI's threshold factor psi (paper: 0.5)
 
     def __post_init__(self) -> None:
         for term in self.kd:
-            _check_choice("distill.kd", term, KD_TERMS)
+            _check_choice("distill.kd", term, KD_TERMS + DET_TERMS)
         for tap in self.taps:
             _check_choice("distill.taps", tap, TEACHER_TAPS)
         if self.temperature <= 0:
             raise ConfigError(f"distill.temperature must be > 0, got {self.temperature}")
+        if self.det_temperature <= 0:
+            raise ConfigError(f"distill.det_temperature must be > 0, got {self.det_temperature}")
+        if not 0 < self.fgfi_psi <= 1:
+            raise ConfigError(f"distill.fgfi_psi must be in (0, 1], got {self.fgfi_psi}")
 
 
 @dataclass
@@ -151,6 +170,10 @@ class StudyConfig:
     # The ImageNet stand-in: pre-train the student's backbone once as a classifier on the train split's GT crops
     # (same weights for every row); None = use train.student.backbone_weights as given.
     backbone_pretrain: TeacherConfig | None = None
+    # The det2det rows' teacher (rows whose distill.kd has det:*): each detector trained once without KD, from
+    # ``train`` plus these key=value overrides (e.g. [epochs=24, seed=100]), into out/<detector>/det_teacher.
+    # None = the det rows name their own distill.det_teacher.
+    det_teacher: list[str] | None = None
     train: TrainConfig = field(default_factory=TrainConfig)
     detectors: list[str] = field(default_factory=lambda: ["fasterrcnn_mobilenet_v3"])
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
@@ -163,6 +186,8 @@ class StudyConfig:
             raise ConfigError("study.rows is empty: name at least one row")
         if not self.seeds:
             raise ConfigError("study.seeds is empty")
+        if "det_teacher" in self.rows:
+            raise ConfigError("study.rows: 'det_teacher' names the detector teacher's run folder; rename the row")
 
 
 # ----------------------------------------------------------------------------------------------- loading

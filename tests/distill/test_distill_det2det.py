@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from cls2det.distill import fgfi_loss, fgfi_mask, logit_kd_loss, pkd_loss
+from torchvision.ops import box_iou
+
+from cls2det.distill import fgfi_level_masks, fgfi_loss, fgfi_mask, logit_kd_loss, pkd_loss
 
 
 def test_logit_kd_softmax_hand_case():
@@ -67,6 +69,38 @@ def test_fgfi_mask_hand_case():
     assert torch.equal(fgfi_mask(batched)[0], expected)
     assert torch.equal(fgfi_mask(batched)[1], torch.tensor([[True, False, False], [False, False, True]]))
     assert not fgfi_mask(torch.zeros(0, 2, 3, 2)).any() and fgfi_mask(torch.zeros(0, 2, 3, 2)).shape == (2, 3)
+
+
+def grid_anchors(height: int, width: int, stride: float, sizes: list[float]) -> torch.Tensor:
+    """[H, W, A, 4] square anchors of the given sides centred on a stride grid (location-major, as torchvision)."""
+    ys, xs = torch.meshgrid(torch.arange(height) * stride, torch.arange(width) * stride, indexing="ij")
+    centres = torch.stack([xs, ys, xs, ys], dim=-1).float()[:, :, None]  # [H, W, 1, 4]
+    half = torch.tensor(sizes)[:, None] / 2 * torch.tensor([-1.0, -1.0, 1.0, 1.0])  # [A, 4]
+    return centres + half  # [H, W, A, 4]
+
+
+def test_fgfi_level_masks_one_level_is_fgfi_mask():
+    anchors = grid_anchors(4, 5, 8.0, [8.0, 16.0])  # [4, 5, 2, 4]
+    gt = torch.tensor([[2.0, 3.0, 14.0, 17.0], [20.0, 4.0, 36.0, 30.0]])
+    iou = box_iou(gt, anchors.reshape(-1, 4)).view(2, 4, 5, 2)
+    (mask,) = fgfi_level_masks(gt, [anchors], psi=0.5)
+    assert torch.equal(mask, fgfi_mask(iou, psi=0.5)) and mask.any() and not mask.all()
+    assert not fgfi_level_masks(torch.zeros(0, 4), [anchors])[0].any()
+
+
+def test_fgfi_level_masks_take_the_max_over_every_level():
+    # one GT box equal to a level-0 anchor (IoU 1), overlapping a level-1 anchor at IoU 0.25: with psi=0.5 the
+    # threshold is 0.5 for both levels (Wang et al.'s max over all anchors), so level 1 keeps nothing; a per-level
+    # max (0.25) would have kept that level-1 location
+    fine = torch.tensor([[[[0.0, 0.0, 8.0, 8.0]], [[8.0, 0.0, 16.0, 8.0]]]])  # [1, 2, 1, 4]
+    coarse = torch.tensor([[[[0.0, 0.0, 16.0, 16.0]]]])  # [1, 1, 1, 4]
+    gt = torch.tensor([[0.0, 0.0, 8.0, 8.0]])
+    masks = fgfi_level_masks(gt, [fine, coarse], psi=0.5)
+    assert [m.tolist() for m in masks] == [[[True, False]], [[False]]]
+    assert fgfi_mask(box_iou(gt, coarse.view(-1, 4)).view(1, 1, 1, 1)).item()  # the per-level rule differs
+    assert [m.tolist() for m in fgfi_level_masks(gt, [fine, coarse], psi=0.2)] == [[[True, False]], [[True]]]
+    with pytest.raises(ValueError, match="psi"):
+        fgfi_level_masks(gt, [fine], psi=0.0)
 
 
 def test_fgfi_loss_hand_case():

@@ -1,10 +1,13 @@
-"""`cls2det study`: a tiny grid end to end (data, teacher, backbone pre-training, rows, report), then resumed."""
+"""`cls2det study`: a tiny grid end to end (data, teacher, backbone pre-training, detector teacher, rows, report),
+then resumed; the det2det study's rows and detector teacher."""
 import json
+from pathlib import Path
 
 import pytest
 import yaml
 
-from cls2det.engine.study import run_study
+from cls2det.config import ConfigError, StudyConfig, load_config
+from cls2det.engine.study import check_study, det_teacher_config, packaged_config, row_config, run_study
 
 
 @pytest.mark.slow
@@ -18,7 +21,9 @@ def test_tiny_study_end_to_end_and_resumable(tmp_path):
                   "student": {"image_size": 96}, "optim": {"warmup_steps": 1},
                   "distill": {"sample_size": 32, "max_positives": 16}},
         "detectors": ["ssdlite320_mobilenet_v3"], "seeds": [0],
-        "rows": {"baseline": ["distill.kd=[]"], "all": ["distill.kd=[cls,loc,kd_loc]"]},
+        "det_teacher": ["max_steps=2", "seed=7"],
+        "rows": {"baseline": ["distill.kd=[]"], "all": ["distill.kd=[cls,loc,kd_loc]"],
+                 "all+det_pkd": ["distill.kd=[cls,loc,kd_loc,det:pkd]"]},
     }
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -29,11 +34,25 @@ def test_tiny_study_end_to_end_and_resumable(tmp_path):
     for name in ("report.csv", "ap_vs_iou.png", "loss_curves.png", "predictions.png", "teacher/teacher.json",
                  "backbone/ssdlite320_mobilenet_v3.safetensors"):
         assert (out / name).is_file(), name
-    runs = {row: out / "ssdlite320_mobilenet_v3" / row / "seed0" for row in ("baseline", "all")}
+    runs = {row: out / "ssdlite320_mobilenet_v3" / row / "seed0" for row in ("baseline", "all", "all+det_pkd")}
     saved = yaml.safe_load((runs["all"] / "config.yaml").read_text())
     assert saved["distill"]["kd"] == ["cls", "loc", "kd_loc"]  # the row's override reached its run
     assert saved["student"]["backbone_weights"].endswith("ssdlite320_mobilenet_v3.safetensors")
+    assert saved["distill"]["det_teacher"] is None  # only det:* rows get the detector teacher
     assert json.loads((runs["baseline"] / "results.json").read_text().replace("NaN", "null"))["steps"] == 1
+    # the detector teacher: trained once, without KD, from the same backbone, with its own overrides
+    det_teacher = out / "ssdlite320_mobilenet_v3" / "det_teacher"
+    teacher_config = yaml.safe_load((det_teacher / "config.yaml").read_text())
+    assert teacher_config["distill"]["kd"] == [] and (teacher_config["max_steps"], teacher_config["seed"]) == (2, 7)
+    assert teacher_config["student"]["backbone_weights"] == saved["student"]["backbone_weights"]
+    det_row = yaml.safe_load((runs["all+det_pkd"] / "config.yaml").read_text())
+    assert det_row["distill"]["det_teacher"] == str(det_teacher)
+    columns = (runs["all+det_pkd"] / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"det_pkd", "w_det_pkd", "kd_cls", "kd_loc"} <= set(columns)
+    teacher_results = json.loads((det_teacher / "results.json").read_text().replace("NaN", "null"))
+    assert teacher_results["steps"] == 2 and "`all+det_pkd`" in text
+    assert "Detector teacher of the det:* rows (ssdlite320_mobilenet_v3" in text and str(det_teacher) in text
+    runs["det_teacher"] = det_teacher
 
     stamps = {row: (run / "results.json").stat().st_mtime_ns for row, run in runs.items()}
     run_study(path)  # finished runs are skipped
@@ -45,3 +64,31 @@ def test_study_without_rows_is_refused(tmp_path):
     path.write_text("name: x\nrows: {}\n")
     with pytest.raises(ValueError, match="study.rows is empty"):
         run_study(path)
+
+
+def test_det2det_study_shares_the_demo_recipe_and_trains_its_teacher_longer():
+    study = load_config(StudyConfig, packaged_config("study_det2det.yaml"))
+    demo = load_config(StudyConfig, packaged_config("demo.yaml"))
+    check_study(study, Path("runs"))
+    assert (study.demo_data, study.teacher, study.backbone_pretrain, study.train) == (
+        demo.demo_data, demo.teacher, demo.backbone_pretrain, demo.train)
+    assert study.seeds == [0, 1, 2] and study.detectors == ["ssdlite320_mobilenet_v3"]
+    kd = {row: row_config(study, row, "ssdlite320_mobilenet_v3", Path("runs"), 0).distill.kd for row in study.rows}
+    assert kd == {"baseline": [], "det_pkd": ["det:pkd"], "kd_cls+loc+kd_loc": ["cls", "loc", "kd_loc"],
+                  "kd_cls+loc+kd_loc+det_pkd": ["cls", "loc", "kd_loc", "det:pkd"]}
+    teacher = det_teacher_config(study, "ssdlite320_mobilenet_v3", Path("runs"))
+    assert (teacher.epochs, teacher.seed, teacher.distill.kd) == (2 * study.train.epochs, 100, [])
+    assert teacher.out == str(Path("runs") / "ssdlite320_mobilenet_v3" / "det_teacher")
+    assert teacher.student == study.train.student and teacher.optim == study.train.optim
+
+
+def test_det_rows_need_a_detector_teacher(tmp_path):
+    rows = {"baseline": ["distill.kd=[]"], "pkd": ["distill.kd=[det:pkd]"]}
+    study = StudyConfig(rows=rows)
+    with pytest.raises(ConfigError, match="row 'pkd' uses det:pkd but the study has no det_teacher block"):
+        check_study(study, tmp_path)
+    check_study(StudyConfig(rows={**rows, "pkd": ["distill.kd=[det:pkd]", "distill.det_teacher=runs/x"]}), tmp_path)
+    with pytest.raises(ConfigError, match="unknown key epochz"):
+        check_study(StudyConfig(rows=rows, det_teacher=["epochz=3"]), tmp_path)
+    with pytest.raises(ConfigError, match="'det_teacher' names the detector teacher's run folder"):
+        StudyConfig(rows={"det_teacher": []})

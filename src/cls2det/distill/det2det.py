@@ -2,8 +2,8 @@
 
 * :func:`logit_kd_loss` Chen et al., "Learning Efficient Object Detection Models with Knowledge Distillation",
   NeurIPS 2017: soft-label KD on the classification outputs of matched positives.
-* :func:`fgfi_mask`, :func:`fgfi_loss` Wang et al., "Distilling Object Detectors with Fine-grained Feature
-  Imitation", CVPR 2019: feature imitation restricted to the anchor locations near ground-truth objects.
+* :func:`fgfi_mask`, :func:`fgfi_level_masks`, :func:`fgfi_loss` Wang et al., "Distilling Object Detectors with
+  Fine-grained Feature Imitation", CVPR 2019: feature imitation restricted to the anchor locations near GT objects.
 * :func:`pkd_loss` Cao et al., "PKD: General Distillation Framework for Object Detectors via Pearson Correlation
   Coefficient", NeurIPS 2022: MSE between per-channel standardised features (= 1 - Pearson correlation).
 
@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torchvision.ops import box_iou
 
 from .losses import HEADS, _compute_dtype, _kl_terms, _zero_loss
 
@@ -87,6 +88,33 @@ def fgfi_mask(anchors_iou: Tensor, psi: float = 0.5) -> Tensor:
     best = anchors_iou.flatten(-3).amax(dim=-1)  # [..., G] M_g
     keep = anchors_iou > psi * best[..., None, None, None]  # [..., G, H, W, A]
     return keep.any(dim=-1).any(dim=-3)  # OR over anchors, then over GT boxes -> [..., H, W]
+
+
+def fgfi_level_masks(gt_boxes: Tensor, level_anchors: list[Tensor], psi: float = 0.5) -> list[Tensor]:
+    """FGFI's mask for one image whose detector has several feature levels (FPN, SSD's maps).
+
+    As :func:`fgfi_mask`, with M_g the max IoU of GT box g over the anchors of *every* level (Wang et al. take the
+    max over all anchors of the image; with one level the two are the same)::
+
+        keep_g,a = IoU(g, a) > psi * max_a' IoU(g, a'),   I_l[i, j] = OR over g and over the anchors at (l, i, j)
+
+    Args:
+        gt_boxes: [G, 4] the image's GT boxes, xyxy in the pixels of the anchors.
+        level_anchors: per level [H_l, W_l, A_l, 4] anchors, xyxy.
+        psi: the threshold factor ψ in (0, 1] (paper: 0.5).
+
+    Returns:
+        per level an [H_l, W_l] bool mask (all False when G == 0).
+    """
+    if not 0 < psi <= 1:
+        raise ValueError(f"psi must be in (0, 1], got {psi}")
+    shapes = [a.shape[:3] for a in level_anchors]
+    if gt_boxes.shape[0] == 0:
+        return [torch.zeros(s[:2], dtype=torch.bool, device=gt_boxes.device) for s in shapes]
+    iou = box_iou(gt_boxes, torch.cat([a.reshape(-1, 4) for a in level_anchors]))  # [G, sum_l H_l W_l A_l]
+    keep = iou > psi * iou.amax(dim=1, keepdim=True)  # [G, A]
+    levels = keep.split([s.numel() for s in shapes], dim=1)  # L x [G, H_l W_l A_l]
+    return [k.view(-1, *s).any(dim=-1).any(dim=0) for k, s in zip(levels, shapes)]  # L x [H_l, W_l]
 
 
 def fgfi_loss(student_feat: Tensor, teacher_feat: Tensor, mask: Tensor) -> Tensor:

@@ -1,7 +1,8 @@
 """The paper's total loss (eq. 12): the detector's own losses plus the weighted distillation terms.
 
-This is the glue between a student adapter's :class:`~cls2det.students.StudentOutput` and the frozen teacher;
-the losses themselves are the pure functions of :mod:`cls2det.distill.losses`.
+This is the glue between a student adapter's :class:`~cls2det.students.StudentOutput` and the frozen teachers
+(the classifier, and for the det2det baselines a detector of the student's family); the losses themselves are the
+pure functions of :mod:`cls2det.distill.losses` and :mod:`cls2det.distill.det2det`.
 """
 from __future__ import annotations
 
@@ -10,10 +11,11 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from cls2det.config import DistillConfig
+from cls2det.config import DistillConfig, det_methods
 from cls2det.distill.crops import crop_boxes, sanitize_boxes
+from cls2det.distill.det2det import fgfi_level_masks, fgfi_loss, logit_kd_loss, pkd_loss
 from cls2det.distill.losses import kd_cls_loss, kd_loc_loss, loc_loss
-from cls2det.students.base import Positives, StudentOutput
+from cls2det.students.base import Positives, StudentAdapter, StudentOutput
 
 
 def subsample_positives(positives: Positives, max_count: int, generator: torch.Generator | None = None) -> Positives:
@@ -26,18 +28,36 @@ def subsample_positives(positives: Positives, max_count: int, generator: torch.G
 
 def distillation_losses(
     output: StudentOutput, teacher, config: DistillConfig, *, generator: torch.Generator | None = None,
+    soft_labels: Callable[[Positives], Tensor] | None = None, det_teacher: StudentAdapter | None = None,
+) -> dict[str, Tensor]:
+    """Unweighted KD terms ``{"kd_cls", "loc", "kd_loc", "det_logit", "det_fgfi", "det_pkd"}`` (those in
+    ``config.kd``) for one batch, on at most ``config.max_positives`` positives.
+
+    ``teacher`` / ``soft_labels``: see :func:`classifier_losses`; ``det_teacher`` (a frozen adapter of the student's
+    family, needed by the ``det:*`` terms): see :func:`det2det_losses`.
+    """
+    if not config.kd:
+        return {}
+    positives = subsample_positives(output.positives, config.max_positives, generator)
+    losses = classifier_losses(output, positives, teacher, config, soft_labels=soft_labels)
+    losses.update(det2det_losses(output, positives, det_teacher, config))
+    return losses
+
+
+def classifier_losses(
+    output: StudentOutput, positives: Positives, teacher, config: DistillConfig, *,
     soft_labels: Callable[[Positives], Tensor] | None = None,
 ) -> dict[str, Tensor]:
-    """Unweighted KD terms ``{"kd_cls", "loc", "kd_loc"}`` (those in ``config.kd``) for one batch.
+    """The paper's terms ``kd_cls``, ``loc``, ``kd_loc`` of ``config.kd``, unweighted; ``{}`` when none is asked.
 
     ``teacher`` (a frozen :class:`~cls2det.teacher.Teacher`, may be None when only ``loc`` is asked) sees crops in
     0..1 pixels: the detector's normalised batch is mapped back with its own mean/std, so the crops are exactly the
     pixels the detector saw (after its resize) and the teacher applies its own normalisation.
     ``soft_labels(positives) -> [K, C]``, when given, returns KD_cls's teacher logits from a cache instead.
     """
-    if not config.kd:
-        return {}
-    positives = subsample_positives(output.positives, config.max_positives, generator)
+    losses: dict[str, Tensor] = {}
+    if not set(config.kd) & {"cls", "loc", "kd_loc"}:
+        return losses
     images = output.images
     mean = output.image_mean.to(images)[None, :, None, None]
     std = output.image_std.to(images)[None, :, None, None]
@@ -47,7 +67,6 @@ def distillation_losses(
     pred_boxes = sanitize_boxes(positives.pred_boxes, height, width)
     index = positives.image_index
 
-    losses: dict[str, Tensor] = {}
     if "cls" in config.kd:
         if soft_labels is not None:
             teacher_logits = soft_labels(positives).to(positives.logits.device)  # [K, C]
@@ -70,11 +89,56 @@ def distillation_losses(
     return losses
 
 
-LOSS_WEIGHTS = {"kd_cls": "lambda_kd_cls", "loc": "lambda_loc", "kd_loc": "lambda_kd_loc"}
+def det2det_losses(output: StudentOutput, positives: Positives, det_teacher: StudentAdapter | None,
+                   config: DistillConfig) -> dict[str, Tensor]:
+    """The ``det:*`` terms of ``config.kd``: ``det_logit`` (Chen et al. 2017), ``det_fgfi`` (Wang et al. 2019),
+    ``det_pkd`` (Cao et al. 2022), unweighted; ``{}`` when none is asked.
+
+    The teacher runs once, without gradient, on the student's own batch (:meth:`StudentAdapter.teach`).
+      * det_logit: :func:`logit_kd_loss` between the student's and the teacher's class logits of ``positives``.
+      * det_fgfi: :func:`fgfi_loss` on every feature level, the levels pooled as one set of locations (one N_p, the
+        sum over levels of masked squared differences / 2 N_p); masks from :func:`fgfi_level_masks`.
+      * det_pkd: :func:`pkd_loss` summed over the feature levels (as the PKD authors' code), skipping a level with
+        fewer than 2 values per channel (a 1x1 map of a 1-image batch has no per-channel std).
+    """
+    methods = det_methods(config.kd)
+    if not methods:
+        return {}
+    if det_teacher is None:
+        raise ValueError(f"distill.kd {','.join(config.kd)} needs a detector teacher: set distill.det_teacher")
+    taught = det_teacher.teach(output, positives if "logit" in methods else None)
+    losses: dict[str, Tensor] = {}
+    if "logit" in methods:
+        losses["det_logit"] = logit_kd_loss(positives.logits.float(), taught.logits.float(), head=positives.head,
+                                            temperature=config.det_temperature)
+    if {"fgfi", "pkd"} & set(methods):
+        mine, theirs = [tuple(f.shape) for f in output.features], [tuple(f.shape) for f in taught.features]
+        if mine != theirs:
+            raise ValueError(f"det:fgfi / det:pkd need equal feature maps: the student's are {mine}, the det "
+                             f"teacher's {theirs}")
+    if "fgfi" in methods:
+        if not output.level_anchors:
+            raise ValueError("det:fgfi needs the student's anchors; its family is anchor-free (use det:pkd)")
+        per_image = [fgfi_level_masks(gt, output.level_anchors, config.fgfi_psi) for gt in output.gt_boxes]
+        masks = [torch.stack(level) for level in zip(*per_image)]  # L x [N, H_l, W_l]
+        counts = [m.sum() for m in masks]  # N_p per level
+        imitation = [fgfi_loss(s, t, m) * n for s, t, m, n in zip(output.features, taught.features, masks, counts)]
+        losses["det_fgfi"] = torch.stack(imitation).sum() / torch.stack(counts).sum().clamp(min=1)
+    if "pkd" in methods:
+        losses["det_pkd"] = torch.stack([pkd_loss(s, t) for s, t in zip(output.features, taught.features)
+                                         if s.shape[0] * s.shape[2] * s.shape[3] >= 2]).sum()
+    return losses
+
+
+LOSS_WEIGHTS = {
+    "kd_cls": "lambda_kd_cls", "loc": "lambda_loc", "kd_loc": "lambda_kd_loc",
+    "det_logit": "lambda_det_logit", "det_fgfi": "lambda_det_fgfi", "det_pkd": "lambda_det_pkd",
+}
 
 
 def total_loss(detector_losses: dict[str, Tensor], kd_losses: dict[str, Tensor], config: DistillConfig) -> Tensor:
-    """Eq. (12): ``sum(L_det) + lambda_kc*KD_cls + lambda_kl*KD_loc + lambda_l*loc``."""
+    """Eq. (12): ``sum(L_det) + lambda_kc*KD_cls + lambda_kl*KD_loc + lambda_l*loc``, plus ``lambda_det_*`` times
+    each det2det term."""
     total = sum(detector_losses.values())
     for name, value in kd_losses.items():
         total = total + getattr(config, LOSS_WEIGHTS[name]) * value

@@ -16,12 +16,13 @@ from pathlib import Path
 import torch
 from lightning_fabric import Fabric
 
-from cls2det.config import TrainConfig, save_config
+from cls2det.config import TrainConfig, det_methods, save_config
 from cls2det.data import CocoDetection, collate, load_split
 from cls2det.distill.cache import SoftLabelCache, build_soft_label_cache
 from cls2det.distill.objective import LOSS_WEIGHTS, distillation_losses, total_loss
 from cls2det.engine.checkpoint import load_model_state, load_state, save_checkpoint
 from cls2det.engine.evaluate import evaluate_student
+from cls2det.engine.loading import load_det_teacher
 from cls2det.engine.logger import MetricsLogger
 from cls2det.engine.run_dir import (
     BEST, CLASSES, CONFIG, LAST, METRICS_CSV, RESULTS, SOFT_LABELS, TrainingError, TrainingInterrupted,
@@ -105,6 +106,7 @@ class _Trainer:
         if self.teacher is not None and "cls" in config.distill.kd and config.distill.soft_label_cache:
             self.soft_labels = self._soft_label_cache()
         student = create_student(config.student.detector, self.train_split.num_classes, config.student)
+        self.det_teacher = self._det_teacher(student) if det_methods(config.distill.kd) else None
         if fabric.is_global_zero:
             classes = {"class_names": self.train_split.class_names, "category_ids": self.train_split.label_to_cat_id}
             write_json(out / CLASSES, classes)
@@ -206,7 +208,8 @@ class _Trainer:
 
         output = self.model(images, targets)
         kd_losses = distillation_losses(
-            output, self.teacher, config.distill, generator=generator, soft_labels=soft_labels
+            output, self.teacher, config.distill, generator=generator, soft_labels=soft_labels,
+            det_teacher=self.det_teacher,
         )
         loss = total_loss(output.losses, kd_losses, config.distill)
         terms = {**output.losses, **kd_losses}
@@ -265,6 +268,15 @@ class _Trainer:
         if self.stop_signal is not None:  # second Ctrl-C: stop now
             raise KeyboardInterrupt
         self.stop_signal = signum
+
+    def _det_teacher(self, student):
+        """The det2det teacher, loaded once, frozen, on this rank's device (never wrapped in DDP)."""
+        config = self.config
+        if not config.distill.det_teacher:
+            raise TrainingError(f"--kd {','.join(config.distill.kd)} needs a detector teacher: pass --det-teacher RUN "
+                                "(a run of the student's detector, trained with `cls2det train --kd none`)")
+        return load_det_teacher(config.distill.det_teacher, student, self.train_split.class_names,
+                                det_methods(config.distill.kd), device=self.fabric.device)
 
     def _soft_label_cache(self) -> SoftLabelCache:
         """Built once by rank 0 into the run folder (kept for --resume), then loaded by every rank."""

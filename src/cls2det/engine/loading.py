@@ -3,13 +3,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Sequence
 
+import torch
 from torch import nn
 
 from cls2det.config import ConfigError, TrainConfig, load_config
 from cls2det.engine.checkpoint import CheckpointError, load_model_state
-from cls2det.engine.run_dir import CLASSES, CONFIG
+from cls2det.engine.run_dir import CLASSES, CONFIG, TrainingError
 from cls2det.students import create_student
+from cls2det.students.base import StudentAdapter
 
 
 def load_student(run: str | Path, *, checkpoint: str = "last") -> tuple[nn.Module, TrainConfig]:
@@ -27,3 +30,23 @@ def load_student(run: str | Path, *, checkpoint: str = "last") -> tuple[nn.Modul
         culprit = (missing or unexpected)[0]
         raise CheckpointError(f"{run / checkpoint} does not fit {config.student.detector}: key {culprit}")
     return model.eval(), config
+
+
+def load_det_teacher(run: str | Path, student: StudentAdapter, class_names: Sequence[str], methods: Sequence[str],
+                     device: torch.device | str = "cpu") -> StudentAdapter:
+    """The detector of run folder ``run`` (its last checkpoint) as the frozen det2det teacher of ``student``.
+
+    Frozen: eval mode (BatchNorm uses its running statistics, dropout is off), ``requires_grad=False``, on
+    ``device``. Checked first: the run's classes are ``class_names``, and ``student.check_det_teacher`` accepts it
+    for ``methods`` (same family, same resizing, equal anchors / feature maps where the method needs them).
+    """
+    run = Path(run)
+    teacher, _ = load_student(run)
+    classes = json.loads((run / CLASSES).read_text())["class_names"]
+    if list(classes) != list(class_names):
+        raise TrainingError(f"det teacher {run} was trained on classes {classes}, but the data has {list(class_names)}")
+    try:
+        student.check_det_teacher(teacher, methods)
+    except ValueError as err:
+        raise TrainingError(f"det teacher {run}: {err}") from None
+    return teacher.requires_grad_(False).eval().to(device)

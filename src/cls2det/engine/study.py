@@ -2,6 +2,8 @@
 
 Each run is a ``cls2det train`` subprocess (clean peak-memory figures, a crash ends one run only) in
 ``out/<detector>/<row>/seed<k>``; a run with ``results.json`` is skipped, one with a checkpoint is resumed.
+Rows with det2det terms (``distill.kd`` with ``det:*``) get a detector teacher trained once per detector
+(``study.det_teacher``) in ``out/<detector>/det_teacher``, skipped the same way.
 """
 from __future__ import annotations
 
@@ -15,11 +17,12 @@ from importlib import resources
 from pathlib import Path
 
 from cls2det.config import (
-    ConfigError, StudyConfig, TrainConfig, apply_overrides, from_dict, load_config, save_config, to_dict,
+    ConfigError, StudyConfig, TrainConfig, apply_overrides, det_methods, from_dict, load_config, save_config, to_dict,
 )
 from cls2det.engine.run_dir import LAST, METRICS_CSV, RESULTS
 
 DEMO_CONFIG = "demo.yaml"
+DET_TEACHER = "det_teacher"  # out/<detector>/det_teacher: the det2det rows' detector teacher
 
 
 def packaged_config(name: str) -> Path:
@@ -41,22 +44,55 @@ def run_study(path: str | Path, overrides: list[str] = ()) -> Path:
     out = Path(study.out)
     out.mkdir(parents=True, exist_ok=True)
     save_config(study, out / "study.yaml")
-    for row in study.rows:  # validate every row before spending compute
-        row_config(study, row, study.detectors[0], out, 0)
+    check_study(study, out)  # every row, before spending compute
 
     data = Path(study.data) if study.data else _demo_data(study, out)
     teacher_run, teacher_top1 = _teacher(study, data, out)
-    results = []
+    results, notes = [], list(study.notes)
     for detector in study.detectors:
         backbone = _backbone(study, data, out, detector)
+        det_teacher = _det_teacher(study, data, out, detector, backbone)
+        if det_teacher is not None:
+            notes.append(_det_teacher_note(det_teacher))
         for seed in study.seeds:
             for row in study.rows:
                 config = row_config(study, row, detector, out, seed)
                 config.data, config.teacher = str(data), str(teacher_run)
                 if backbone is not None:
                     config.student.backbone_weights = str(backbone)
+                if det_teacher is not None and det_methods(config.distill.kd) and not config.distill.det_teacher:
+                    config.distill.det_teacher = det_teacher["run"]
                 results.append(_train(config, row))
-    return _report(study, results, teacher_top1, out, data)
+    return _report(study, results, teacher_top1, out, data, notes)
+
+
+def check_study(study: StudyConfig, out: Path) -> None:
+    """Raise :class:`ConfigError` unless every row (and the detector teacher's run) makes a valid TrainConfig and
+    every det2det row has a detector teacher (``study.det_teacher`` or its own ``distill.det_teacher``)."""
+    for row in study.rows:
+        config = row_config(study, row, study.detectors[0], out, 0)
+        if det_methods(config.distill.kd) and study.det_teacher is None and not config.distill.det_teacher:
+            raise ConfigError(f"row {row!r} uses {','.join(config.distill.kd)} but the study has no det_teacher "
+                              "block and the row sets no distill.det_teacher")
+    if study.det_teacher is not None:
+        det_teacher_config(study, study.detectors[0], out)
+
+
+def uses_det_teacher(study: StudyConfig) -> bool:
+    """Whether a row needs the study's detector teacher (det:* terms without its own distill.det_teacher)."""
+    rows = [row_config(study, row, study.detectors[0], Path("."), 0) for row in study.rows]
+    return study.det_teacher is not None and any(
+        det_methods(c.distill.kd) and not c.distill.det_teacher for c in rows)
+
+
+def det_teacher_config(study: StudyConfig, detector: str, out: Path) -> TrainConfig:
+    """The detector teacher's run: the study's ``train`` section, then ``study.det_teacher``'s overrides, without
+    KD terms, the row's detector (so the same family, input size and anchors), in ``out/<detector>/det_teacher``."""
+    values = apply_overrides(copy.deepcopy(to_dict(study.train)), study.det_teacher or [])
+    values["student"]["detector"] = detector
+    values["distill"]["kd"] = []
+    values["out"] = str(out / detector / DET_TEACHER)
+    return from_dict(TrainConfig, values)
 
 
 def row_config(study: StudyConfig, row: str, detector: str, out: Path, seed: int) -> TrainConfig:
@@ -106,11 +142,28 @@ def _backbone(study: StudyConfig, data: Path, out: Path, detector: str) -> Path 
     return path
 
 
+def _det_teacher(study: StudyConfig, data: Path, out: Path, detector: str, backbone: Path | None) -> dict | None:
+    """Train (or find finished) ``detector``'s det2det teacher when a row needs it; its results, or None."""
+    if not uses_det_teacher(study):
+        return None
+    config = det_teacher_config(study, detector, out)
+    config.data, config.teacher = str(data), None
+    if backbone is not None:
+        config.student.backbone_weights = str(backbone)  # the same ImageNet stand-in as the rows
+    return _train(config, DET_TEACHER)
+
+
+def _det_teacher_note(results: dict) -> str:
+    metrics = results["metrics"]
+    return (f"Detector teacher of the det:* rows ({results['detector']}, {results['epochs']} epochs, seed "
+            f"{results['seed']}, no KD): mAP {metrics['mAP']:.2f}, AP50 {metrics['AP50']:.2f} ({results['run']})")
+
+
 def _train(config: TrainConfig, row: str) -> dict:
     run = Path(config.out)
     if not (run / RESULTS).is_file():
         run.parent.mkdir(parents=True, exist_ok=True)
-        recipe = run.parent / f"seed{config.seed}.yaml"
+        recipe = run.with_name(f"{run.name}.yaml")  # <row>/seed<k>.yaml, <detector>/det_teacher.yaml
         save_config(config, recipe)
         flag = "--resume" if (run / LAST).is_dir() else "--overwrite"
         cmd = [sys.executable, "-m", "cls2det", "train", config.data, "--out", str(run), "--config", str(recipe),
@@ -126,7 +179,8 @@ def _train(config: TrainConfig, row: str) -> dict:
     return {**results, "row": row, "seed": config.seed, "detector": config.student.detector, "run": str(run)}
 
 
-def _report(study: StudyConfig, results: list[dict], teacher_top1: float | None, out: Path, data: Path) -> Path:
+def _report(study: StudyConfig, results: list[dict], teacher_top1: float | None, out: Path, data: Path,
+            notes: list[str]) -> Path:
     from cls2det.evaluation.plots import plot_ap_vs_iou, plot_loss_curves
     from cls2det.evaluation.report import write_report
 
@@ -137,7 +191,7 @@ def _report(study: StudyConfig, results: list[dict], teacher_top1: float | None,
     plots.append(plot_loss_curves(curves, out / "loss_curves.png"))
     if _prediction_grid(study, results, out, data):
         plots.append(out / "predictions.png")
-    return write_report(results, out, title=study.name, teacher_top1=teacher_top1, notes=study.notes, plots=plots)
+    return write_report(results, out, title=study.name, teacher_top1=teacher_top1, notes=notes, plots=plots)
 
 
 def _prediction_grid(study: StudyConfig, results: list[dict], out: Path, data: Path, count: int = 4) -> bool:

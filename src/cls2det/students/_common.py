@@ -18,7 +18,7 @@ from torchvision.ops import FrozenBatchNorm2d, box_iou
 
 from cls2det.config import StudentConfig
 from cls2det.teacher.model import read_state_dict  # one safe reader for every local weights file
-from cls2det.students.base import Positives, empty_positives
+from cls2det.students.base import Positives, StudentOutput, empty_positives
 
 # The order in which torchvision unfreezes ResNet stages (``backbone_utils._resnet_fpn_extractor``).
 _RESNET_TRAINABLE_ORDER = ("layer4", "layer3", "layer2", "layer1", "conv1")
@@ -202,12 +202,35 @@ def positives_from_matches(
         gt = matched[fg]  # [K_i]
         parts.append((
             torch.full_like(fg, i), target["boxes"][gt].detach(), target["labels"][gt] - label_offset,
-            cls_logits[i, fg], decode(i, fg), gt,
+            cls_logits[i, fg], decode(i, fg), gt, fg,
         ))
     if not parts:
         return empty_positives(cls_logits.device, cls_logits.dtype, cls_logits.shape[-1], head)
-    image_index, gt_boxes, labels, logits, pred_boxes, gt_index = (torch.cat(p) for p in zip(*parts))
-    return Positives(image_index, gt_boxes, labels, logits, pred_boxes, head, gt_index)
+    image_index, gt_boxes, labels, logits, pred_boxes, gt_index, anchor_index = (torch.cat(p) for p in zip(*parts))
+    return Positives(image_index, gt_boxes, labels, logits, pred_boxes, head, gt_index, anchor_index)
+
+
+def student_output(detector: nn.Module, losses: dict[str, Tensor], positives: Positives, image_list,
+                   features: list[Tensor], targets: list[dict[str, Tensor]], anchors: Tensor | None = None,
+                   anchor_generator: nn.Module | None = None) -> StudentOutput:
+    """The train-step record of an adapter. ``anchors``: one image's [A, 4] anchors (every image of a batch has the
+    same), split per level with ``anchor_generator.num_anchors_per_location()``; None for anchor-free families."""
+    mean, std = image_mean_std(detector.transform, image_list.tensors)
+    levels = [] if anchors is None else split_anchor_levels(
+        anchors, features, anchor_generator.num_anchors_per_location())
+    return StudentOutput(losses, positives, image_list.tensors, mean, std, features=list(features),
+                         level_anchors=levels, gt_boxes=[t["boxes"].detach() for t in targets],
+                         image_sizes=[tuple(s) for s in image_list.image_sizes])
+
+
+def split_anchor_levels(anchors: Tensor, features: list[Tensor], anchors_per_location: list[int]) -> list[Tensor]:
+    """One image's anchors [A, 4] (torchvision's order: level, then location row-major, then anchor) as one
+    [H_l, W_l, a_l, 4] tensor per level; ``anchors_per_location`` = the generator's ``num_anchors_per_location()``."""
+    sizes = [f.shape[-2] * f.shape[-1] * a for f, a in zip(features, anchors_per_location)]
+    if sum(sizes) != anchors.shape[0]:
+        raise ValueError(f"{anchors.shape[0]} anchors do not tile feature maps of {sizes} anchors")
+    return [level.view(f.shape[-2], f.shape[-1], a, 4)
+            for level, f, a in zip(anchors.split(sizes), features, anchors_per_location)]
 
 
 # ------------------------------------------------------------------------------------ classifier-layout backbones

@@ -4,10 +4,13 @@ An adapter wraps one torchvision detector family. It is the only code that knows
 internals. In train mode it runs the detector's own loss computation (unchanged) and also returns,
 for the positives the detector's own matcher / sampler chose, the record the distillation losses need.
 In eval mode it returns torchvision's detections, with labels mapped back to 0-based classes.
+A trained, frozen adapter can also teach a student of its own family (det2det, :meth:`StudentAdapter.teach`): its
+feature maps and its class logits for the student's positives, computed on the student's own batch.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
+from typing import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -27,16 +30,19 @@ class Positives:
     pred_boxes: Tensor  # [K, 4] the student's decoded prediction, differentiable w.r.t. its regression output
     head: str  # "softmax" or "sigmoid"
     gt_index: Tensor | None = None  # [K] int64, index of the assigned GT box within its image's targets
+    # Where each positive sits in the detector, so that a det2det teacher of the same family can score it too:
+    anchor_index: Tensor | None = None  # [K] int64, the anchor / location within its image's anchors (dense heads)
+    proposals: Tensor | None = None  # [K, 4] the sampled proposal box (Faster R-CNN), batch pixels, no gradient
 
     def __len__(self) -> int:
         return int(self.labels.numel())
 
     def subset(self, index: Tensor) -> "Positives":
         """The positives at ``index`` ([k] int64 or bool mask)."""
-        return Positives(
-            self.image_index[index], self.gt_boxes[index], self.labels[index], self.logits[index],
-            self.pred_boxes[index], self.head, None if self.gt_index is None else self.gt_index[index],
-        )
+        def pick(value):
+            return value if value is None or isinstance(value, str) else value[index]
+
+        return Positives(**{f.name: pick(getattr(self, f.name)) for f in fields(self)})
 
 
 @dataclass
@@ -48,6 +54,20 @@ class StudentOutput:
     images: Tensor  # [N, 3, H, W] the normalised, resized, padded batch the detector saw
     image_mean: Tensor  # [3] the detector transform's mean: pixels01 = images * image_std + image_mean
     image_std: Tensor  # [3]
+    # For det2det feature distillation (:mod:`cls2det.distill.det2det`):
+    features: list[Tensor] = field(default_factory=list)  # the L maps the heads read, [N, D_l, H_l, W_l], with grad
+    level_anchors: list[Tensor] = field(default_factory=list)  # per level [H_l, W_l, a_l, 4] anchors in batch pixels,
+    # the same for every image of the batch; empty for anchor-free families (FCOS)
+    gt_boxes: list[Tensor] = field(default_factory=list)  # per image [G_i, 4] its GT boxes in batch pixels
+    image_sizes: list[tuple[int, int]] = field(default_factory=list)  # per image (h, w) after resizing, before padding
+
+
+@dataclass
+class DetTeacherOutput:
+    """What a frozen detector teacher computes on a student's batch (:meth:`StudentAdapter.teach`)."""
+
+    features: list[Tensor]  # its L feature maps [N, D_l, H_l, W_l]
+    logits: Tensor | None  # [K, D] its class logits for the student's K positives (None when not asked)
 
 
 class StudentAdapter(nn.Module):
@@ -58,6 +78,8 @@ class StudentAdapter(nn.Module):
     """
 
     head: str = "softmax"
+    has_anchors: bool = True  # FGFI's mask needs anchors; False for anchor-free families
+    dense_head: bool = True  # class logits at every anchor / location (False: Faster R-CNN's box head on proposals)
 
     def __init__(self, detector: nn.Module, num_classes: int) -> None:
         super().__init__()
@@ -86,10 +108,102 @@ class StudentAdapter(nn.Module):
         """Shallow-copy targets with labels shifted into the detector's convention."""
         return [{**t, "labels": t["labels"] + self.label_offset} for t in targets]
 
+    # ------------------------------------------------------------------------------------ det2det: as a teacher
+
+    @property
+    def anchor_generator(self) -> nn.Module:
+        """The generator of the anchors (or locations) the head predicts at; Faster R-CNN: the RPN's."""
+        return self.detector.anchor_generator
+
+    def backbone_maps(self, tensors: Tensor) -> dict[str, Tensor]:
+        """The named feature maps the heads read, for a normalised batch [N, 3, H, W]."""
+        features = self.detector.backbone(tensors)
+        return {"0": features} if isinstance(features, Tensor) else features
+
+    @torch.no_grad()
+    def teach(self, output: StudentOutput, positives: Positives | None = None) -> DetTeacherOutput:
+        """Run this detector (a frozen det2det teacher of the student's family) on the student's own batch.
+
+        ``output.images`` is re-normalised from the student's mean/std to this detector's (the identity when they
+        are equal); it is not resized again: :meth:`check_det_teacher` has checked that both transforms resize
+        alike. Returns this detector's feature maps and, when ``positives`` is given, its class logits for them:
+        dense heads (SSD, RetinaNet, FCOS) at the same anchors (``positives.anchor_index``); Faster R-CNN
+        overrides :meth:`positive_logits` to run its box head on the student's proposals.
+        """
+        images = output.images  # [N, 3, H, W]
+        transform = self.detector.transform
+        mean = torch.as_tensor(transform.image_mean, device=images.device, dtype=images.dtype)[:, None, None]
+        std = torch.as_tensor(transform.image_std, device=images.device, dtype=images.dtype)[:, None, None]
+        student_mean = output.image_mean.to(images)[:, None, None]
+        student_std = output.image_std.to(images)[:, None, None]
+        if not (torch.equal(mean, student_mean) and torch.equal(std, student_std)):
+            images = (images * student_std + student_mean - mean) / std
+        features = self.backbone_maps(images)  # L x [N, D_l, H_l, W_l]
+        logits = None if positives is None else self.positive_logits(features, output, positives)
+        return DetTeacherOutput(list(features.values()), logits)
+
+    def positive_logits(self, features: dict[str, Tensor], output: StudentOutput, positives: Positives) -> Tensor:
+        """[K, D] this detector's class logits at the positives' anchors (dense heads; Faster R-CNN overrides)."""
+        if positives.anchor_index is None:
+            raise ValueError(f"{type(self).__name__}: the positives carry no anchor_index")
+        cls_logits = self.detector.head.classification_head(list(features.values()))  # [N, A, D]
+        return cls_logits[positives.image_index, positives.anchor_index]  # [K, D]
+
+    @torch.no_grad()
+    def geometry_probe(self) -> tuple[list[tuple[int, ...]], Tensor]:
+        """(feature-map shapes, anchors [A, 4]) for one blank image of this detector's input size, in eval mode
+        (BatchNorm statistics untouched): what two detectors must share to distill one into the other."""
+        transform = self.detector.transform
+        side = transform.fixed_size[0] if transform.fixed_size else transform.min_size[-1]
+        dtype = next(self.parameters()).dtype
+        device = next(self.parameters()).device
+        was_training = self.training
+        self.eval()
+        try:
+            image_list, _ = transform([torch.zeros(3, side, side, dtype=dtype, device=device)])
+            features = list(self.backbone_maps(image_list.tensors).values())
+            anchors = self.anchor_generator(image_list, features)[0]  # [A, 4]
+        finally:
+            self.train(was_training)
+        return [tuple(f.shape[1:]) for f in features], anchors
+
+    def check_det_teacher(self, teacher: "StudentAdapter", methods: Sequence[str]) -> None:
+        """Raise a one-line ``ValueError`` unless ``teacher`` can teach this student with det2det ``methods``
+        (``logit``, ``fgfi``, ``pkd``): same family, same classes, same resizing; same anchors for logit KD on a
+        dense head; the same feature-map shapes for the feature methods (no adaptation layer is added: with
+        the registry's detectors a channel-only mismatch does not occur, the map sizes or counts differ too)."""
+        name, other = type(self).__name__, type(teacher).__name__
+        if other != name:
+            raise ValueError(f"the det teacher is a {other}, the student a {name}: det2det needs the same family")
+        if teacher.num_classes != self.num_classes:
+            raise ValueError(f"the det teacher has {teacher.num_classes} classes, the student {self.num_classes}")
+        if "fgfi" in methods and not self.has_anchors:
+            raise ValueError(f"det:fgfi needs anchors and {name} is anchor-free: use det:logit or det:pkd")
+
+        def resizing(adapter: "StudentAdapter"):
+            t = adapter.detector.transform
+            return {"min_size": tuple(t.min_size), "max_size": t.max_size, "fixed_size": t.fixed_size,
+                    "size_divisible": t.size_divisible}
+
+        mine, theirs = resizing(self), resizing(teacher)
+        if mine != theirs:
+            raise ValueError(f"the det teacher resizes images with {theirs}, the student with {mine}: train the "
+                             "teacher with the student's student.image_size")
+        my_shapes, my_anchors = self.geometry_probe()
+        their_shapes, their_anchors = teacher.geometry_probe()
+        if {"fgfi", "pkd"} & set(methods) and my_shapes != their_shapes:
+            raise ValueError(f"det:fgfi / det:pkd need equal feature maps: the student's are {my_shapes} ([D, H, W] "
+                             f"per level), the det teacher's {their_shapes}; use a teacher of the same detector")
+        same_anchors = my_anchors.shape == their_anchors.shape and torch.equal(my_anchors, their_anchors)
+        if "logit" in methods and self.dense_head and not same_anchors:
+            raise ValueError(f"det:logit needs the same anchors: the student has {len(my_anchors)}, the det teacher "
+                             f"{len(their_anchors)} (or at other places); set the same student.anchor_sizes")
+
 
 def empty_positives(device: torch.device, dtype: torch.dtype, num_logits: int, head: str) -> Positives:
     return Positives(
         torch.zeros(0, dtype=torch.int64, device=device), torch.zeros(0, 4, dtype=dtype, device=device),
         torch.zeros(0, dtype=torch.int64, device=device), torch.zeros(0, num_logits, dtype=dtype, device=device),
         torch.zeros(0, 4, dtype=dtype, device=device), head, torch.zeros(0, dtype=torch.int64, device=device),
+        torch.zeros(0, dtype=torch.int64, device=device),
     )

@@ -20,7 +20,7 @@ from torchvision.models.detection.rpn import RPNHead
 from cls2det.config import StudentConfig
 from cls2det.students._common import (
     build_imagenet_detector, build_resnet_fpn_detector, features_view, freeze_batchnorm,
-    freeze_stages, image_mean_std, load_view_weights, stage_indices, transform_batch, transform_kwargs,
+    freeze_stages, load_view_weights, stage_indices, student_output, transform_batch, transform_kwargs,
 )
 from cls2det.students.base import Positives, StudentAdapter, StudentOutput
 
@@ -58,6 +58,7 @@ class FasterRCNNAdapter(StudentAdapter):
     """A torchvision :class:`FasterRCNN` with ``num_classes = C + 1`` (label 0 = background)."""
 
     head = "softmax"
+    dense_head = False  # class logits come from the box head on proposals
 
     def forward_train(self, images: list[Tensor], targets: list[dict[str, Tensor]]) -> StudentOutput:
         """images: list of [3, H_i, W_i] in 0..1; targets: {"boxes": [N_i, 4] xyxy pixels, "labels": [N_i] in [0, C)}.
@@ -84,8 +85,10 @@ class FasterRCNNAdapter(StudentAdapter):
         losses = {"loss_classifier": loss_classifier, "loss_box_reg": loss_box_reg, **rpn_losses}
 
         positives = self._positives(proposals, matched_idxs, labels, targets, class_logits, box_regression)
-        mean, std = image_mean_std(det.transform, image_list.tensors)
-        return StudentOutput(losses, positives, image_list.tensors, mean, std)
+        feature_maps = list(features.values())
+        rpn_anchors = det.rpn.anchor_generator(image_list, feature_maps)[0]  # [A, 4]: FGFI's anchors, as in Wang et al.
+        return student_output(det, losses, positives, image_list, feature_maps, targets, rpn_anchors,
+                              det.rpn.anchor_generator)
 
     def _positives(self, proposals: list[Tensor], matched_idxs: list[Tensor], labels: list[Tensor],
                    targets: list[dict[str, Tensor]], class_logits: Tensor, box_regression: Tensor) -> Positives:
@@ -100,9 +103,29 @@ class FasterRCNNAdapter(StudentAdapter):
         image_index = torch.cat([torch.full_like(label, i) for i, label in enumerate(labels)])[fg]  # [K]
         fg_labels = all_labels[fg]  # [K] in 1..C
         regression = box_regression.reshape(box_regression.shape[0], -1, 4)[fg, fg_labels]  # [K, 4]
-        pred_boxes = self.detector.roi_heads.box_coder.decode_single(regression, torch.cat(proposals)[fg])  # [K, 4]
+        fg_proposals = torch.cat(proposals)[fg]  # [K, 4]
+        pred_boxes = self.detector.roi_heads.box_coder.decode_single(regression, fg_proposals)  # [K, 4]
         return Positives(image_index, torch.cat(gt_boxes), fg_labels - self.label_offset, class_logits[fg],
-                         pred_boxes, self.head, torch.cat(gt_index))
+                         pred_boxes, self.head, torch.cat(gt_index), proposals=fg_proposals.detach())
+
+    # ------------------------------------------------------------------------------------ det2det: as a teacher
+
+    @property
+    def anchor_generator(self) -> nn.Module:
+        return self.detector.rpn.anchor_generator
+
+    def positive_logits(self, features: dict[str, Tensor], output: StudentOutput, positives: Positives) -> Tensor:
+        """[K, C+1] this detector's box-head logits for the student's positive proposals (Chen et al. 2017 run the
+        teacher's RoI head on the student's sampled RoIs): RoI-align on this detector's maps, box head, predictor."""
+        heads = self.detector.roi_heads
+        if positives.proposals is None:
+            raise ValueError("FasterRCNNAdapter: the positives carry no proposals")
+        by_image = [torch.where(positives.image_index == i)[0] for i in range(output.images.shape[0])]  # N x [K_i]
+        pooled = heads.box_roi_pool(features, [positives.proposals[k] for k in by_image], output.image_sizes)
+        class_logits, _ = heads.box_predictor(heads.box_head(pooled))  # [K, C+1], rows in image order
+        logits = torch.empty_like(class_logits)
+        logits[torch.cat(by_image)] = class_logits  # back to the positives' order
+        return logits
 
 
 def _check_num_classes(num_classes: int) -> None:

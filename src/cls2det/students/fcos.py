@@ -26,7 +26,7 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 
 from cls2det.config import StudentConfig
 from cls2det.students._common import (
-    backbone_features, build_resnet_fpn_detector, fpn_level_sizes, image_mean_std, positives_from_matches,
+    backbone_features, build_resnet_fpn_detector, fpn_level_sizes, positives_from_matches, student_output,
     transform_batch, transform_kwargs,
 )
 from cls2det.students.base import StudentAdapter, StudentOutput
@@ -83,6 +83,7 @@ class FCOSAdapter(StudentAdapter):
     """A torchvision :class:`FCOS` with ``num_classes = C`` (labels 0..C-1, no background column)."""
 
     head = "sigmoid"
+    has_anchors = False
 
     def forward_train(self, images: list[Tensor], targets: list[dict[str, Tensor]]) -> StudentOutput:
         """images: list of [3, H_i, W_i] in 0..1; targets: {"boxes": [N_i, 4] xyxy pixels, "labels": [N_i] in [0, C)}.
@@ -108,8 +109,8 @@ class FCOSAdapter(StudentAdapter):
 
         positives = positives_from_matches(matched_idxs, targets, head_outputs["cls_logits"], decode,
                                            head=self.head, label_offset=self.label_offset)
-        mean, std = image_mean_std(det.transform, image_list.tensors)
-        return StudentOutput(losses, positives, image_list.tensors, mean, std)
+        # anchor-free: FCOS's square "anchors" are locations, not FGFI's anchors, so no level_anchors
+        return student_output(det, losses, positives, image_list, features, targets)
 
 
 def fcos_resnet50(num_classes: int, config: StudentConfig, **options: Any) -> FCOSAdapter:

@@ -15,8 +15,8 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 
 from cls2det.config import StudentConfig
 from cls2det.students._common import (
-    backbone_features, build_resnet_fpn_detector, fpn_level_sizes, image_mean_std, match_anchors,
-    positives_from_matches, transform_batch, transform_kwargs,
+    backbone_features, build_resnet_fpn_detector, fpn_level_sizes, match_anchors,
+    positives_from_matches, student_output, transform_batch, transform_kwargs,
 )
 from cls2det.students.base import StudentAdapter, StudentOutput
 
@@ -57,8 +57,7 @@ class RetinaNetAdapter(StudentAdapter):
 
         positives = positives_from_matches(matched_idxs, targets, head_outputs["cls_logits"], decode,
                                            head=self.head, label_offset=self.label_offset)
-        mean, std = image_mean_std(det.transform, image_list.tensors)
-        return StudentOutput(losses, positives, image_list.tensors, mean, std)
+        return student_output(det, losses, positives, image_list, features, targets, anchors[0], det.anchor_generator)
 
 
 def retinanet_resnet50(num_classes: int, config: StudentConfig, **options: Any) -> RetinaNetAdapter:

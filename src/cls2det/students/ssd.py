@@ -21,8 +21,8 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from cls2det.config import StudentConfig
 from cls2det.students._common import (
-    backbone_features, build_imagenet_detector, features_view, freeze_stages, image_mean_std, load_view_weights,
-    match_anchors, positives_from_matches, stage_indices, transform_batch,
+    backbone_features, build_imagenet_detector, features_view, freeze_stages, load_view_weights,
+    match_anchors, positives_from_matches, stage_indices, student_output, transform_batch,
 )
 from cls2det.students.base import StudentAdapter, StudentOutput
 
@@ -58,8 +58,7 @@ class SSDAdapter(StudentAdapter):
 
         positives = positives_from_matches(matched_idxs, targets, head_outputs["cls_logits"], decode,
                                            head=self.head, label_offset=self.label_offset)
-        mean, std = image_mean_std(det.transform, image_list.tensors)
-        return StudentOutput(losses, positives, image_list.tensors, mean, std)
+        return student_output(det, losses, positives, image_list, features, targets, anchors[0], det.anchor_generator)
 
 
 def ssd_box_generator(stock: DefaultBoxGenerator, image_size: int, stock_size: int,
