@@ -163,7 +163,7 @@ def test_ranks_with_different_teachers_refuse_to_train(demo_data, teacher_run, t
     args = [str(demo_data), "--out", str(out), "--teacher", str(teacher_run), "--kd", "cls,kd_loc",
             *tiny_overrides(), "batch_size=2"]
     code, stderr, _ = run_faulty_ddp(tmp_path, "teacher:1:0", args, cli_env)
-    assert code == 2, stderr[-3000:]
+    assert code in (2, -signal.SIGKILL), stderr[-3000:]  # every rank raises; rank 0 kills rank 1 (see above)
     assert (f"error: the teacher differs across ranks: rank 1 loaded other weights from {teacher_run} than rank 0"
             in stderr), stderr[-3000:]
     assert not (out / "config.yaml").exists() and not (out / SOFT_LABELS).exists()  # checked before any work
