@@ -49,6 +49,8 @@ def test_round_trip(tmp_path):
         ("distill.temperature=0", "distill.temperature must be > 0"),
         ("optim.name=adam", "optim.name: unknown value 'adam'; valid: sgd, adamw"),
         ("nokey", "is not of the form key=value"),
+        ("dist_timeout_s=0", "dist_timeout_s must be > 0 and <= 1e9 seconds, got 0.0"),
+        ("dist_timeout_s=.nan", "dist_timeout_s must be > 0 and <= 1e9 seconds, got nan"),
     ],
 )
 def test_bad_values_name_the_culprit(override, message):

@@ -137,10 +137,17 @@ class TrainConfig:
     devices: int | str = 1
     num_nodes: int = 1
     strategy: str = "auto"  # Fabric strategy: auto, ddp, ...
+    # seconds a collective may wait for a slow or dead rank before it fails (strategies with a process-group timeout:
+    # ddp*, fsdp*, deepspeed*); rank 0 evaluates alone while the others wait, so keep it above one evaluation
+    dist_timeout_s: float = 1800.0
     precision: str = "32-true"  # Fabric precision: 32-true, bf16-mixed, 16-mixed
     student: StudentConfig = field(default_factory=StudentConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+
+    def __post_init__(self) -> None:
+        if not 0 < self.dist_timeout_s <= 1e9:  # NaN and inf fail too (timedelta cannot hold them)
+            raise ConfigError(f"dist_timeout_s must be > 0 and <= 1e9 seconds, got {self.dist_timeout_s}")
 
 
 @dataclass

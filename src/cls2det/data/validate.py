@@ -13,9 +13,11 @@ from __future__ import annotations
 import copy
 import json
 import math
+import reprlib
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from PIL import Image
 
 
@@ -41,14 +43,28 @@ def read_json(path: str | Path) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as err:
         raise DatasetError(f"{path}:{err.lineno}:{err.colno}: malformed JSON: {err.msg}") from None
+    except RecursionError:
+        raise DatasetError(f"{path}: JSON nested too deeply") from None
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    """A finite int or float, not a bool; an int beyond float range (JSON allows any number of digits) is not."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+def _is_id(value: Any) -> bool:
+    """An int that fits in int64 (the targets' tensors and pycocotools hold ids as such), not a bool."""
+    return isinstance(value, int) and not isinstance(value, bool) and -(2**63) <= value < 2**63
+
+
+def _show(value: Any) -> str:
+    """A short one-line repr of a JSON value, for messages (strings, lists and deep nesting are cut)."""
+    return reprlib.repr(value)
 
 
 def _records(coco: dict, key: str, required: tuple[str, ...], source: Path) -> list[dict]:
@@ -63,12 +79,12 @@ def _records(coco: dict, key: str, required: tuple[str, ...], source: Path) -> l
     for index, record in enumerate(records):
         if not isinstance(record, dict):
             raise DatasetError(f"{source}: {key}[{index}] must be an object, got {type(record).__name__}")
-        name = f"{kind} id {record['id']}" if "id" in record else f"{key}[{index}]"
+        name = f"{kind} id {record['id']}" if _is_id(record.get("id")) else f"{key}[{index}]"
         for field in required:
             if field not in record:
                 raise DatasetError(f"{source}: {name} is missing key '{field}'")
-        if not _is_int(record["id"]):
-            raise DatasetError(f"{source}: {key}[{index}] id must be an integer, got {record['id']!r}")
+        if not _is_id(record["id"]):
+            raise DatasetError(f"{source}: {key}[{index}] id must be an integer (int64), got {_show(record['id'])}")
         if record["id"] in seen:
             raise DatasetError(f"{source}: duplicate {kind} id {record['id']}")
         seen.add(record["id"])
@@ -88,7 +104,7 @@ def validate_coco(
     source = Path(source)
     if not isinstance(coco, dict):
         raise DatasetError(f"{source}: top level must be a JSON object, got {type(coco).__name__}")
-    if clip_tolerance < 0:
+    if not clip_tolerance >= 0:  # NaN too
         raise ValueError(f"clip_tolerance must be >= 0, got {clip_tolerance}")
     if not inplace:
         coco = copy.deepcopy(coco)
@@ -102,9 +118,12 @@ def validate_coco(
     for image in images:
         width, height = image["width"], image["height"]
         if not (_is_number(width) and _is_number(height) and width > 0 and height > 0):
-            raise DatasetError(f"{source}: image id {image['id']} has invalid width/height {width!r}/{height!r}")
-        if not isinstance(image["file_name"], str) or not image["file_name"]:
-            raise DatasetError(f"{source}: image id {image['id']} has invalid file_name {image['file_name']!r}")
+            raise DatasetError(
+                f"{source}: image id {image['id']} has invalid width/height {_show(width)}/{_show(height)}"
+            )
+        # one non-empty line: the name goes into messages (and a line break in a file name is a bug upstream)
+        if not isinstance(image["file_name"], str) or image["file_name"].splitlines() != [image["file_name"]]:
+            raise DatasetError(f"{source}: image id {image['id']} has invalid file_name {_show(image['file_name'])}")
         sizes[image["id"]] = (float(width), float(height))
     for category in categories:
         if not isinstance(category["name"], str):
@@ -114,13 +133,16 @@ def validate_coco(
     clipped = 0
     for ann in annotations:
         name = f"annotation id {ann['id']}"
+        for field in ("image_id", "category_id"):
+            if not _is_id(ann[field]):  # (also keeps unhashable values out of the lookups below)
+                raise DatasetError(f"{source}: {name} {field} must be an integer (int64), got {_show(ann[field])}")
         if ann["image_id"] not in sizes:
-            raise DatasetError(f"{source}: {name} points to unknown image id {ann['image_id']!r}")
+            raise DatasetError(f"{source}: {name} points to unknown image id {ann['image_id']}")
         if ann["category_id"] not in category_ids:
-            raise DatasetError(f"{source}: {name} points to unknown category id {ann['category_id']!r}")
+            raise DatasetError(f"{source}: {name} points to unknown category id {ann['category_id']}")
         bbox = ann["bbox"]
         if not (isinstance(bbox, list) and len(bbox) == 4 and all(_is_number(v) for v in bbox)):
-            raise DatasetError(f"{source}: {name} bbox must be 4 finite numbers [x, y, w, h], got {bbox!r}")
+            raise DatasetError(f"{source}: {name} bbox must be 4 finite numbers [x, y, w, h], got {_show(bbox)}")
         x, y, w, h = (float(v) for v in bbox)
         if w <= 0 or h <= 0:
             raise DatasetError(f"{source}: {name} has non-positive box width/height {w:g}/{h:g}")
@@ -137,18 +159,22 @@ def validate_coco(
             )
         x1, y1 = max(x, 0.0), max(y, 0.0)
         x2, y2 = min(x + w, width), min(y + h, height)
-        if x2 <= x1 or y2 <= y1:
-            raise DatasetError(f"{source}: {name} box is empty after clipping to image id {ann['image_id']}")
+        # in float32, as the training targets hold it: a box thinner than its resolution would be degenerate there
+        if np.float32(x2) <= np.float32(x1) or np.float32(y2) <= np.float32(y1):
+            raise DatasetError(
+                f"{source}: {name} box is empty after clipping to image id {ann['image_id']} (in float32: "
+                f"[{x:g}, {y:g}, {w:g}, {h:g}] xywh)"
+            )
         if (x1, y1, x2, y2) != (x, y, x + w, y + h):
             clipped += 1
             ann["bbox"] = [x1, y1, x2 - x1, y2 - y1]
         iscrowd = ann.setdefault("iscrowd", 0)
         if iscrowd not in (0, 1):
-            raise DatasetError(f"{source}: {name} iscrowd must be 0 or 1, got {iscrowd!r}")
+            raise DatasetError(f"{source}: {name} iscrowd must be 0 or 1, got {_show(iscrowd)}")
         if "area" not in ann:
             ann["area"] = (x2 - x1) * (y2 - y1)
         elif not _is_number(ann["area"]) or ann["area"] < 0:
-            raise DatasetError(f"{source}: {name} has invalid area {ann['area']!r}")
+            raise DatasetError(f"{source}: {name} has invalid area {_show(ann['area'])}")
     coco.setdefault("info", {})
     coco.setdefault("licenses", [])
     return coco, clipped

@@ -6,11 +6,14 @@ boundary and resumed reproduces the uninterrupted run exactly on CPU.
 """
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import resource
 import signal
+import subprocess
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -39,22 +42,69 @@ def fit(config: TrainConfig, *, resume: bool = False, overwrite: bool = False, p
     replaced = prepare_run_dir(out, resume=resume, overwrite=overwrite)
     fabric = Fabric(
         accelerator=config.accelerator, devices=config.devices, num_nodes=config.num_nodes,
-        strategy=config.strategy, precision=config.precision,
+        strategy=fabric_strategy(config.strategy, config.dist_timeout_s), precision=config.precision,
     )
     fabric.launch()
     try:
-        trainer = _Trainer(fabric, config, out, resume=resume, progress=progress)
-    except BaseException:
+        try:
+            trainer = _Trainer(fabric, config, out, resume=resume, progress=progress)
+        except BaseException:
+            if fabric.is_global_zero:
+                restore(out, replaced)  # --overwrite with a bad input loses nothing
+            raise
         if fabric.is_global_zero:
-            restore(out, replaced)  # --overwrite with a bad input loses nothing
+            discard_replaced(replaced)
+        # saved only once the data, teacher and student are validated: a run that failed on a bad input leaves no
+        # config.yaml behind, so fixing the input and running again does not hit "holds another run"
+        if fabric.is_global_zero and not resume:
+            save_config(config, out / CONFIG)
+        return trainer.run()
+    except BaseException as err:
+        # a torch.distributed error (a RuntimeError) may only mean that another rank died and closed the connection:
+        # give the ranks this process launched a moment to exit, and point at the error of the one that failed
+        lost_peer = isinstance(err, RuntimeError) and not isinstance(err, (TrainingError, TrainingInterrupted))
+        failed = end_launched_ranks(fabric, grace_s=10.0 if lost_peer else 0.0)
+        if lost_peer and failed:
+            rank, code = failed[0]
+            raise TrainingError(
+                f"rank {rank} failed (exit code {code}, its error is above); rank {fabric.global_rank} stopped: "
+                f"{str(err).splitlines()[0] if str(err) else type(err).__name__}"
+            ) from err
         raise
-    if fabric.is_global_zero:
-        discard_replaced(replaced)
-    # saved only once the data, teacher and student are validated: a run that failed on a bad input leaves no
-    # config.yaml behind, so fixing the input and running again does not hit "holds another run"
-    if fabric.is_global_zero and not resume:
-        save_config(config, out / CONFIG)
-    return trainer.run()
+
+
+def fabric_strategy(name: str, timeout_s: float):
+    """Fabric's registered strategy ``name`` built with a collective timeout of ``timeout_s`` seconds where it has a
+    process group (ddp*, fsdp*, deepspeed*); any other name ("auto", "dp", ...) is returned for Fabric to resolve."""
+    from lightning_fabric.strategies import STRATEGY_REGISTRY
+
+    entry = STRATEGY_REGISTRY[name] if name in STRATEGY_REGISTRY else None  # (.get() would build the strategy)
+    if entry is None or "timeout" not in inspect.signature(entry["strategy"]).parameters:
+        return name
+    return entry["strategy"](timeout=timedelta(seconds=timeout_s), **entry["init_params"])
+
+
+def end_launched_ranks(fabric: Fabric, grace_s: float = 0.0) -> list[tuple[int, int]]:
+    """End the ranks this process launched (rank 0 of a node, under Fabric's subprocess launcher): wait up to
+    ``grace_s`` seconds for them to exit, then kill the rest. Returns (local rank, exit code) of those that failed.
+
+    A rank that fails leaves the others waiting in their next collective: gloo notices the closed connection, NCCL
+    waits for the timeout. Fabric's launcher kills the node's ranks when a launched rank dies, but leaves them running
+    when the launching rank fails.
+    """
+    procs = getattr(fabric.strategy.launcher, "procs", None) or []
+    deadline = time.monotonic() + grace_s
+    failed = []
+    for rank, proc in enumerate(procs, start=1):
+        try:
+            code = proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()  # SIGKILL: a rank blocked inside a collective runs no Python signal handler
+            proc.wait()
+        else:
+            if code != 0:
+                failed.append((rank, code))
+    return failed
 
 
 def needs_teacher(config: TrainConfig) -> bool:
@@ -102,6 +152,7 @@ class _Trainer:
                     f"teacher {config.teacher} was trained on classes {self.teacher.class_names}, "
                     f"but {config.data} has {self.train_split.class_names}"
                 )
+            self._check_same_weights(self.teacher, "teacher", config.teacher)
         self.soft_labels = None
         if self.teacher is not None and "cls" in config.distill.kd and config.distill.soft_label_cache:
             self.soft_labels = self._soft_label_cache()
@@ -275,8 +326,24 @@ class _Trainer:
         if not config.distill.det_teacher:
             raise TrainingError(f"--kd {','.join(config.distill.kd)} needs a detector teacher: pass --det-teacher RUN "
                                 "(a run of the student's detector, trained with `cls2det train --kd none`)")
-        return load_det_teacher(config.distill.det_teacher, student, self.train_split.class_names,
-                                det_methods(config.distill.kd), device=self.fabric.device)
+        det_teacher = load_det_teacher(config.distill.det_teacher, student, self.train_split.class_names,
+                                       det_methods(config.distill.kd), device=self.fabric.device)
+        self._check_same_weights(det_teacher, "det teacher", config.distill.det_teacher)
+        return det_teacher
+
+    def _check_same_weights(self, teacher: torch.nn.Module, role: str, path: str) -> None:
+        """Every rank loads its own copy of a teacher run (on its own node's disk): all must distill from the same
+        weights."""
+        fabric = self.fabric
+        if fabric.world_size == 1:
+            return
+        gathered = fabric.all_gather(module_checksum(teacher).to(fabric.device)).cpu()  # [world, T]
+        differ = [rank for rank in range(1, fabric.world_size) if not torch.equal(gathered[rank], gathered[0])]
+        if differ:
+            raise TrainingError(
+                f"the {role} differs across ranks: rank {', '.join(map(str, differ))} loaded other weights from "
+                f"{path} than rank 0 (a different copy of the teacher run on that node?)"
+            )
 
     def _soft_label_cache(self) -> SoftLabelCache:
         """Built once by rank 0 into the run folder (kept for --resume), then loaded by every rank."""
@@ -325,6 +392,12 @@ class _Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         self.best_map, self.nonfinite_total = state["best_map"], state["nonfinite_total"]
+
+
+def module_checksum(module: torch.nn.Module) -> torch.Tensor:
+    """The float64 sum of each parameter and buffer of ``module``, [T]: equal on two copies of the same weights."""
+    with torch.no_grad():
+        return torch.stack([t.double().sum() for t in (*module.parameters(), *module.buffers())])
 
 
 def truncate_metrics(path: Path, step: int) -> None:
