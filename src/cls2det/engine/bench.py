@@ -7,8 +7,8 @@ more with student and teacher in channels_last memory format. Variants are timed
 hits them alike, each round in a new (seeded) random order: a step right after a heavier variant runs on colder caches
 and freshly faulted pages, and a fixed order gave that penalty to the same variant every round (the baseline, always
 right after the other format's "+all cached", measured 8-16% slower than "+kd_cls cached", which does strictly more
-work). The table reports medians, ratios to the baseline step, peak memory and the teacher's
-forward passes per step (0 for the GT branch of a cached mode: the cache really is used).
+work). The table reports medians, ratios to the baseline step, peak memory and the teacher's forward passes per
+step (0 for the GT branch of a cached mode: the cache really is used).
 
 Peak memory is that of one training step above what was held before it: on CUDA ``torch.cuda.max_memory_allocated``
 reset per variant; on CPU the resident set's high-water mark (VmHWM, reset per variant) in one fresh subprocess with
