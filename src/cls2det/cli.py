@@ -118,12 +118,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key=value overrides of the demo study config")
     p.set_defaults(func=cmd_demo)
 
-    p = commands.add_parser("bench", help="time distillation against plain training, in one run")
+    p = commands.add_parser("bench", help="time distillation (online and cached teacher) against plain training")
     p.add_argument("--detector", default="fasterrcnn_mobilenet_v3")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--image-size", type=int, default=256)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--channels-last", action="store_true",
+                   help="also time every variant with student and teacher in channels_last memory format")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
     p.set_defaults(func=cmd_bench)
 
     p = commands.add_parser("export", help="export the student alone (no teacher) for deployment")
@@ -249,7 +252,8 @@ def cmd_bench(args) -> int:
     from cls2det.engine.bench import run_benchmarks
 
     run_benchmarks(detector=args.detector, batch_size=args.batch_size, image_size=args.image_size,
-                   repeats=args.repeats, device=args.device)
+                   repeats=args.repeats, device=args.device, channels_last=args.channels_last,
+                   memory=not args.no_memory)
     return 0
 
 

@@ -89,6 +89,9 @@ class DistillConfig:
     lambda_det_fgfi: float = 0.01  # Wang et al. 2019's imitation loss weight (their code's default)
     lambda_det_pkd: float = 6.0  # Cao et al. 2022's weight per feature level (their Faster R-CNN FPN recipe)
     fgfi_psi: float = 0.5  # FGFI's threshold factor psi (paper: 0.5)
+    # KD_loc's GT branch (pooled teacher taps of the GT crops) computed once per GT box and flip, not every step;
+    # 4 * sum_l(M_l) * pool^2 bytes per box (taps obj,l0 at pool 8: 17 KB; COCO's 860k boxes: 15 GB in RAM)
+    gt_feature_cache: bool = False  # off by default: see the RAM cost above
 
     def __post_init__(self) -> None:
         for term in self.kd:

@@ -1,6 +1,7 @@
-"""The soft-label cache: its logits are the teacher's on the GT crops, its flipped entries are the teacher's on the
-crop of the flipped image at the flipped box, rows are found by (image id, GT index) including after empty images,
-and it survives a save / load round trip."""
+"""The teacher caches. Soft labels: the logits are the teacher's on the GT crops, the flipped entries the teacher's on
+the crop of the flipped image at the flipped box, rows are found by (image id, GT index) including after empty
+images, and the cache survives a save / load round trip. GT features: KD_loc with the cached GT branch equals the
+online loss and its box gradients on flipped and unflipped images; a cache built with other settings is stale."""
 from __future__ import annotations
 
 import importlib
@@ -8,9 +9,14 @@ import importlib
 import pytest
 import torch
 
+from safetensors.torch import save_file
+
 from cls2det.data import CocoDetection, load_split
-from cls2det.distill import crop_boxes_naive
-from cls2det.distill.cache import SoftLabelCache, build_soft_label_cache
+from cls2det.distill import crop_boxes_naive, kd_loc_loss
+from cls2det.distill.cache import (
+    GTFeatureCache, SoftLabelCache, StaleCacheError, build_gt_feature_cache, build_soft_label_cache, gt_feature_key,
+    read_key, soft_label_key,
+)
 from cls2det.teacher import load_teacher
 
 hflip_batch = importlib.import_module("cls2det.engine.fit").hflip_batch
@@ -133,3 +139,100 @@ def test_save_load_round_trip(teacher, tmp_path):
     assert loaded.row_of == cache.row_of == {7: 0, 3: 2, 9: 2}
     ids, gt, flips = torch.tensor([7, 9, 9]), torch.tensor([1, 0, 2]), torch.tensor([True, False, True])
     assert torch.equal(loaded.lookup(ids, gt, flips), cache.lookup(ids, gt, flips))
+
+
+# ----------------------------------------------------------------------------------------------- KD_loc's GT branch
+TAPS, SIZE, POOL = ["obj", "l0", "l1"], 32, 4
+
+
+def mixed_flip_batch(items):
+    """Images 7 (flipped by the training loop's own flip) and 9 (as is), both 40x48, as one batch; each GT box gets a
+    predicted box a few pixels off (so that the L1 terms of eq. 10 are far from their kinks)."""
+    (image_a, target_a), (image_b, target_b) = flipped(*items[0]), items[2]
+    pixels = torch.stack([image_a, image_b])  # [2, 3, 40, 48]
+    gt_boxes = torch.cat([target_a["boxes"], target_b["boxes"]])  # [5, 4]
+    g = torch.Generator().manual_seed(1)
+    pred_boxes = (gt_boxes + (torch.rand(5, 4, generator=g) * 6 - 3)).clamp(min=0)
+    pred_boxes = torch.minimum(pred_boxes, torch.tensor([48.0, 40.0, 48.0, 40.0]))
+    index = torch.tensor([0, 0, 1, 1, 1])
+    ids, gt_index = torch.tensor([7, 7, 9, 9, 9]), torch.tensor([0, 1, 0, 1, 2])
+    return pixels, pred_boxes, gt_boxes, index, (ids, gt_index, torch.tensor([True, True, False, False, False]))
+
+
+def counting_taps(teacher, taps):
+    calls = []
+
+    def features(crops):
+        calls.append(len(crops))
+        return teacher.forward_taps(crops, taps)
+
+    return features, calls
+
+
+def test_gt_feature_cache_gives_the_online_kd_loc_loss_and_box_gradients(teacher):
+    """Cached GT branch vs the online one, on a batch with a flipped and an unflipped image: same loss and same
+    gradients w.r.t. the predicted boxes within float16 tolerance; the teacher then runs on the predicted crops only."""
+    items = synthetic_items()
+    cache = build_gt_feature_cache(teacher, ListDataset(items), taps=TAPS, size=SIZE, pool=POOL)
+    assert cache.taps == TAPS and cache.key == gt_feature_key(teacher, TAPS, SIZE, POOL)
+    assert [cache.tables[t].shape for t in TAPS] == [(5, 2, 3, POOL, POOL), (5, 2, 64, POOL, POOL),
+                                                     (5, 2, 64, POOL, POOL)]
+    assert all(cache.tables[t].dtype == torch.float16 for t in TAPS)
+    pixels, pred_boxes, gt_boxes, index, rows = mixed_flip_batch(items)
+
+    def loss_and_grad(gt_features):
+        features, calls = counting_taps(teacher, TAPS)
+        boxes = pred_boxes.clone().requires_grad_()
+        loss = kd_loc_loss(features, pixels, boxes, gt_boxes, index, size=SIZE, pools=[POOL] * 3,
+                           gt_features=gt_features)
+        return loss, torch.autograd.grad(loss, boxes)[0], calls
+
+    online, online_grad, online_calls = loss_and_grad(None)
+    cached, cached_grad, cached_calls = loss_and_grad(cache.lookup(*rows))
+    assert online_calls == [5, 5] and cached_calls == [5]  # predicted + GT crops vs predicted crops only
+    torch.testing.assert_close(cached, online, rtol=1e-3, atol=0)
+    assert online_grad.abs().min() > 0  # every coordinate moves the loss, so the comparison below is not vacuous
+    torch.testing.assert_close(cached_grad, online_grad, rtol=1e-2, atol=5e-3 * online_grad.abs().max().item())
+    # the flipped / unflipped entries are not interchangeable: the wrong ones are far off
+    ids, gt_index, flips = rows
+    swapped, _, _ = loss_and_grad(cache.lookup(ids, gt_index, ~flips))
+    assert (swapped - online).abs() > 50 * 1e-3 * online
+
+
+def test_gt_features_of_the_wrong_shape_are_refused(teacher):
+    pixels, pred_boxes, gt_boxes, index, _ = mixed_flip_batch(synthetic_items())
+    features, _ = counting_taps(teacher, ["obj"])
+    with pytest.raises(ValueError, match=r"gt_features must be 1 tensors of shapes \[\[5, 3, 4, 4\]\].*"
+                                         r"got \[\[5, 3, 8, 8\]\]"):
+        kd_loc_loss(features, pixels, pred_boxes, gt_boxes, index, size=SIZE, pools=[4],
+                    gt_features=[torch.zeros(5, 3, 8, 8)])
+
+
+def test_gt_feature_cache_round_trip_and_stale_key(teacher, tmp_path):
+    cache = build_gt_feature_cache(teacher, ListDataset(synthetic_items()), taps=TAPS, size=SIZE, pool=POOL)
+    path = tmp_path / "gt_features.safetensors"
+    cache.save(path)
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
+    assert read_key(path) == {"teacher": "resnet18", "taps": "obj,l0,l1", "sample_size": "32", "pool": "4"}
+    loaded = GTFeatureCache.load(path, key=cache.key)
+    assert loaded.taps == TAPS and all(torch.equal(loaded.tables[t], cache.tables[t]) for t in TAPS)
+    ids, gt, flips = torch.tensor([9, 7]), torch.tensor([2, 0]), torch.tensor([False, True])
+    assert all(torch.equal(a, b) for a, b in zip(loaded.lookup(ids, gt, flips), cache.lookup(ids, gt, flips)))
+    # another pool size or tap list: the file is stale, and the error names what differs
+    with pytest.raises(StaleCacheError, match=r"pool='4' \(asked '8'\)$"):
+        GTFeatureCache.load(path, key=gt_feature_key(teacher, TAPS, SIZE, 8))
+    with pytest.raises(StaleCacheError, match=r"taps='obj,l0,l1' \(asked 'obj,l0'\)$"):
+        GTFeatureCache.load(path, key=gt_feature_key(teacher, ["obj", "l0"], SIZE, POOL))
+    # a soft-label cache of the old format (no key) is stale for any key
+    save_file({"logits": torch.zeros(2, 2, 10, dtype=torch.float16)}, str(tmp_path / "old.safetensors"))
+    with pytest.raises(StaleCacheError, match="input_size=None"):
+        SoftLabelCache.load(tmp_path / "old.safetensors", key=soft_label_key(teacher))
+
+
+def test_empty_dataset_gives_empty_tables_of_the_right_shape(teacher):
+    image, target = synthetic_items()[1]  # the image without boxes
+    cache = build_gt_feature_cache(teacher, ListDataset([(image, target)]), taps=TAPS, size=SIZE, pool=POOL)
+    assert [cache.tables[t].shape for t in TAPS] == [(0, 2, 3, 4, 4), (0, 2, 64, 4, 4), (0, 2, 64, 4, 4)]
+    assert [f.shape for f in cache.lookup(torch.tensor([], dtype=torch.int64), torch.tensor([], dtype=torch.int64),
+                                          torch.tensor([], dtype=torch.bool))] == [(0, 3, 4, 4), (0, 64, 4, 4),
+                                                                                   (0, 64, 4, 4)]

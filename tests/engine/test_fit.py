@@ -1,6 +1,6 @@
 """End-to-end training with :func:`cls2det.engine.fit` on the tiny demo dataset: every detector with every KD term,
-the baseline, determinism, the soft-label cache against the online teacher, and the guards (non-finite losses,
-run folder, teacher classes)."""
+the baseline, determinism, the soft-label and GT-feature caches against the online teacher, and the guards
+(non-finite losses, run folder, teacher classes)."""
 from __future__ import annotations
 
 import importlib
@@ -13,7 +13,8 @@ import torch
 
 from cls2det.engine import RunDirError, TrainingError
 from cls2det.engine.fit import fit
-from cls2det.engine.run_dir import CONFIG, LAST, RESULTS, SOFT_LABELS
+from cls2det.distill.cache import read_key
+from cls2det.engine.run_dir import CONFIG, GT_FEATURES, LAST, RESULTS, SOFT_LABELS
 from cls2det.students import list_students
 
 fit_module = importlib.import_module("cls2det.engine.fit")  # the package exports a function named fit
@@ -137,6 +138,48 @@ def test_soft_label_cache_gives_the_online_teacher_logits(make_train_config, tmp
         # float16 logits in the cache: ~3e-5 relative measured; a cache that swapped the flipped / plain entries
         # was off by 1.8e-2
         assert cached[step]["kd_cls"] == pytest.approx(online[step]["kd_cls"], rel=2e-3)
+
+
+def test_gt_feature_cache_gives_the_online_kd_loc(make_train_config, tmp_path, read_metrics):
+    """KD_loc with its GT branch from RUN/gt_features.safetensors vs computed every step (SSDlite at 96 px: the
+    detector's resize is the identity, so both crop the same pixels); the step's flips are looked up right."""
+    rows = {}
+    for cache in (True, False):
+        out = tmp_path / f"cache_{cache}"
+        overrides = ["distill.kd=[kd_loc]", "max_steps=2", f"distill.gt_feature_cache={str(cache).lower()}"]
+        fit(make_train_config(out, "ssdlite320_mobilenet_v3", overrides), progress=False)
+        assert (out / GT_FEATURES).is_file() == cache and not (out / SOFT_LABELS).exists()
+        rows[cache] = read_metrics(out / "metrics.csv")[1]
+    cached, online = rows[True], rows[False]
+    assert {k: v for k, v in cached[0].items() if k not in ("kd_loc", "w_kd_loc", "loss")} == \
+        {k: v for k, v in online[0].items() if k not in ("kd_loc", "w_kd_loc", "loss")}
+    for step in range(2):
+        assert cached[step]["kd_loc"] > 0
+        # ~2e-6 relative measured; with the flipped / plain entries swapped the cached value was 23% off
+        assert cached[step]["kd_loc"] == pytest.approx(online[step]["kd_loc"], rel=2e-3)
+
+
+def test_gt_feature_cache_is_kept_on_resume_and_rebuilt_for_other_settings(make_train_config, tmp_path, monkeypatch,
+                                                                          capsys):
+    builds = []
+    real = fit_module.build_gt_feature_cache
+
+    def counting(*args, **kwargs):
+        builds.append(kwargs["pool"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fit_module, "build_gt_feature_cache", counting)
+    out = tmp_path / "run"
+    base = ["distill.kd=[loc,kd_loc]", "distill.gt_feature_cache=true", "distill.pool=8"]
+    fit(make_train_config(out, "ssdlite320_mobilenet_v3", [*base, "max_steps=1"]), progress=False)
+    assert builds == [8] and read_key(out / GT_FEATURES)["pool"] == "8"
+    fit(make_train_config(out, "ssdlite320_mobilenet_v3", [*base, "max_steps=2"]), resume=True, progress=False)
+    assert builds == [8]  # same settings: the run folder's cache is reused
+    capsys.readouterr()
+    fit(make_train_config(out, "ssdlite320_mobilenet_v3", [*base, "distill.pool=4", "max_steps=3"]), resume=True,
+        progress=False)
+    assert builds == [8, 4] and read_key(out / GT_FEATURES)["pool"] == "4"
+    assert "gt_features.safetensors was computed with" in capsys.readouterr().out
 
 
 def nan_on_calls(calls: set[int]):

@@ -164,6 +164,7 @@ def kd_loc_loss(
     *,
     size: int = 112,
     pools: Sequence[int],
+    gt_features: Sequence[Tensor] | None = None,
 ) -> Tensor:
     """Localisation distillation KD_loc, eq. (10)::
 
@@ -172,6 +173,8 @@ def kd_loc_loss(
     The predicted box B_k and the GT box B*_k are cropped by eq. (8)-(9) (:func:`crop_boxes`), both crops go through
     the frozen teacher's taps F_l, and each tap is adaptive-average-pooled to P_l x P_l. The GT branch runs under
     ``torch.no_grad``; gradients reach ``pred_boxes`` only (through the teacher, whose weights should be frozen).
+    The GT branch is a constant per (image, GT box, flip), so it can come precomputed (``gt_features``, e.g. from
+    :class:`~cls2det.distill.cache.GTFeatureCache`); ``features`` then runs on the predicted crops only.
 
     Args:
         features: callable, crops [K, 3, s, s] -> list of L feature maps [K, M_l, H_l, W_l] (e.g. the teacher's
@@ -182,6 +185,9 @@ def kd_loc_loss(
         image_index: [K] int64, the image of each positive.
         size: s, the crop side in pixels (paper: 112).
         pools: L ints P_l, one per tap (paper: 8).
+        gt_features: optional L tensors [K, M_l, P_l, P_l], the pooled taps of the GT crops
+            (``AP_l(F_l(crop(B*_k)))``, any float dtype, treated as constants); ``gt_boxes`` are then only checked
+            for their shape.
 
     Returns:
         0-dim tensor in ``images.dtype``; zero (attached to ``pred_boxes``' graph, without calling ``features``)
@@ -202,6 +208,13 @@ def kd_loc_loss(
         return [F.adaptive_avg_pool2d(f, p) for f, p in zip(taps, pools)]  # each [K, M_l, P_l, P_l]
 
     pred = pooled_taps(pred_boxes)
-    with torch.no_grad():
-        gt = pooled_taps(gt_boxes)
+    if gt_features is None:
+        with torch.no_grad():
+            gt = pooled_taps(gt_boxes)
+    else:
+        gt = [g.detach() for g in ([gt_features] if isinstance(gt_features, Tensor) else gt_features)]
+        shapes = [list(p.shape) for p in pred]
+        if [list(g.shape) for g in gt] != shapes:
+            raise ValueError(f"gt_features must be {len(shapes)} tensors of shapes {shapes} (the pooled taps of the "
+                             f"predicted crops), got {[list(g.shape) for g in gt]}")
     return (sum(_mean_abs_diff(p, g) for p, g in zip(pred, gt)) / len(pools)).to(images.dtype)

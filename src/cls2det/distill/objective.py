@@ -47,13 +47,16 @@ def distillation_losses(
 def classifier_losses(
     output: StudentOutput, positives: Positives, teacher, config: DistillConfig, *,
     soft_labels: Callable[[Positives], Tensor] | None = None,
+    gt_features: Callable[[Positives], list[Tensor]] | None = None,
 ) -> dict[str, Tensor]:
     """The paper's terms ``kd_cls``, ``loc``, ``kd_loc`` of ``config.kd``, unweighted; ``{}`` when none is asked.
 
     ``teacher`` (a frozen :class:`~cls2det.teacher.Teacher`, may be None when only ``loc`` is asked) sees crops in
     0..1 pixels: the detector's normalised batch is mapped back with its own mean/std, so the crops are exactly the
     pixels the detector saw (after its resize) and the teacher applies its own normalisation.
-    ``soft_labels(positives) -> [K, C]``, when given, returns KD_cls's teacher logits from a cache instead.
+    ``soft_labels(positives) -> [K, C]``, when given, returns KD_cls's teacher logits from a cache instead;
+    ``gt_features(positives) -> L x [K, M_l, P, P]`` likewise KD_loc's pooled GT-crop taps (``config.taps`` order),
+    so that the teacher runs on the predicted crops only. Both are called with the subsampled positives.
     """
     losses: dict[str, Tensor] = {}
     if not set(config.kd) & {"cls", "loc", "kd_loc"}:
@@ -82,9 +85,10 @@ def classifier_losses(
         losses["loc"] = loc_loss(pixels, pred_boxes, gt_boxes, index, size=config.sample_size, pool=config.loc_pool)
     if "kd_loc" in config.kd:
         taps = list(config.taps)
+        cached = None if gt_features is None else [f.to(pixels.device) for f in gt_features(positives)]
         losses["kd_loc"] = kd_loc_loss(
             lambda crops: teacher.forward_taps(crops, taps), pixels, pred_boxes, gt_boxes, index,
-            size=config.sample_size, pools=[config.pool] * len(taps),
+            size=config.sample_size, pools=[config.pool] * len(taps), gt_features=cached,
         )
     return losses
 

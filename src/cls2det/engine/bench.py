@@ -1,84 +1,267 @@
 """``cls2det bench``: the cost of distillation over plain training, measured in one process run.
 
-Modes are timed round-robin (baseline, +KD_cls, +all, ...) so that machine noise hits them alike; the table
-reports medians and ratios to the baseline step.
+Each KD mode is timed with the teacher **online** (the GT crops go through the teacher every step) and **cached**
+(KD_cls's soft labels and KD_loc's pooled GT-crop features come from the caches of :mod:`cls2det.distill.cache`,
+built once from the synthetic batch's GT boxes before timing); with ``channels_last`` every variant is timed once
+more with student and teacher in channels_last memory format. Variants are timed round-robin so that machine noise
+hits them alike, each round in a new (seeded) random order: a step right after a heavier variant runs on colder caches
+and freshly faulted pages, and a fixed order gave that penalty to the same variant every round (the baseline, always
+right after the other format's "+all cached", measured 8-16% slower than "+kd_cls cached", which does strictly more
+work). The table reports medians, ratios to the baseline step, peak memory and the teacher's forward passes per
+step (0 for the GT branch of a cached mode: the cache really is used).
+
+Peak memory is that of one training step above what was held before it: on CUDA ``torch.cuda.max_memory_allocated``
+reset per variant; on CPU the resident set's high-water mark (VmHWM, reset per variant) in one fresh subprocess with
+glibc's mmap threshold fixed so that freed tensors leave the resident set (as in :mod:`cls2det.engine.bench_crops`),
+so that neither the timing nor one variant's freed memory hides another's peak.
 """
 from __future__ import annotations
 
+import copy
+import gc
+import json
+import os
+import random
 import statistics
+import subprocess
+import sys
 import time
+from dataclasses import dataclass
 
 import torch
 
 from cls2det.config import DistillConfig, StudentConfig
+from cls2det.distill.cache import build_gt_feature_cache, build_soft_label_cache
 from cls2det.distill.objective import distillation_losses, total_loss
+from cls2det.engine.bench_crops import _peak_rss_mib, _proc_status_mib, _reset_peak_rss
 from cls2det.students import create_student
 
 MODES = {"baseline": [], "+kd_cls": ["cls"], "+loc+kd_loc": ["loc", "kd_loc"], "+all": ["cls", "loc", "kd_loc"]}
 
 
+@dataclass(frozen=True)
+class Variant:
+    """One timed row: a KD mode, its teacher's GT branch online or from the caches, the memory format."""
+
+    mode: str  # a key of MODES
+    cached: bool = False
+    channels_last: bool = False
+
+    @property
+    def name(self) -> str:
+        teacher = (" cached" if self.cached else " online") if MODES[self.mode] else ""
+        return self.mode + teacher + (" channels_last" if self.channels_last else "")
+
+
+def variants(channels_last: bool = False) -> list[Variant]:
+    """The baseline and every KD mode online then cached; with ``channels_last`` all of them again in that format."""
+    formats = (False, True) if channels_last else (False,)
+    return [Variant(mode, cached, fmt) for fmt in formats for mode, kd in MODES.items()
+            for cached in ((False, True) if kd else (False,))]
+
+
 def synthetic_batch(batch_size: int, image_size: int, num_classes: int, boxes_per_image: int = 4, seed: int = 0):
-    """Random images [3, S, S] in 0..1 with ``boxes_per_image`` random boxes of 10-50% of the side each."""
+    """Random images [3, S, S] in 0..1 with ``boxes_per_image`` random boxes of 10-50% of the side each; image ids
+    0..N-1 (the caches' row index)."""
     g = torch.Generator().manual_seed(seed)
     images, targets = [], []
-    for _ in range(batch_size):
+    for i in range(batch_size):
         images.append(torch.rand(3, image_size, image_size, generator=g))
         wh = (0.1 + 0.4 * torch.rand(boxes_per_image, 2, generator=g)) * image_size
         xy = torch.rand(boxes_per_image, 2, generator=g) * (image_size - wh)
         targets.append({"boxes": torch.cat([xy, xy + wh], 1),
-                        "labels": torch.randint(0, num_classes, (boxes_per_image,), generator=g)})
+                        "labels": torch.randint(0, num_classes, (boxes_per_image,), generator=g),
+                        "image_id": torch.tensor(i)})
     return images, targets
+
+
+class CountingTeacher:
+    """The teacher, counting its forward passes (``teacher(crops)`` and ``teacher.forward_taps(crops, taps)``)."""
+
+    def __init__(self, teacher) -> None:
+        self.teacher, self.calls = teacher, 0
+
+    def __call__(self, pixels):
+        self.calls += 1
+        return self.teacher(pixels)
+
+    def forward_taps(self, pixels, taps, **kwargs):
+        self.calls += 1
+        return self.teacher.forward_taps(pixels, taps, **kwargs)
+
+    def __getattr__(self, name):  # input_size, class_names, ...
+        return getattr(self.teacher, name)
+
+
+class StepBench:
+    """A student, its frozen teacher, one synthetic batch and the teacher caches; :meth:`step` runs one training step
+    (forward + backward + SGD step) of a :class:`Variant`."""
+
+    def __init__(
+        self, detector: str, *, batch_size: int, image_size: int, device: str, teacher_arch: str = "resnet18",
+        teacher_size: int = 112, sample_size: int = 112, num_classes: int = 10, channels_last: bool = False,
+    ) -> None:
+        from cls2det.teacher import build_teacher
+
+        torch.manual_seed(0)
+        self.device, self.sample_size = device, sample_size
+        student = create_student(detector, num_classes, StudentConfig(detector=detector, image_size=image_size))
+        student = student.to(device).train()
+        teacher = build_teacher(teacher_arch, num_classes, input_size=teacher_size).to(device).freeze()
+        images, targets = synthetic_batch(batch_size, image_size, num_classes)
+        self.images = [i.to(device) for i in images]
+        self.targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
+        # the caches, from the batch's GT boxes and before any timing, as `cls2det train` builds them before step 1
+        dataset, config = list(zip(images, targets)), DistillConfig(sample_size=sample_size)
+        self.soft_labels = build_soft_label_cache(teacher, dataset, device=device).to(device)
+        self.gt_features = build_gt_feature_cache(
+            teacher, dataset, taps=config.taps, size=sample_size, pool=config.pool, device=device
+        ).to(device)
+        self.nets = {False: self._with_optimizer(student, teacher)}
+        if channels_last:  # a copy with the same weights, so that both formats are timed in this run
+            cl = torch.channels_last
+            self.nets[True] = self._with_optimizer(copy.deepcopy(student).to(memory_format=cl),
+                                                   copy.deepcopy(teacher).to(memory_format=cl))
+
+    @staticmethod
+    def _with_optimizer(student, teacher):
+        optimizer = torch.optim.SGD([p for p in student.parameters() if p.requires_grad], lr=1e-4)
+        return student, CountingTeacher(teacher), optimizer
+
+    def teacher_calls(self, variant: Variant) -> int:
+        return self.nets[variant.channels_last][1].calls
+
+    def config(self, variant: Variant) -> DistillConfig:
+        return DistillConfig(kd=MODES[variant.mode], sample_size=self.sample_size)
+
+    def lookups(self, variant: Variant) -> dict:
+        """The cache lookups ``distillation_losses`` takes (``soft_labels``, ``gt_features``) for a cached variant."""
+        if not variant.cached:
+            return {}
+        image_ids, flipped = torch.arange(len(self.images)), torch.zeros(len(self.images), dtype=torch.bool)
+
+        def rows(positives):  # (image id, GT index, flipped) per positive; no flips in the benchmark
+            index = positives.image_index.cpu()
+            return image_ids[index], positives.gt_index, flipped[index]
+
+        return {"soft_labels": lambda p: self.soft_labels.lookup(*rows(p)),
+                "gt_features": lambda p: self.gt_features.lookup(*rows(p))}
+
+    def step(self, variant: Variant) -> float:
+        """Seconds of one training step of ``variant`` (the caches' lookups included, their building not)."""
+        student, teacher, optimizer = self.nets[variant.channels_last]
+        config, lookups = self.config(variant), self.lookups(variant)
+        _sync(self.device)
+        start = time.perf_counter()
+        output = student(self.images, self.targets)
+        loss = total_loss(output.losses, distillation_losses(output, teacher, config, **lookups), config)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        _sync(self.device)
+        return time.perf_counter() - start
+
+    def peak_memory_mib(self, variant: Variant) -> float:
+        """Peak memory of one step of ``variant`` above what was held before it, in MiB (see the module docstring:
+        on CPU only meaningful in a process started with a fixed ``MALLOC_MMAP_THRESHOLD_``)."""
+        gc.collect()
+        if str(self.device).startswith("cuda"):
+            torch.cuda.synchronize()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            self.step(variant)
+            return (torch.cuda.max_memory_allocated() - base) / 2**20
+        base = _proc_status_mib("VmRSS") if _reset_peak_rss() else None
+        base = _peak_rss_mib() if base is None else base
+        self.step(variant)
+        return _peak_rss_mib() - base
 
 
 def time_train_steps(
     detector: str = "fasterrcnn_mobilenet_v3", *, batch_size: int = 4, image_size: int = 256, repeats: int = 5,
-    device: str = "cpu", teacher_arch: str = "resnet18", num_classes: int = 10,
-) -> dict[str, float]:
-    """Median seconds per training step (forward + backward + SGD step) of each mode in MODES."""
-    from cls2det.teacher import build_teacher
-
-    torch.manual_seed(0)
-    student = create_student(detector, num_classes, StudentConfig(detector=detector, image_size=image_size)).to(device)
-    student.train()
-    teacher = build_teacher(teacher_arch, num_classes, class_names=[str(i) for i in range(num_classes)]).to(device)
-    teacher.freeze()
-    optimizer = torch.optim.SGD([p for p in student.parameters() if p.requires_grad], lr=1e-4)
-    images, targets = synthetic_batch(batch_size, image_size, num_classes)
-    images = [i.to(device) for i in images]
-    targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
-
-    def step(kd: list[str]) -> float:
-        config = DistillConfig(kd=kd)
-        _sync(device)
-        start = time.perf_counter()
-        output = student(images, targets)
-        loss = total_loss(output.losses, distillation_losses(output, teacher, config), config)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        _sync(device)
-        return time.perf_counter() - start
-
-    times: dict[str, list[float]] = {mode: [] for mode in MODES}
-    for mode, kd in MODES.items():  # warm-up
-        step(kd)
+    device: str = "cpu", teacher_arch: str = "resnet18", teacher_size: int = 112, sample_size: int = 112,
+    num_classes: int = 10, channels_last: bool = False, memory: bool = True,
+) -> dict[str, dict]:
+    """Per variant name: ``{"time_s": median seconds per step, "teacher_calls": teacher forward passes per step,
+    "peak_mib": peak memory of a step (None without ``memory``)}``, in :func:`variants` order."""
+    setup = dict(batch_size=batch_size, image_size=image_size, device=device, teacher_arch=teacher_arch,
+                 teacher_size=teacher_size, sample_size=sample_size, num_classes=num_classes,
+                 channels_last=channels_last)
+    bench, rows = StepBench(detector, **setup), variants(channels_last)
+    for variant in rows:  # warm-up
+        bench.step(variant)
+    times: dict[Variant, list[float]] = {v: [] for v in rows}
+    calls = dict.fromkeys(rows, 0)
+    shuffle = random.Random(0).shuffle
     for _ in range(repeats):
-        for mode, kd in MODES.items():
-            times[mode].append(step(kd))
-    return {mode: statistics.median(t) for mode, t in times.items()}
+        order = list(rows)
+        shuffle(order)
+        for variant in order:
+            before = bench.teacher_calls(variant)
+            times[variant].append(bench.step(variant))
+            calls[variant] += bench.teacher_calls(variant) - before
+    peaks = dict.fromkeys(rows)
+    if memory and str(device).startswith("cuda"):
+        peaks = {variant: bench.peak_memory_mib(variant) for variant in rows}
+    elif memory:
+        del bench
+        peaks = dict(zip(rows, _peaks_in_subprocess(detector, setup)))
+    return {v.name: {"time_s": statistics.median(times[v]), "teacher_calls": calls[v] / repeats,
+                     "peak_mib": peaks[v]} for v in rows}
 
 
-def run_benchmarks(*, detector: str, batch_size: int, image_size: int, repeats: int, device: str) -> dict:
-    """Print the step-time table and the crop benchmark; return both as a dict."""
-    steps = time_train_steps(detector, batch_size=batch_size, image_size=image_size, repeats=repeats, device=device)
+def _peaks_in_subprocess(detector: str, setup: dict) -> list[float]:
+    code = "import sys; from cls2det.engine.bench import _memory_worker; _memory_worker(sys.argv[1])"
+    # a fixed mmap threshold: glibc returns every large block to the OS on free, so RSS follows the live tensors
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    result = subprocess.run([sys.executable, "-c", code, json.dumps({"detector": detector, **setup})],
+                            capture_output=True, text=True, env=env)
+    if result.returncode != 0:
+        last = (result.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"bench memory worker failed (exit {result.returncode}): {last}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _memory_worker(arguments: str) -> None:
+    """Print the JSON list of each variant's peak step memory (MiB), after one warm-up step of "+all online" in each
+    memory format (it runs every code path the other variants run, so no one-time initialisation is counted)."""
+    setup = json.loads(arguments)
+    bench, rows = StepBench(setup.pop("detector"), **setup), variants(setup["channels_last"])
+    for variant in rows:
+        if variant.mode == "+all" and not variant.cached:
+            bench.step(variant)
+    print(json.dumps([bench.peak_memory_mib(variant) for variant in rows]))
+
+
+def format_step_table(steps: dict[str, dict], title: str) -> str:
+    """The table: s/step, x baseline, peak MiB, x baseline, teacher passes per step; then channels_last vs not."""
     base = steps["baseline"]
-    print(f"train step, {detector}, batch {batch_size}, {image_size}px, {device}, median of {repeats}")
-    print(f"{'mode':<14}{'s/step':>10}{'x baseline':>12}")
-    for mode, seconds in steps.items():
-        print(f"{mode:<14}{seconds:>10.3f}{seconds / base:>12.2f}")
+    lines = [title, f"{'variant':<32}{'s/step':>9}{'x base':>9}{'peak MiB':>10}{'x base':>9}{'teacher/step':>14}"]
+    for name, row in steps.items():
+        peak = row["peak_mib"]
+        memory = f"{'-':>10}{'-':>9}" if peak is None else f"{peak:>10.1f}{peak / max(base['peak_mib'], 1e-6):>9.2f}"
+        lines.append(f"{name:<32}{row['time_s']:>9.3f}{row['time_s'] / base['time_s']:>9.2f}{memory}"
+                     f"{row['teacher_calls']:>14.0f}")
+    pairs = [(name, name + " channels_last") for name in steps if name + " channels_last" in steps]
+    if pairs:
+        ratios = ", ".join(f"{a} {steps[b]['time_s'] / steps[a]['time_s']:.2f}" for a, b in pairs)
+        lines.append(f"channels_last time / contiguous time: {ratios}")
+    return "\n".join(lines)
+
+
+def run_benchmarks(
+    *, detector: str, batch_size: int, image_size: int, repeats: int, device: str, channels_last: bool = False,
+    memory: bool = True,
+) -> dict:
+    """Print the step-time table and the crop benchmark; return both as a dict."""
+    steps = time_train_steps(detector, batch_size=batch_size, image_size=image_size, repeats=repeats, device=device,
+                             channels_last=channels_last, memory=memory)
+    title = (f"train step, {detector}, batch {batch_size}, {image_size}px, teacher resnet18 at 112px, s=112, {device} "
+             f"({torch.get_num_threads()} threads), median of {repeats}; x base: / the baseline row")
+    print(format_step_table(steps, title), flush=True)
     from cls2det.engine.bench_crops import format_table, run_crop_benchmark
 
-    crops = run_crop_benchmark(boxes=256, images=2, size=1024, crop=112, repeats=repeats, device=device)
+    crops = run_crop_benchmark(boxes=256, images=2, size=1024, crop=112, repeats=repeats, device=device, memory=memory)
     print(format_table(crops))
     return {"steps": steps, "crops": crops}
 

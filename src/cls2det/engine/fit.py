@@ -21,14 +21,17 @@ from lightning_fabric import Fabric
 
 from cls2det.config import TrainConfig, det_methods, save_config
 from cls2det.data import CocoDetection, collate, load_split
-from cls2det.distill.cache import SoftLabelCache, build_soft_label_cache
+from cls2det.distill.cache import (
+    GTFeatureCache, SoftLabelCache, build_gt_feature_cache, build_soft_label_cache, gt_feature_key, read_key,
+    soft_label_key,
+)
 from cls2det.distill.objective import LOSS_WEIGHTS, distillation_losses, total_loss
 from cls2det.engine.checkpoint import load_model_state, load_state, save_checkpoint
 from cls2det.engine.evaluate import evaluate_student
 from cls2det.engine.loading import load_det_teacher
 from cls2det.engine.logger import MetricsLogger
 from cls2det.engine.run_dir import (
-    BEST, CLASSES, CONFIG, LAST, METRICS_CSV, RESULTS, SOFT_LABELS, TrainingError, TrainingInterrupted,
+    BEST, CLASSES, CONFIG, GT_FEATURES, LAST, METRICS_CSV, RESULTS, SOFT_LABELS, TrainingError, TrainingInterrupted,
     discard_replaced, prepare_run_dir, restore, write_json,
 )
 from cls2det.engine.schedule import build_optimizer, build_scheduler
@@ -153,9 +156,20 @@ class _Trainer:
                     f"but {config.data} has {self.train_split.class_names}"
                 )
             self._check_same_weights(self.teacher, "teacher", config.teacher)
-        self.soft_labels = None
-        if self.teacher is not None and "cls" in config.distill.kd and config.distill.soft_label_cache:
-            self.soft_labels = self._soft_label_cache()
+        self.soft_labels = self.gt_features = None
+        distill = config.distill
+        if self.teacher is not None and "cls" in distill.kd and distill.soft_label_cache:
+            self.soft_labels = self._gt_cache(
+                SOFT_LABELS, SoftLabelCache, soft_label_key(self.teacher),
+                lambda: build_soft_label_cache(self.teacher, self.dataset, device=fabric.device),
+            )
+        if self.teacher is not None and "kd_loc" in distill.kd and distill.gt_feature_cache:
+            key = gt_feature_key(self.teacher, distill.taps, distill.sample_size, distill.pool)
+            self.gt_features = self._gt_cache(
+                GT_FEATURES, GTFeatureCache, key,
+                lambda: build_gt_feature_cache(self.teacher, self.dataset, taps=distill.taps, size=distill.sample_size,
+                                               pool=distill.pool, device=fabric.device),
+            )
         student = create_student(config.student.detector, self.train_split.num_classes, config.student)
         self.det_teacher = self._det_teacher(student) if det_methods(config.distill.kd) else None
         if fabric.is_global_zero:
@@ -246,13 +260,20 @@ class _Trainer:
         generator = torch.Generator().manual_seed(seed)
         torch.manual_seed(seed)  # the detector's own samplers draw from the global RNG
         images, targets, flipped = hflip_batch(images, targets, generator)
-        soft_labels = None
-        if self.soft_labels is not None:
+        soft_labels = gt_features = None
+        if self.soft_labels is not None or self.gt_features is not None:
             image_ids = torch.stack([t["image_id"] for t in targets]).cpu()  # [N]
 
-            def soft_labels(positives):
+            def cache_rows(positives):  # what the caches are indexed by: (image id, GT index, flipped) per positive
                 index = positives.image_index.cpu()
-                return self.soft_labels.lookup(image_ids[index], positives.gt_index, flipped[index])
+                return image_ids[index], positives.gt_index, flipped[index]
+
+            if self.soft_labels is not None:
+                def soft_labels(positives):
+                    return self.soft_labels.lookup(*cache_rows(positives))
+            if self.gt_features is not None:
+                def gt_features(positives):
+                    return self.gt_features.lookup(*cache_rows(positives))
 
         images = [img.to(fabric.device) for img in images]
         targets = [{k: v.to(fabric.device) for k, v in t.items()} for t in targets]
@@ -260,7 +281,7 @@ class _Trainer:
         output = self.model(images, targets)
         kd_losses = distillation_losses(
             output, self.teacher, config.distill, generator=generator, soft_labels=soft_labels,
-            det_teacher=self.det_teacher,
+            gt_features=gt_features, det_teacher=self.det_teacher,
         )
         loss = total_loss(output.losses, kd_losses, config.distill)
         terms = {**output.losses, **kd_losses}
@@ -345,13 +366,18 @@ class _Trainer:
                 f"{path} than rank 0 (a different copy of the teacher run on that node?)"
             )
 
-    def _soft_label_cache(self) -> SoftLabelCache:
-        """Built once by rank 0 into the run folder (kept for --resume), then loaded by every rank."""
-        path = self.out / SOFT_LABELS
-        if self.fabric.is_global_zero and not path.is_file():
-            build_soft_label_cache(self.teacher, self.dataset, device=self.fabric.device).save(path)
+    def _gt_cache(self, name: str, cache_class, key: dict[str, str], build):
+        """A teacher cache, built once by rank 0 into the run folder (kept for --resume; rebuilt when the run resumes
+        with settings the file was not computed with), then loaded by every rank."""
+        path = self.out / name
+        if self.fabric.is_global_zero:
+            stored = read_key(path)
+            if stored != key:
+                if stored is not None:
+                    self.fabric.print(f"{path} was computed with {stored}, the run asks {key}: rebuilding it")
+                build().save(path)
         self.fabric.barrier()
-        return SoftLabelCache.load(path)
+        return cache_class.load(path, key=key)
 
     # ----------------------------------------------------------------------------------------------- eval / ckpt
 

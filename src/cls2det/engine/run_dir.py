@@ -13,6 +13,7 @@ BEST = "best"  # checkpoint folder of the best val mAP (weights only are needed 
 RESULTS = "results.json"
 METRICS_CSV = "metrics.csv"
 SOFT_LABELS = "soft_labels.safetensors"  # the teacher's logits per GT box (distill.soft_label_cache)
+GT_FEATURES = "gt_features.safetensors"  # KD_loc's pooled teacher taps per GT box (distill.gt_feature_cache)
 CLASSES = "classes.json"  # class names and COCO category ids, so a run is usable without its dataset
 
 

@@ -1,0 +1,75 @@
+"""`cls2det bench`'s training-step benchmark on a tiny case: every variant is timed, the cached variants take the
+teacher's GT branch from the caches (zero teacher passes for KD_cls, the predicted crops only for KD_loc) and give
+the online losses; the memory column and channels_last rows; the CLI passes its options through."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cls2det.cli import main
+from cls2det.distill.objective import distillation_losses
+from cls2det.engine import bench
+from cls2det.engine.bench import StepBench, Variant, format_step_table, time_train_steps, variants
+
+# SSDlite at 96 px: its fixed-size resize is the identity, so the caches see the online crops' pixels
+TINY = dict(batch_size=2, image_size=96, teacher_size=32, sample_size=32)
+# teacher forward passes per step: KD_cls's GT crops (1), KD_loc's predicted and GT crops (2); cached: predicted only
+TEACHER_CALLS = {"baseline": 0, "+kd_cls online": 1, "+kd_cls cached": 0, "+loc+kd_loc online": 2,
+                 "+loc+kd_loc cached": 1, "+all online": 3, "+all cached": 1}
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_every_variant_is_timed_and_cached_ones_skip_the_teachers_gt_branch():
+    steps = time_train_steps("ssdlite320_mobilenet_v3", repeats=2, memory=False, **TINY)
+    assert list(steps) == list(TEACHER_CALLS) == [v.name for v in variants()]
+    assert all(row["time_s"] > 0 and row["peak_mib"] is None for row in steps.values())
+    assert {name: row["teacher_calls"] for name, row in steps.items()} == TEACHER_CALLS
+
+
+def test_cached_variant_gives_the_online_losses():
+    """The bench's caches (built from the original images) hold what the online path computes from the detector's
+    batch: same KD terms within float16 tolerance, with one teacher pass (KD_loc's predicted crops) instead of 3."""
+    setup = StepBench("ssdlite320_mobilenet_v3", device="cpu", **TINY)
+    student, teacher, _ = setup.nets[False]
+    output = student(setup.images, setup.targets)
+    assert len(output.positives) > 0
+    losses = {}
+    for cached in (False, True):
+        variant, before = Variant("+all", cached=cached), teacher.calls
+        losses[cached] = distillation_losses(output, teacher, setup.config(variant), **setup.lookups(variant))
+        assert teacher.calls - before == (1 if cached else 3)
+    assert set(losses[True]) == {"kd_cls", "loc", "kd_loc"}
+    for term, online in losses[False].items():
+        assert losses[True][term].item() == pytest.approx(online.item(), rel=2e-3), term
+
+
+@pytest.mark.slow
+def test_memory_and_channels_last_rows_and_the_table():
+    steps = time_train_steps("ssdlite320_mobilenet_v3", repeats=1, channels_last=True, **TINY)
+    names = [v.name for v in variants(channels_last=True)]
+    assert list(steps) == names and len(names) == 14 and names[7] == "baseline channels_last"
+    assert all(row["time_s"] > 0 and row["peak_mib"] > 0 for row in steps.values())
+    # the online teacher's activations (crops, taps, KD_loc's backward through the stem) come on top of the baseline's
+    assert steps["+all online"]["peak_mib"] > steps["baseline"]["peak_mib"]
+    assert steps["+kd_cls cached channels_last"]["teacher_calls"] == 0
+    table = format_step_table(steps, "tiny").splitlines()
+    assert table[0] == "tiny" and len(table) == 2 + 14 + 1
+    assert table[2].split() == ["baseline", f"{steps['baseline']['time_s']:.3f}", "1.00",
+                                f"{steps['baseline']['peak_mib']:.1f}", "1.00", "0"]
+    assert table[-1].startswith("channels_last time / contiguous time: baseline ")
+
+
+def test_cli_passes_its_options_through(monkeypatch):
+    seen = {}
+    monkeypatch.setattr(bench, "run_benchmarks", lambda **kwargs: seen.update(kwargs))
+    assert main(["bench", "--detector", "ssdlite320_mobilenet_v3", "--batch-size", "16", "--image-size", "128",
+                 "--repeats", "3", "--channels-last", "--no-memory"]) == 0
+    assert seen == {"detector": "ssdlite320_mobilenet_v3", "batch_size": 16, "image_size": 128, "repeats": 3,
+                    "device": "cpu", "channels_last": True, "memory": False}
