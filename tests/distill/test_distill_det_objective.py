@@ -18,12 +18,7 @@ OPTIONS = {"fasterrcnn_mobilenet_v3": {"rpn_pre_nms_top_n_train": 200, "rpn_post
                                        "box_batch_size_per_image": 64}}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def batch(count: int = 2):

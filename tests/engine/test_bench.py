@@ -4,7 +4,6 @@ the online losses; the memory column and channels_last rows; the CLI passes its 
 from __future__ import annotations
 
 import pytest
-import torch
 
 from cls2det.cli import main
 from cls2det.distill.objective import distillation_losses
@@ -18,12 +17,7 @@ TEACHER_CALLS = {"baseline": 0, "+kd_cls online": 1, "+kd_cls cached": 0, "+loc+
                  "+loc+kd_loc cached": 1, "+all online": 3, "+all cached": 1}
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def test_every_variant_is_timed_and_cached_ones_skip_the_teachers_gt_branch():
