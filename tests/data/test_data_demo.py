@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from itertools import combinations
 from pathlib import Path
 
@@ -113,11 +112,8 @@ def test_invalid_arguments(tmp_path):
 
 
 @pytest.mark.slow
-def test_default_demo_is_fast_and_sized(tmp_path):
-    start = time.perf_counter()
+def test_default_demo_is_sized(tmp_path):
     root = generate_demo(tmp_path / "demo")
-    elapsed = time.perf_counter() - start
-    assert elapsed < 20, f"generating the default demo took {elapsed:.1f} s"
     summary = check_dataset(root, check_images=False)
     train, val = summary["splits"]["train"], summary["splits"]["val"]
     assert (train["images"], val["images"]) == (600, 200)
