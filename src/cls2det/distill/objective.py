@@ -28,18 +28,19 @@ def subsample_positives(positives: Positives, max_count: int, generator: torch.G
 
 def distillation_losses(
     output: StudentOutput, teacher, config: DistillConfig, *, generator: torch.Generator | None = None,
-    soft_labels: Callable[[Positives], Tensor] | None = None, det_teacher: StudentAdapter | None = None,
+    soft_labels: Callable[[Positives], Tensor] | None = None,
+    gt_features: Callable[[Positives], list[Tensor]] | None = None, det_teacher: StudentAdapter | None = None,
 ) -> dict[str, Tensor]:
     """Unweighted KD terms ``{"kd_cls", "loc", "kd_loc", "det_logit", "det_fgfi", "det_pkd"}`` (those in
     ``config.kd``) for one batch, on at most ``config.max_positives`` positives.
 
-    ``teacher`` / ``soft_labels``: see :func:`classifier_losses`; ``det_teacher`` (a frozen adapter of the student's
-    family, needed by the ``det:*`` terms): see :func:`det2det_losses`.
+    ``teacher`` / ``soft_labels`` / ``gt_features``: see :func:`classifier_losses`; ``det_teacher`` (a frozen adapter
+    of the student's family, needed by the ``det:*`` terms): see :func:`det2det_losses`.
     """
     if not config.kd:
         return {}
     positives = subsample_positives(output.positives, config.max_positives, generator)
-    losses = classifier_losses(output, positives, teacher, config, soft_labels=soft_labels)
+    losses = classifier_losses(output, positives, teacher, config, soft_labels=soft_labels, gt_features=gt_features)
     losses.update(det2det_losses(output, positives, det_teacher, config))
     return losses
 
