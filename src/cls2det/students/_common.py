@@ -14,11 +14,12 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 from torchvision.models import ResNet50_Weights
+from torchvision.models.detection._utils import Matcher
 from torchvision.ops import FrozenBatchNorm2d, box_iou
 
 from cls2det.config import StudentConfig
 from cls2det.teacher.model import read_state_dict  # one safe reader for every local weights file
-from cls2det.students.base import Positives, StudentOutput, empty_positives
+from cls2det.students.base import Negatives, Positives, StudentOutput, empty_positives
 
 # The order in which torchvision unfreezes ResNet stages (``backbone_utils._resnet_fpn_extractor``).
 _RESNET_TRAINABLE_ORDER = ("layer4", "layer3", "layer2", "layer1", "conv1")
@@ -210,9 +211,37 @@ def positives_from_matches(
     return Positives(image_index, gt_boxes, labels, logits, pred_boxes, head, gt_index, anchor_index)
 
 
+def sample_rows(is_candidate: Tensor, max_count: int, generator: torch.Generator | None = None) -> Tensor:
+    """[M] int64, ascending: the indices of at most ``max_count`` True entries of the flat bool mask
+    ``is_candidate`` [R], drawn uniformly without replacement from ``generator`` (None: the global CPU RNG)."""
+    rows = torch.where(is_candidate)[0]  # [R']
+    if rows.numel() > max_count:
+        keep = torch.randperm(rows.numel(), generator=generator)[:max_count].sort().values  # CPU, device-independent
+        rows = rows[keep.to(rows.device)]
+    return rows
+
+
+def negatives_from_matches(matched_idxs: list[Tensor], anchors: list[Tensor], cls_logits: Tensor, max_count: int,
+                           *, head: str, generator: torch.Generator | None = None) -> Negatives | None:
+    """At most ``max_count`` of the batch's background anchors, drawn uniformly over all images; None when
+    ``max_count`` is 0 (nothing is computed).
+
+    matched_idxs: per image [A] int64 (:func:`match_anchors`, FCOS's assignment); background is
+    ``Matcher.BELOW_LOW_THRESHOLD`` (-1), the ignored anchors between the thresholds (-2) are left out.
+    anchors: per image [A, 4] the anchors (or FCOS locations), batch pixels. cls_logits: [N, A, C'] the head's.
+    """
+    if max_count <= 0:
+        return None
+    num_anchors = cls_logits.shape[1]
+    is_background = torch.stack(matched_idxs) == Matcher.BELOW_LOW_THRESHOLD  # [N, A]
+    rows = sample_rows(is_background.flatten(), max_count, generator)  # [M] into the flattened [N * A]
+    boxes = torch.stack(anchors).flatten(0, 1)[rows].detach()  # [M, 4]
+    return Negatives(rows // num_anchors, boxes, cls_logits.flatten(0, 1)[rows], head, rows % num_anchors)
+
+
 def student_output(detector: nn.Module, losses: dict[str, Tensor], positives: Positives, image_list,
                    features: list[Tensor], targets: list[dict[str, Tensor]], anchors: Tensor | None = None,
-                   anchor_generator: nn.Module | None = None) -> StudentOutput:
+                   anchor_generator: nn.Module | None = None, negatives: Negatives | None = None) -> StudentOutput:
     """The train-step record of an adapter. ``anchors``: one image's [A, 4] anchors (every image of a batch has the
     same), split per level with ``anchor_generator.num_anchors_per_location()``; None for anchor-free families."""
     mean, std = image_mean_std(detector.transform, image_list.tensors)
@@ -220,7 +249,7 @@ def student_output(detector: nn.Module, losses: dict[str, Tensor], positives: Po
         anchors, features, anchor_generator.num_anchors_per_location())
     return StudentOutput(losses, positives, image_list.tensors, mean, std, features=list(features),
                          level_anchors=levels, gt_boxes=[t["boxes"].detach() for t in targets],
-                         image_sizes=[tuple(s) for s in image_list.image_sizes])
+                         image_sizes=[tuple(s) for s in image_list.image_sizes], negatives=negatives)
 
 
 def split_anchor_levels(anchors: Tensor, features: list[Tensor], anchors_per_location: list[int]) -> list[Tensor]:

@@ -46,6 +46,26 @@ class Positives:
 
 
 @dataclass
+class Negatives:
+    """A random sample of the batch's negatives, as the detector's own matcher / sampler labels them (for KD_cls on
+    negatives, an ablation beyond the paper; see ``DistillConfig.kd_cls_negatives``).
+
+    Dense heads (SSD, RetinaNet, FCOS): anchors / locations matched to background (not the ignored ones between the
+    matcher's thresholds); Faster R-CNN: the proposals the RoI sampler drew with the background label. A negative has
+    no GT box: ``boxes`` is the anchor / proposal itself, xyxy in pixels of ``StudentOutput.images``.
+    """
+
+    image_index: Tensor  # [M] int64, which image of the batch
+    boxes: Tensor  # [M, 4] the anchor (FCOS: the location's square) or proposal box, batch pixels, no gradient
+    logits: Tensor  # [M, C+1] (head="softmax", column 0 = background) or [M, C] (head="sigmoid"), with gradient
+    head: str  # "softmax" or "sigmoid"
+    anchor_index: Tensor | None = None  # [M] int64, the anchor / location within its image's anchors (dense heads)
+
+    def __len__(self) -> int:
+        return int(self.image_index.numel())
+
+
+@dataclass
 class StudentOutput:
     """Train-mode output of an adapter."""
 
@@ -60,6 +80,7 @@ class StudentOutput:
     # the same for every image of the batch; empty for anchor-free families (FCOS)
     gt_boxes: list[Tensor] = field(default_factory=list)  # per image [G_i, 4] its GT boxes in batch pixels
     image_sizes: list[tuple[int, int]] = field(default_factory=list)  # per image (h, w) after resizing, before padding
+    negatives: Negatives | None = None  # at most ``StudentAdapter.max_negatives`` of them; None when that is 0
 
 
 @dataclass
@@ -75,11 +96,15 @@ class StudentAdapter(nn.Module):
 
     Subclasses implement ``forward_train(images, targets) -> StudentOutput``. Targets follow torchvision's
     contract except that ``labels`` are 0-based in [0, C); the adapter shifts them if the family needs it.
+    ``max_negatives`` > 0 makes ``forward_train`` also return up to that many of the batch's negatives
+    (:class:`Negatives`), drawn uniformly from the global RNG (which the training loop seeds every step); 0, the
+    default, draws nothing and does no extra work.
     """
 
     head: str = "softmax"
     has_anchors: bool = True  # FGFI's mask needs anchors; False for anchor-free families
     dense_head: bool = True  # class logits at every anchor / location (False: Faster R-CNN's box head on proposals)
+    max_negatives: int = 0  # negatives per batch to return in StudentOutput.negatives (0 = none)
 
     def __init__(self, detector: nn.Module, num_classes: int) -> None:
         super().__init__()

@@ -20,9 +20,9 @@ from torchvision.models.detection.rpn import RPNHead
 from cls2det.config import StudentConfig
 from cls2det.students._common import (
     build_imagenet_detector, build_resnet_fpn_detector, features_view, freeze_batchnorm,
-    freeze_stages, load_view_weights, stage_indices, student_output, transform_batch, transform_kwargs,
+    freeze_stages, load_view_weights, sample_rows, stage_indices, student_output, transform_batch, transform_kwargs,
 )
-from cls2det.students.base import Positives, StudentAdapter, StudentOutput
+from cls2det.students.base import Negatives, Positives, StudentAdapter, StudentOutput
 
 ASPECT_RATIOS = (0.5, 1.0, 2.0)  # torchvision's RPN default for every level
 
@@ -67,7 +67,8 @@ class FasterRCNNAdapter(StudentAdapter):
         Positives (K = sampled proposals with a foreground label, over the batch): logits [K, C+1] (the box
         head's ``class_logits`` rows), pred_boxes [K, 4] = ``box_coder.decode_single`` of the regression for the
         assigned class applied to the proposal (not clipped), gt_boxes [K, 4] the matched GT box; all in pixels of
-        the transformed batch.
+        the transformed batch. Negatives (``max_negatives`` > 0): sampled proposals with the background label
+        (IoU < 0.5 with every GT box), logits their box head's rows, boxes the proposals.
         """
         det: FasterRCNN = self.detector
         heads = det.roi_heads
@@ -87,8 +88,17 @@ class FasterRCNNAdapter(StudentAdapter):
         positives = self._positives(proposals, matched_idxs, labels, targets, class_logits, box_regression)
         feature_maps = list(features.values())
         rpn_anchors = det.rpn.anchor_generator(image_list, feature_maps)[0]  # [A, 4]: FGFI's anchors, as in Wang et al.
+        negatives = self._negatives(proposals, labels, class_logits)
         return student_output(det, losses, positives, image_list, feature_maps, targets, rpn_anchors,
-                              det.rpn.anchor_generator)
+                              det.rpn.anchor_generator, negatives=negatives)
+
+    def _negatives(self, proposals: list[Tensor], labels: list[Tensor], class_logits: Tensor) -> Negatives | None:
+        """At most ``max_negatives`` of the sampled background proposals (label 0) of the batch; None when 0."""
+        if self.max_negatives <= 0:
+            return None
+        rows = sample_rows(torch.cat(labels) == 0, self.max_negatives)  # [M] into the R sampled proposals
+        image_index = torch.cat([torch.full_like(label, i) for i, label in enumerate(labels)])[rows]  # [M]
+        return Negatives(image_index, torch.cat(proposals)[rows].detach(), class_logits[rows], self.head)
 
     def _positives(self, proposals: list[Tensor], matched_idxs: list[Tensor], labels: list[Tensor],
                    targets: list[dict[str, Tensor]], class_logits: Tensor, box_regression: Tensor) -> Positives:

@@ -26,8 +26,8 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 
 from cls2det.config import StudentConfig
 from cls2det.students._common import (
-    backbone_features, build_resnet_fpn_detector, fpn_level_sizes, positives_from_matches, student_output,
-    transform_batch, transform_kwargs,
+    backbone_features, build_resnet_fpn_detector, fpn_level_sizes, negatives_from_matches, positives_from_matches,
+    student_output, transform_batch, transform_kwargs,
 )
 from cls2det.students.base import StudentAdapter, StudentOutput
 
@@ -90,7 +90,8 @@ class FCOSAdapter(StudentAdapter):
 
         Positives: logits [K, C] (the location's ``cls_logits`` row), pred_boxes [K, 4] =
         ``box_coder.decode(bbox_regression, anchor)`` as FCOS's postprocess does (not clipped), in the batch
-        tensor's pixels. The centerness output is not part of the record.
+        tensor's pixels. The centerness output is not part of the record. Negatives (``max_negatives`` > 0):
+        locations assigned to no GT box; their box is the location's square "anchor" (side ``size_l``).
         """
         det: FCOS = self.detector
         image_list, targets = transform_batch(det, images, self.to_detector_targets(targets))
@@ -109,8 +110,10 @@ class FCOSAdapter(StudentAdapter):
 
         positives = positives_from_matches(matched_idxs, targets, head_outputs["cls_logits"], decode,
                                            head=self.head, label_offset=self.label_offset)
+        negatives = negatives_from_matches(matched_idxs, anchors, head_outputs["cls_logits"], self.max_negatives,
+                                           head=self.head)
         # anchor-free: FCOS's square "anchors" are locations, not FGFI's anchors, so no level_anchors
-        return student_output(det, losses, positives, image_list, features, targets)
+        return student_output(det, losses, positives, image_list, features, targets, negatives=negatives)
 
 
 def fcos_resnet50(num_classes: int, config: StudentConfig, **options: Any) -> FCOSAdapter:

@@ -15,7 +15,7 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 
 from cls2det.config import StudentConfig
 from cls2det.students._common import (
-    backbone_features, build_resnet_fpn_detector, fpn_level_sizes, match_anchors,
+    backbone_features, build_resnet_fpn_detector, fpn_level_sizes, match_anchors, negatives_from_matches,
     positives_from_matches, student_output, transform_batch, transform_kwargs,
 )
 from cls2det.students.base import StudentAdapter, StudentOutput
@@ -40,6 +40,8 @@ class RetinaNetAdapter(StudentAdapter):
 
         Positives: logits [K, C] (the anchor's ``cls_logits`` row), pred_boxes [K, 4] =
         ``box_coder.decode_single(bbox_regression, anchor)`` (not clipped), all in the batch tensor's pixels.
+        Negatives (``max_negatives`` > 0): anchors the matcher set to background (IoU < 0.4 with every GT box); the
+        ignored ones in [0.4, 0.5) are left out, as the focal loss leaves them out.
         """
         det: RetinaNet = self.detector
         image_list, targets = transform_batch(det, images, self.to_detector_targets(targets))
@@ -57,7 +59,10 @@ class RetinaNetAdapter(StudentAdapter):
 
         positives = positives_from_matches(matched_idxs, targets, head_outputs["cls_logits"], decode,
                                            head=self.head, label_offset=self.label_offset)
-        return student_output(det, losses, positives, image_list, features, targets, anchors[0], det.anchor_generator)
+        negatives = negatives_from_matches(matched_idxs, anchors, head_outputs["cls_logits"], self.max_negatives,
+                                           head=self.head)
+        return student_output(det, losses, positives, image_list, features, targets, anchors[0], det.anchor_generator,
+                              negatives=negatives)
 
 
 def retinanet_resnet50(num_classes: int, config: StudentConfig, **options: Any) -> RetinaNetAdapter:

@@ -22,7 +22,7 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from cls2det.config import StudentConfig
 from cls2det.students._common import (
     backbone_features, build_imagenet_detector, features_view, freeze_stages, load_view_weights,
-    match_anchors, positives_from_matches, stage_indices, student_output, transform_batch,
+    match_anchors, negatives_from_matches, positives_from_matches, stage_indices, student_output, transform_batch,
 )
 from cls2det.students.base import StudentAdapter, StudentOutput
 
@@ -41,7 +41,9 @@ class SSDAdapter(StudentAdapter):
         Losses: torchvision's ``bbox_regression`` and ``classification`` (hard-negative mined). Positives (K =
         matched default boxes over the batch): logits [K, C+1] (``cls_logits`` rows), pred_boxes [K, 4] =
         ``box_coder.decode_single(bbox_regression, default box)`` (not clipped), gt_boxes [K, 4] the matched GT
-        box; all in pixels of the transformed (fixed-size) batch.
+        box; all in pixels of the transformed (fixed-size) batch. Negatives (``max_negatives`` > 0): default boxes
+        the matcher set to background (IoU < 0.5 with every GT box): all of them are candidates, not only the 3:1
+        hard negatives SSD's classification loss mines.
         """
         det: SSD = self.detector
         image_list, targets = transform_batch(det, images, self.to_detector_targets(targets))
@@ -58,7 +60,10 @@ class SSDAdapter(StudentAdapter):
 
         positives = positives_from_matches(matched_idxs, targets, head_outputs["cls_logits"], decode,
                                            head=self.head, label_offset=self.label_offset)
-        return student_output(det, losses, positives, image_list, features, targets, anchors[0], det.anchor_generator)
+        negatives = negatives_from_matches(matched_idxs, anchors, head_outputs["cls_logits"], self.max_negatives,
+                                           head=self.head)
+        return student_output(det, losses, positives, image_list, features, targets, anchors[0], det.anchor_generator,
+                              negatives=negatives)
 
 
 def ssd_box_generator(stock: DefaultBoxGenerator, image_size: int, stock_size: int,
