@@ -51,11 +51,19 @@ def test_round_trip(tmp_path):
         ("nokey", "is not of the form key=value"),
         ("dist_timeout_s=0", "dist_timeout_s must be > 0 and <= 1e9 seconds, got 0.0"),
         ("dist_timeout_s=.nan", "dist_timeout_s must be > 0 and <= 1e9 seconds, got nan"),
+        ("distill.kd_cls_negatives=-1", "distill.kd_cls_negatives must be >= 0, got -1"),
     ],
 )
 def test_bad_values_name_the_culprit(override, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
         load_config(TrainConfig, None, [override])
+
+
+def test_kd_cls_negatives_needs_kd_cls():
+    with pytest.raises(ConfigError, match=r"kd_cls_negatives=8 needs cls in distill.kd .*got distill.kd=\[loc,kd_loc\]"):
+        load_config(TrainConfig, None, ["distill.kd=[loc,kd_loc]", "distill.kd_cls_negatives=8"])
+    config = load_config(TrainConfig, None, ["distill.kd=[cls,loc]", "distill.kd_cls_negatives=8"])
+    assert config.distill.kd_cls_negatives == 8 and DistillConfig().kd_cls_negatives == 0  # off by default
 
 
 def test_bad_yaml_is_one_line(tmp_path):

@@ -81,6 +81,10 @@ class DistillConfig:
     pool: int = 8  # adaptive average-pool output size for every tap of KD_loc
     loc_pool: int = 8  # pooling for the teacher-free loc loss, eq. (11)
     max_positives: int = 256  # cap K per batch (random subset) to bound the teacher's cost
+    # KD_cls on negatives too (an ablation beyond the paper, whose KD_cls sees positives only): at most this many
+    # anchors / proposals the detector labels background per batch, each against the teacher's logits on its crop
+    # (online, never cached); logged as kd_cls_neg, weighted by lambda_kd_cls like the positives' term. 0 = off
+    kd_cls_negatives: int = 0
     soft_label_cache: bool = True  # KD_cls teacher logits computed once per GT box (and flip), not every step
     # det2det: the teacher is a detector run of the student's family and input size (`cls2det train --kd none`)
     det_teacher: str | None = None  # its run folder (--det-teacher); needed by every det:* term
@@ -104,6 +108,11 @@ class DistillConfig:
             raise ConfigError(f"distill.det_temperature must be > 0, got {self.det_temperature}")
         if not 0 < self.fgfi_psi <= 1:
             raise ConfigError(f"distill.fgfi_psi must be in (0, 1], got {self.fgfi_psi}")
+        if self.kd_cls_negatives < 0:
+            raise ConfigError(f"distill.kd_cls_negatives must be >= 0, got {self.kd_cls_negatives}")
+        if self.kd_cls_negatives and "cls" not in self.kd:
+            raise ConfigError(f"distill.kd_cls_negatives={self.kd_cls_negatives} needs cls in distill.kd (it is "
+                              f"KD_cls on negatives), got distill.kd=[{','.join(self.kd)}]")
 
 
 @dataclass

@@ -22,7 +22,8 @@ fit_module = importlib.import_module("cls2det.engine.fit")  # the package export
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 KD_COLUMNS = ("kd_cls", "loc", "kd_loc")
-NOT_DETECTOR_LOSSES = {"step", "epoch", "lr", "loss", "positives", *KD_COLUMNS, *(f"w_{c}" for c in KD_COLUMNS)}
+NOT_DETECTOR_LOSSES = {"step", "epoch", "lr", "loss", "positives", "negatives",
+                       *(c for term in (*KD_COLUMNS, "kd_cls_neg") for c in (term, f"w_{term}"))}
 METRIC_KEYS = ("mAP", "AP50", "AP75", "APs", "APm", "APl", "mAR", "AP_per_iou")
 SLOW_DETECTORS = ("ssd300_vgg16", "fasterrcnn_resnet50")  # 4-9 s for one step + eval here; the others 1-3 s
 
@@ -79,6 +80,39 @@ def test_fit_every_detector_with_all_terms(detector, make_train_config, tmp_path
 
     changed = differs(load_weights(out), spy_fit["student_init"])
     assert changed, "one optimizer step left every student weight as initialised"
+
+
+@pytest.mark.parametrize("detector", ["fasterrcnn_mobilenet_v3", "ssdlite320_mobilenet_v3", "retinanet_resnet50",
+                                      "fcos_resnet50"])
+def test_fit_kd_cls_on_negatives(detector, make_train_config, tmp_path, read_metrics, monkeypatch):
+    """One step with KD_cls also on 16 negatives per batch: a finite kd_cls_neg, logged and weighted by lambda_kd_cls,
+    whose gradient reaches the student's weights."""
+    seen: dict = {}
+    create_student, total_loss = fit_module.create_student, fit_module.total_loss
+
+    def spy_create_student(*args, **kwargs):
+        seen["student"] = create_student(*args, **kwargs)
+        return seen["student"]
+
+    def spy_total_loss(detector_losses, kd_losses, config):
+        params = [p for p in seen["student"].parameters() if p.requires_grad]
+        grads = torch.autograd.grad(kd_losses["kd_cls_neg"], params, retain_graph=True, allow_unused=True)
+        seen["grad"] = sum(g.abs().sum().item() for g in grads if g is not None)
+        return total_loss(detector_losses, kd_losses, config)
+
+    monkeypatch.setattr(fit_module, "create_student", spy_create_student)
+    monkeypatch.setattr(fit_module, "total_loss", spy_total_loss)
+    out = tmp_path / "run"
+    config = make_train_config(out, detector, ["distill.kd=[cls]", "distill.kd_cls_negatives=16", "max_steps=1"])
+    fit(config, progress=False)
+    columns, rows = read_metrics(out / "metrics.csv")
+    row = rows[0]
+    assert row["negatives"] == 16 and math.isfinite(row["kd_cls_neg"]) and row["kd_cls_neg"] > 0, row
+    assert seen["grad"] > 0 and seen["student"].max_negatives == 16
+    weight = config.distill.lambda_kd_cls
+    assert row["w_kd_cls_neg"] == pytest.approx(weight * row["kd_cls_neg"], rel=1e-4)
+    detector_losses = [row[c] for c in columns if c not in NOT_DETECTOR_LOSSES]
+    assert row["loss"] == pytest.approx(sum(detector_losses) + weight * (row["kd_cls"] + row["kd_cls_neg"]), rel=1e-4)
 
 
 def test_fit_baseline_without_kd_needs_no_teacher(make_train_config, tmp_path, read_metrics, spy_fit, load_weights):

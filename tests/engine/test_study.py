@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cls2det.config import ConfigError, StudyConfig, load_config
+from cls2det.config import ConfigError, StudyConfig, from_dict, load_config
 from cls2det.engine.study import check_study, det_teacher_config, packaged_config, row_config, run_study
 
 
@@ -92,3 +92,12 @@ def test_det_rows_need_a_detector_teacher(tmp_path):
         check_study(StudyConfig(rows=rows, det_teacher=["epochz=3"]), tmp_path)
     with pytest.raises(ConfigError, match="'det_teacher' names the detector teacher's run folder"):
         StudyConfig(rows={"det_teacher": []})
+
+
+def test_det_teacher_drops_kd_cls_on_negatives_with_the_kd_terms():
+    """A study whose train block distills KD_cls on negatives still trains its detector teacher without any KD."""
+    study = from_dict(StudyConfig, {"train": {"distill": {"kd": ["cls"], "kd_cls_negatives": 8}},
+                                    "det_teacher": ["epochs=2"], "rows": {"pkd": ["distill.kd=[cls,det:pkd]"]}})
+    teacher = det_teacher_config(study, "ssdlite320_mobilenet_v3", Path("runs"))
+    assert (teacher.distill.kd, teacher.distill.kd_cls_negatives, teacher.epochs) == ([], 0, 2)
+    assert row_config(study, "pkd", "ssdlite320_mobilenet_v3", Path("runs"), 0).distill.kd_cls_negatives == 8

@@ -15,7 +15,7 @@ from cls2det.config import DistillConfig, det_methods
 from cls2det.distill.crops import crop_boxes, sanitize_boxes
 from cls2det.distill.det2det import fgfi_level_masks, fgfi_loss, logit_kd_loss, pkd_loss
 from cls2det.distill.losses import kd_cls_loss, kd_loc_loss, loc_loss
-from cls2det.students.base import Positives, StudentAdapter, StudentOutput
+from cls2det.students.base import Negatives, Positives, StudentAdapter, StudentOutput
 
 
 def subsample_positives(positives: Positives, max_count: int, generator: torch.Generator | None = None) -> Positives:
@@ -50,7 +50,8 @@ def classifier_losses(
     soft_labels: Callable[[Positives], Tensor] | None = None,
     gt_features: Callable[[Positives], list[Tensor]] | None = None,
 ) -> dict[str, Tensor]:
-    """The paper's terms ``kd_cls``, ``loc``, ``kd_loc`` of ``config.kd``, unweighted; ``{}`` when none is asked.
+    """The paper's terms ``kd_cls``, ``loc``, ``kd_loc`` of ``config.kd``, unweighted; ``{}`` when none is asked;
+    with ``config.kd_cls_negatives`` > 0 also ``kd_cls_neg`` (:func:`kd_cls_negatives_loss`, beyond the paper).
 
     ``teacher`` (a frozen :class:`~cls2det.teacher.Teacher`, may be None when only ``loc`` is asked) sees crops in
     0..1 pixels: the detector's normalised batch is mapped back with its own mean/std, so the crops are exactly the
@@ -82,6 +83,8 @@ def classifier_losses(
             positives.logits.float(), teacher_logits, positives.labels, head=positives.head,
             temperature=config.temperature,
         )
+        if config.kd_cls_negatives:
+            losses["kd_cls_neg"] = kd_cls_negatives_loss(output, pixels, teacher, config.temperature)
     if "loc" in config.kd:
         losses["loc"] = loc_loss(pixels, pred_boxes, gt_boxes, index, size=config.sample_size, pool=config.loc_pool)
     if "kd_loc" in config.kd:
@@ -92,6 +95,37 @@ def classifier_losses(
             size=config.sample_size, pools=[config.pool] * len(taps), gt_features=cached,
         )
     return losses
+
+
+def kd_cls_negatives_loss(output: StudentOutput, pixels: Tensor, teacher, temperature: float) -> Tensor:
+    """KD_cls on the student's negatives (``output.negatives``, M of them), an ablation beyond the paper.
+
+    A negative has no GT box and the classifier teacher no background class, so the target is the teacher's view of
+    which foreground class the region looks like, and the background score is left to the detector's own loss:
+
+        softmax heads: T² · KL(softmax(z_t / T) || softmax(z_s[:, 1:] / T))   the C foreground logits renormalised
+        sigmoid heads: T² / C · Σ_c KL([1−q_t,c, q_t,c] || [1−q_s,c, q_s,c]),   q = sigmoid(z / T)
+
+    averaged over the M negatives: :func:`logit_kd_loss` on the foreground columns. z_t [M, C] are the frozen
+    teacher's logits on the crop of each negative's anchor / proposal box, clipped to its image (online, no
+    gradient); ``pixels`` [N, 3, H, W] is the batch in 0..1. Returns a 0-dim tensor, zero (attached to the
+    student's graph) when M == 0.
+    """
+    negatives: Negatives | None = output.negatives
+    if negatives is None:
+        raise ValueError("distill.kd_cls_negatives > 0 but the student returned no negatives: set the adapter's "
+                         "max_negatives to it")
+    student_logits = negatives.logits.float()  # [M, C+1] (softmax) or [M, C] (sigmoid)
+    if negatives.head == "softmax":
+        student_logits = student_logits[:, 1:]  # [M, C]: drop background, the teacher has no such class
+    if len(negatives) == 0:
+        return student_logits.sum() * 0
+    sizes = torch.tensor(output.image_sizes, dtype=pixels.dtype, device=pixels.device)[negatives.image_index]  # [M, 2]
+    with torch.no_grad():
+        boxes = sanitize_boxes(negatives.boxes, sizes[:, 0], sizes[:, 1])  # anchors reach past the image's edges
+        crops = crop_boxes(pixels, boxes, negatives.image_index, size=teacher.input_size)  # [M, 3, S, S]
+        teacher_logits = teacher(crops).float()  # [M, C]
+    return logit_kd_loss(student_logits, teacher_logits, head=negatives.head, temperature=temperature)
 
 
 def det2det_losses(output: StudentOutput, positives: Positives, det_teacher: StudentAdapter | None,
@@ -136,14 +170,15 @@ def det2det_losses(output: StudentOutput, positives: Positives, det_teacher: Stu
 
 
 LOSS_WEIGHTS = {
-    "kd_cls": "lambda_kd_cls", "loc": "lambda_loc", "kd_loc": "lambda_kd_loc",
+    "kd_cls": "lambda_kd_cls", "kd_cls_neg": "lambda_kd_cls", "loc": "lambda_loc", "kd_loc": "lambda_kd_loc",
     "det_logit": "lambda_det_logit", "det_fgfi": "lambda_det_fgfi", "det_pkd": "lambda_det_pkd",
 }
 
 
 def total_loss(detector_losses: dict[str, Tensor], kd_losses: dict[str, Tensor], config: DistillConfig) -> Tensor:
     """Eq. (12): ``sum(L_det) + lambda_kc*KD_cls + lambda_kl*KD_loc + lambda_l*loc``, plus ``lambda_det_*`` times
-    each det2det term."""
+    each det2det term and, when asked, ``lambda_kc`` times KD_cls on negatives (each of the two KD_cls terms a mean,
+    so positives and negatives weigh the same whatever their counts)."""
     total = sum(detector_losses.values())
     for name, value in kd_losses.items():
         total = total + getattr(config, LOSS_WEIGHTS[name]) * value

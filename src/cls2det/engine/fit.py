@@ -1,6 +1,6 @@
 """Train a student detector with Lightning Fabric: ``setup`` + a plain loop, one state, atomic checkpoints.
 
-Every step's randomness (flips, the detector's samplers, the positives' subsampling) is drawn from generators
+Every step's randomness (flips, the detector's samplers, the positives' and negatives' samples) is drawn from RNGs
 seeded by ``(seed, step, rank)``, and the epoch's image order from ``(seed, epoch)``: a run stopped at a step
 boundary and resumed reproduces the uninterrupted run exactly on CPU.
 """
@@ -171,6 +171,7 @@ class _Trainer:
                                                pool=distill.pool, device=fabric.device),
             )
         student = create_student(config.student.detector, self.train_split.num_classes, config.student)
+        student.max_negatives = distill.kd_cls_negatives  # 0: the adapter draws no negatives
         self.det_teacher = self._det_teacher(student) if det_methods(config.distill.kd) else None
         if fabric.is_global_zero:
             classes = {"class_names": self.train_split.class_names, "category_ids": self.train_split.label_to_cat_id}
@@ -301,6 +302,8 @@ class _Trainer:
         if self.logger is not None:
             row = {"step": self.step, "epoch": self.epoch, "lr": lr,
                    "loss": loss.item(), "positives": float(len(output.positives))}
+            if output.negatives is not None:
+                row["negatives"] = float(len(output.negatives))
             row.update({name: value.item() for name, value in terms.items()})
             row.update({f"w_{n}": getattr(config.distill, LOSS_WEIGHTS[n]) * v.item() for n, v in kd_losses.items()})
             self.logger.log(row, self.step)

@@ -90,7 +90,7 @@ def det_teacher_config(study: StudyConfig, detector: str, out: Path) -> TrainCon
     KD terms, the row's detector (so the same family, input size and anchors), in ``out/<detector>/det_teacher``."""
     values = apply_overrides(copy.deepcopy(to_dict(study.train)), study.det_teacher or [])
     values["student"]["detector"] = detector
-    values["distill"]["kd"] = []
+    values["distill"]["kd"], values["distill"]["kd_cls_negatives"] = [], 0
     values["out"] = str(out / detector / DET_TEACHER)
     return from_dict(TrainConfig, values)
 
