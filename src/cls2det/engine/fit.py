@@ -49,19 +49,7 @@ def fit(config: TrainConfig, *, resume: bool = False, overwrite: bool = False, p
     )
     fabric.launch()
     try:
-        try:
-            trainer = _Trainer(fabric, config, out, resume=resume, progress=progress)
-        except BaseException:
-            if fabric.is_global_zero:
-                restore(out, replaced)  # --overwrite with a bad input loses nothing
-            raise
-        if fabric.is_global_zero:
-            discard_replaced(replaced)
-        # saved only once the data, teacher and student are validated: a run that failed on a bad input leaves no
-        # config.yaml behind, so fixing the input and running again does not hit "holds another run"
-        if fabric.is_global_zero and not resume:
-            save_config(config, out / CONFIG)
-        return trainer.run()
+        return _start(fabric, config, out, replaced, resume=resume, progress=progress).run()
     except BaseException as err:
         # a torch.distributed error (a RuntimeError) may only mean that another rank died and closed the connection:
         # give the ranks this process launched a moment to exit, and point at the error of the one that failed
@@ -74,6 +62,23 @@ def fit(config: TrainConfig, *, resume: bool = False, overwrite: bool = False, p
                 f"{str(err).splitlines()[0] if str(err) else type(err).__name__}"
             ) from err
         raise
+
+
+def _start(fabric: Fabric, config: TrainConfig, out: Path, replaced, *, resume: bool, progress: bool) -> "_Trainer":
+    """Validate the inputs and build the trainer; an old run moved aside by --overwrite comes back on failure."""
+    try:
+        trainer = _Trainer(fabric, config, out, resume=resume, progress=progress)
+    except BaseException:
+        if fabric.is_global_zero:
+            restore(out, replaced)  # --overwrite with a bad input loses nothing
+        raise
+    if fabric.is_global_zero:
+        discard_replaced(replaced)
+        # saved only once the data, teacher and student are validated: a run that failed on a bad input leaves no
+        # config.yaml behind, so fixing the input and running again does not hit "holds another run"
+        if not resume:
+            save_config(config, out / CONFIG)
+    return trainer
 
 
 def fabric_strategy(name: str, timeout_s: float):
