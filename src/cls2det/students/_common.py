@@ -252,6 +252,23 @@ def student_output(detector: nn.Module, losses: dict[str, Tensor], positives: Po
                          image_sizes=[tuple(s) for s in image_list.image_sizes], negatives=negatives)
 
 
+
+def dense_head_output(adapter, losses: dict[str, Tensor], image_list, features: list[Tensor],
+                      targets: list[dict[str, Tensor]], anchors: list[Tensor], matched_idxs: list[Tensor],
+                      cls_logits: Tensor, decode: Callable[[int, Tensor], Tensor], *,
+                      anchor_free: bool = False) -> StudentOutput:
+    """The train-step record of a dense-head adapter (SSD, RetinaNet, FCOS): its positives, its negatives when asked
+    (``adapter.max_negatives``) and :func:`student_output`. anchors: per image [A, 4]; cls_logits: [N, A, C'];
+    ``anchor_free``: FCOS's square "anchors" are locations, not FGFI's anchors, so no level anchors are recorded."""
+    det = adapter.detector
+    positives = positives_from_matches(matched_idxs, targets, cls_logits, decode, head=adapter.head,
+                                       label_offset=adapter.label_offset)
+    negatives = negatives_from_matches(matched_idxs, anchors, cls_logits, adapter.max_negatives, head=adapter.head)
+    if anchor_free:
+        return student_output(det, losses, positives, image_list, features, targets, negatives=negatives)
+    return student_output(det, losses, positives, image_list, features, targets, anchors[0], det.anchor_generator,
+                          negatives=negatives)
+
 def split_anchor_levels(anchors: Tensor, features: list[Tensor], anchors_per_location: list[int]) -> list[Tensor]:
     """One image's anchors [A, 4] (torchvision's order: level, then location row-major, then anchor) as one
     [H_l, W_l, a_l, 4] tensor per level; ``anchors_per_location`` = the generator's ``num_anchors_per_location()``."""

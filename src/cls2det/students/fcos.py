@@ -26,8 +26,8 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 
 from cls2det.config import StudentConfig
 from cls2det.students._common import (
-    backbone_features, build_resnet_fpn_detector, fpn_level_sizes, negatives_from_matches, positives_from_matches,
-    student_output, transform_batch, transform_kwargs,
+    backbone_features, build_resnet_fpn_detector, dense_head_output, fpn_level_sizes, transform_batch,
+    transform_kwargs,
 )
 from cls2det.students.base import StudentAdapter, StudentOutput
 
@@ -108,12 +108,8 @@ class FCOSAdapter(StudentAdapter):
             # float32: the coder casts anchors to the regression's dtype, which loses pixels under bf16 autocast
             return det.box_coder.decode(regression[i, fg].float(), anchors[i][fg])  # [K_i, 4]
 
-        positives = positives_from_matches(matched_idxs, targets, head_outputs["cls_logits"], decode,
-                                           head=self.head, label_offset=self.label_offset)
-        negatives = negatives_from_matches(matched_idxs, anchors, head_outputs["cls_logits"], self.max_negatives,
-                                           head=self.head)
-        # anchor-free: FCOS's square "anchors" are locations, not FGFI's anchors, so no level_anchors
-        return student_output(det, losses, positives, image_list, features, targets, negatives=negatives)
+        return dense_head_output(self, losses, image_list, features, targets, anchors, matched_idxs,
+                                 head_outputs["cls_logits"], decode, anchor_free=True)
 
 
 def fcos_resnet50(num_classes: int, config: StudentConfig, **options: Any) -> FCOSAdapter:

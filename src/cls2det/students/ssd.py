@@ -21,8 +21,8 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from cls2det.config import StudentConfig
 from cls2det.students._common import (
-    backbone_features, build_imagenet_detector, features_view, freeze_stages, load_view_weights,
-    match_anchors, negatives_from_matches, positives_from_matches, stage_indices, student_output, transform_batch,
+    backbone_features, build_imagenet_detector, dense_head_output, features_view, freeze_stages, load_view_weights,
+    match_anchors, stage_indices, transform_batch,
 )
 from cls2det.students.base import StudentAdapter, StudentOutput
 
@@ -58,12 +58,8 @@ class SSDAdapter(StudentAdapter):
         def decode(i: int, fg: Tensor) -> Tensor:
             return det.box_coder.decode_single(regression[i, fg], anchors[i][fg])  # [K_i, 4]
 
-        positives = positives_from_matches(matched_idxs, targets, head_outputs["cls_logits"], decode,
-                                           head=self.head, label_offset=self.label_offset)
-        negatives = negatives_from_matches(matched_idxs, anchors, head_outputs["cls_logits"], self.max_negatives,
-                                           head=self.head)
-        return student_output(det, losses, positives, image_list, features, targets, anchors[0], det.anchor_generator,
-                              negatives=negatives)
+        return dense_head_output(self, losses, image_list, features, targets, anchors, matched_idxs,
+                                 head_outputs["cls_logits"], decode)
 
 
 def ssd_box_generator(stock: DefaultBoxGenerator, image_size: int, stock_size: int,
