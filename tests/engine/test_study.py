@@ -75,7 +75,8 @@ def test_det2det_study_shares_the_demo_recipe_and_trains_its_teacher_longer():
     assert study.seeds == [0, 1, 2] and study.detectors == ["ssdlite320_mobilenet_v3"]
     kd = {row: row_config(study, row, "ssdlite320_mobilenet_v3", Path("runs"), 0).distill.kd for row in study.rows}
     assert kd == {"baseline": [], "det_pkd": ["det:pkd"], "kd_cls+loc+kd_loc": ["cls", "loc", "kd_loc"],
-                  "kd_cls+loc+kd_loc+det_pkd": ["cls", "loc", "kd_loc", "det:pkd"]}
+                  "kd_cls+loc+kd_loc+det_pkd": ["cls", "loc", "kd_loc", "det:pkd"], "det_logit": ["det:logit"],
+                  "kd_cls+loc+kd_loc+det_logit": ["cls", "loc", "kd_loc", "det:logit"]}
     teacher = det_teacher_config(study, "ssdlite320_mobilenet_v3", Path("runs"))
     assert (teacher.epochs, teacher.seed, teacher.distill.kd) == (2 * study.train.epochs, 100, [])
     assert teacher.out == str(Path("runs") / "ssdlite320_mobilenet_v3" / "det_teacher")
