@@ -171,13 +171,21 @@ def match_anchors(detector: nn.Module, anchors: list[Tensor], targets: list[dict
     The computation of ``RetinaNet.compute_loss`` and ``SSD.forward`` (torchvision 0.16-0.29): the detector's
     ``proposal_matcher`` on the [M, A] IoU matrix; an image without GT boxes is all background.
     """
+    return match_per_image(anchors, targets, lambda gt_boxes, anchors_i: detector.proposal_matcher(
+        box_iou(gt_boxes, anchors_i)))
+
+
+def match_per_image(anchors: list[Tensor], targets: list[dict[str, Tensor]],
+                    match: Callable[[Tensor, Tensor], Tensor]) -> list[Tensor]:
+    """Per image [A] int64 ``match(gt_boxes [M, 4], anchors [A, 4])``; an image without GT boxes is all background
+    (-1) without calling ``match``."""
     matched_idxs = []
     for anchors_per_image, target in zip(anchors, targets):
         if target["boxes"].numel() == 0:
             matched_idxs.append(torch.full((anchors_per_image.size(0),), -1, dtype=torch.int64,
                                            device=anchors_per_image.device))
-            continue
-        matched_idxs.append(detector.proposal_matcher(box_iou(target["boxes"], anchors_per_image)))  # [A]
+        else:
+            matched_idxs.append(match(target["boxes"], anchors_per_image))
     return matched_idxs
 
 

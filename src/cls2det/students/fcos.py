@@ -26,7 +26,7 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 
 from cls2det.config import StudentConfig
 from cls2det.students._common import (
-    backbone_features, build_resnet_fpn_detector, dense_head_output, fpn_level_sizes, transform_batch,
+    backbone_features, build_resnet_fpn_detector, dense_head_output, fpn_level_sizes, match_per_image, transform_batch,
     transform_kwargs,
 )
 from cls2det.students.base import StudentAdapter, StudentOutput
@@ -47,13 +47,7 @@ def fcos_matched_idxs(
     it: center sampling, inside-box, per-level scale range, then the smallest-area GT among the candidates.
     The tests check it against the ``matched_idxs`` torchvision passes to ``FCOSHead.compute_loss``.
     """
-    matched_idxs = []
-    for anchors_per_image, target in zip(anchors, targets):
-        if target["boxes"].numel() == 0:
-            matched_idxs.append(torch.full((anchors_per_image.size(0),), -1, dtype=torch.int64,
-                                           device=anchors_per_image.device))
-            continue
-        gt_boxes = target["boxes"]  # [M, 4]
+    def assign(gt_boxes: Tensor, anchors_per_image: Tensor) -> Tensor:  # [M, 4], [A, 4] -> [A]
         gt_centers = (gt_boxes[:, :2] + gt_boxes[:, 2:]) / 2  # [M, 2]
         anchor_centers = (anchors_per_image[:, :2] + anchors_per_image[:, 2:]) / 2  # [A, 2]
         anchor_sizes = anchors_per_image[:, 2] - anchors_per_image[:, 0]  # [A]
@@ -75,8 +69,9 @@ def fcos_matched_idxs(
         score = is_match.to(torch.float32) * (1e8 - gt_areas[None, :])  # [A, M]
         best, matched = score.max(dim=1)  # [A]
         matched[best < 1e-5] = -1
-        matched_idxs.append(matched)
-    return matched_idxs
+        return matched
+
+    return match_per_image(anchors, targets, assign)
 
 
 class FCOSAdapter(StudentAdapter):
