@@ -10,7 +10,9 @@ import json
 import sys
 from pathlib import Path
 
-from cls2det.config import DET_TERMS, KD_TERMS, ConfigError, TeacherConfig, TrainConfig, load_config
+from cls2det.config import (
+    DET_TERMS, KD_TERMS, TEACHER_PRECISIONS, ConfigError, TeacherConfig, TrainConfig, load_config,
+)
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
@@ -124,8 +126,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, default=256)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--teacher-size", type=int, default=112, help="the teacher's input side in pixels")
+    p.add_argument("--sample-size", type=int, default=112, help="KD_loc's crop side s in pixels")
     p.add_argument("--channels-last", action="store_true",
                    help="also time every variant with student and teacher in channels_last memory format")
+    p.add_argument("--teacher-precision", default=None, choices=TEACHER_PRECISIONS[1:],
+                   help="also time the cached KD_loc modes with the teacher in this precision")
+    p.add_argument("--precision", default="32-true", choices=TEACHER_PRECISIONS[1:],
+                   help="autocast of every step, as train.precision (default 32-true)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
     p.set_defaults(func=cmd_bench)
 
@@ -252,8 +260,9 @@ def cmd_bench(args) -> int:
     from cls2det.engine.bench import run_benchmarks
 
     run_benchmarks(detector=args.detector, batch_size=args.batch_size, image_size=args.image_size,
-                   repeats=args.repeats, device=args.device, channels_last=args.channels_last,
-                   memory=not args.no_memory)
+                   repeats=args.repeats, device=args.device, teacher_size=args.teacher_size,
+                   sample_size=args.sample_size, channels_last=args.channels_last,
+                   teacher_precision=args.teacher_precision, precision=args.precision, memory=not args.no_memory)
     return 0
 
 

@@ -22,6 +22,7 @@ TEACHER_TAPS = ("obj", "l0", "l1", "l2", "l3", "l4")
 KD_TERMS = ("cls", "loc", "kd_loc")
 DET_METHODS = ("logit", "fgfi", "pkd")  # det2det baselines, named "det:<method>" in distill.kd
 DET_TERMS = tuple(f"det:{method}" for method in DET_METHODS)
+TEACHER_PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed")  # distill.teacher_precision
 
 
 def det_methods(kd: Sequence[str]) -> list[str]:
@@ -96,6 +97,10 @@ class DistillConfig:
     # KD_loc's GT branch (pooled teacher taps of the GT crops) computed once per GT box and flip, not every step;
     # 4 * sum_l(M_l) * pool^2 bytes per box (taps obj,l0 at pool 8: 17 KB; COCO's 860k boxes: 15 GB in RAM)
     gt_feature_cache: bool = False  # off by default: see the RAM cost above
+    # autocast of the teacher's passes (KD_loc's predicted crops, online GT crops): "auto" = the training step's own
+    # (train.precision), or one of 32-true / bf16-mixed / 16-mixed for the teacher alone, e.g. bf16-mixed where the
+    # hardware has it (CUDA; CPUs with AVX512-BF16 or AMX) while the student trains in float32
+    teacher_precision: str = "auto"
 
     def __post_init__(self) -> None:
         for term in self.kd:
@@ -108,6 +113,7 @@ class DistillConfig:
             raise ConfigError(f"distill.det_temperature must be > 0, got {self.det_temperature}")
         if not 0 < self.fgfi_psi <= 1:
             raise ConfigError(f"distill.fgfi_psi must be in (0, 1], got {self.fgfi_psi}")
+        _check_choice("distill.teacher_precision", self.teacher_precision, TEACHER_PRECISIONS)
         if self.kd_cls_negatives < 0:
             raise ConfigError(f"distill.kd_cls_negatives must be >= 0, got {self.kd_cls_negatives}")
         if self.kd_cls_negatives and "cls" not in self.kd:
@@ -153,6 +159,7 @@ class TrainConfig:
     # ddp*, fsdp*, deepspeed*); rank 0 evaluates alone while the others wait, so keep it above one evaluation
     dist_timeout_s: float = 1800.0
     precision: str = "32-true"  # Fabric precision: 32-true, bf16-mixed, 16-mixed
+    channels_last: bool = False  # student and teachers in channels_last memory format (faster convolutions on CPU)
     student: StudentConfig = field(default_factory=StudentConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

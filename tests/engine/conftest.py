@@ -44,7 +44,7 @@ def load_weights_fixture():
 def spy_fit(monkeypatch):
     """Record what :func:`cls2det.engine.fit` builds: ``spy["teacher"]`` (the Teacher object it trains against),
     ``spy["teacher_init"]`` (a copy of its state when loaded) and ``spy["student_init"]`` (a copy of the student's
-    state dict right after it was built, before any step)."""
+    state dict right after it was built, before any step), ``spy["student"]`` (the student itself)."""
     spy: dict = {}
     load_teacher, create_student = cls2det.teacher.load_teacher, fit_module.create_student
 
@@ -55,7 +55,7 @@ def spy_fit(monkeypatch):
 
     def spy_create_student(*args, **kwargs):
         student = create_student(*args, **kwargs)
-        spy["student_init"] = {k: v.detach().clone() for k, v in student.state_dict().items()}
+        spy["student"], spy["student_init"] = student, {k: v.detach().clone() for k, v in student.state_dict().items()}
         return student
 
     monkeypatch.setattr(cls2det.teacher, "load_teacher", spy_load_teacher)  # fit imports it at call time

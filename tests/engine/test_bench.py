@@ -4,6 +4,7 @@ the online losses; the memory column and channels_last rows; the CLI passes its 
 from __future__ import annotations
 
 import pytest
+import torch
 
 from cls2det.cli import main
 from cls2det.distill.objective import distillation_losses
@@ -64,6 +65,48 @@ def test_cli_passes_its_options_through(monkeypatch):
     seen = {}
     monkeypatch.setattr(bench, "run_benchmarks", lambda **kwargs: seen.update(kwargs))
     assert main(["bench", "--detector", "ssdlite320_mobilenet_v3", "--batch-size", "16", "--image-size", "128",
-                 "--repeats", "3", "--channels-last", "--no-memory"]) == 0
+                 "--repeats", "3", "--channels-last", "--no-memory", "--teacher-size", "48", "--sample-size", "32",
+                 "--teacher-precision", "bf16-mixed", "--precision", "16-mixed"]) == 0
     assert seen == {"detector": "ssdlite320_mobilenet_v3", "batch_size": 16, "image_size": 128, "repeats": 3,
-                    "device": "cpu", "channels_last": True, "memory": False}
+                    "device": "cpu", "channels_last": True, "memory": False, "teacher_size": 48, "sample_size": 32,
+                    "teacher_precision": "bf16-mixed", "precision": "16-mixed"}
+    seen.clear()
+    assert main(["bench", "--detector", "ssdlite320_mobilenet_v3"]) == 0
+    assert seen["teacher_precision"] is None and seen["precision"] == "32-true" and seen["sample_size"] == 112
+
+
+def test_teacher_precision_rows_run_the_teacher_in_that_precision(monkeypatch):
+    """--teacher-precision adds the cached KD_loc modes (the ones still running the teacher) in that precision, in
+    each memory format; their teacher really runs in bfloat16 and their losses stay close to float32's."""
+    rows = variants(channels_last=True, teacher_precision="bf16-mixed")
+    extra = [v.name for v in rows if v.teacher_precision != "auto"]
+    assert extra == ["+loc+kd_loc cached teacher bf16-mixed", "+all cached teacher bf16-mixed",
+                     "+loc+kd_loc cached teacher bf16-mixed channels_last", "+all cached teacher bf16-mixed channels_last"]
+    assert len(rows) == 2 * 7 + 4
+    setup = StepBench("ssdlite320_mobilenet_v3", device="cpu", **TINY)
+    student, teacher, _ = setup.nets[False]
+    dtypes, forward_taps = [], teacher.teacher.forward_taps
+
+    def spy(*args, **kwargs):  # the dtype of the deepest tap, l0 (obj is the crop itself, float32 in any precision)
+        feats = forward_taps(*args, **kwargs)
+        dtypes.append(feats[-1].dtype)
+        return feats
+
+    monkeypatch.setattr(teacher.teacher, "forward_taps", spy)
+    output = student(setup.images, setup.targets)
+    losses = {v.teacher_precision: distillation_losses(output, teacher, setup.config(v), **setup.lookups(v))
+              for v in (Variant("+all", True), Variant("+all", True, teacher_precision="bf16-mixed"))}
+    assert dtypes == [torch.float32, torch.bfloat16]  # one pass per cached variant: the predicted crops
+    assert losses["bf16-mixed"]["kd_loc"].item() == pytest.approx(losses["auto"]["kd_loc"].item(), rel=2e-2)
+    assert setup.step(Variant("+all", True, teacher_precision="bf16-mixed")) > 0
+
+
+def test_teacher_throughput_rows_and_table():
+    from cls2det.engine.bench_teacher import format_throughput, teacher_throughput
+
+    result = teacher_throughput("resnet18", input_size=16, batch_size=4, repeats=1)
+    assert list(result) == ["infer", "train"]
+    assert all(set(row) == {"ours", "bare"} and min(row.values()) > 0 for row in result.values())
+    table = format_throughput({"infer": {"ours": 90.0, "bare": 100.0}, "train": {"ours": 50.0, "bare": 40.0}}, "t")
+    assert table.splitlines()[2:] == [f"{'infer':<8}{'90.0':>14}{'100.0':>14}{'0.900':>13}",
+                                      f"{'train':<8}{'50.0':>14}{'40.0':>14}{'1.250':>13}"]

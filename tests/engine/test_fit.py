@@ -193,6 +193,30 @@ def test_gt_feature_cache_gives_the_online_kd_loc(make_train_config, tmp_path, r
         assert cached[step]["kd_loc"] == pytest.approx(online[step]["kd_loc"], rel=2e-3)
 
 
+def test_channels_last_and_a_bf16_teacher_train_like_the_defaults(make_train_config, tmp_path, spy_fit, read_metrics):
+    """train.channels_last puts student and teacher in channels_last (the checkpoint stays loadable); with
+    distill.teacher_precision=bf16-mixed the teacher's terms move by bfloat16 rounding only."""
+    rows = {}
+    for fast in (False, True):
+        out = tmp_path / f"fast_{fast}"
+        overrides = ["distill.kd=[cls,loc,kd_loc]", "max_steps=2", "distill.soft_label_cache=false"]
+        if fast:
+            overrides += ["channels_last=true", "distill.teacher_precision=bf16-mixed"]
+        fit(make_train_config(out, "ssdlite320_mobilenet_v3", overrides), progress=False)
+        rows[fast] = read_metrics(out / "metrics.csv")[1]
+        convs = [m.weight for net in (spy_fit["student"], spy_fit["teacher"]) for m in net.modules()
+                 if isinstance(m, torch.nn.Conv2d) and m.kernel_size != (1, 1) and m.weight.shape[1] > 1]
+        # (1x1 and depthwise weights are contiguous in both formats)
+        assert convs and all(w.is_contiguous(memory_format=torch.channels_last) == fast for w in convs)
+    exact, fast = rows[False][0], rows[True][0]
+    for column in exact:  # step 1: same batch and weights; the detector's losses differ by conv rounding only
+        if column not in ("kd_cls", "w_kd_cls", "kd_loc", "w_kd_loc", "loss"):
+            assert fast[column] == pytest.approx(exact[column], rel=1e-4, abs=1e-6), column
+    assert fast["loc"] == pytest.approx(exact["loc"], rel=1e-4)
+    assert fast["kd_loc"] == pytest.approx(exact["kd_loc"], rel=2e-2) and fast["kd_loc"] != exact["kd_loc"]
+    assert fast["kd_cls"] == pytest.approx(exact["kd_cls"], rel=5e-2)
+
+
 def test_gt_feature_cache_is_kept_on_resume_and_rebuilt_for_other_settings(make_train_config, tmp_path, monkeypatch,
                                                                           capsys):
     builds = []

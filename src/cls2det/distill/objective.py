@@ -6,6 +6,7 @@ pure functions of :mod:`cls2det.distill.losses` and :mod:`cls2det.distill.det2de
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 import torch
@@ -24,6 +25,18 @@ def subsample_positives(positives: Positives, max_count: int, generator: torch.G
         return positives
     keep = torch.randperm(len(positives), generator=generator)[:max_count].to(positives.labels.device)
     return positives.subset(keep)
+
+
+def precision_autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """The autocast context for a Fabric-style precision name, e.g. of the teacher's passes for
+    ``distill.teacher_precision``: ``"auto"`` leaves the enclosing one in force (Fabric's ``train.precision``),
+    ``"32-true"`` turns autocast off, ``"bf16-mixed"`` / ``"16-mixed"`` run convolutions and matmuls in bfloat16 /
+    float16 (the teacher's features then come out in that dtype; the losses are computed in float32)."""
+    if precision == "auto":
+        return contextlib.nullcontext()
+    if precision == "32-true":
+        return torch.autocast(device.type, enabled=False)
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16-mixed" else torch.float16)
 
 
 def distillation_losses(
@@ -55,7 +68,8 @@ def classifier_losses(
 
     ``teacher`` (a frozen :class:`~cls2det.teacher.Teacher`, may be None when only ``loc`` is asked) sees crops in
     0..1 pixels: the detector's normalised batch is mapped back with its own mean/std, so the crops are exactly the
-    pixels the detector saw (after its resize) and the teacher applies its own normalisation.
+    pixels the detector saw (after its resize) and the teacher applies its own normalisation. Its passes run in
+    ``config.teacher_precision`` (:func:`precision_autocast`).
     ``soft_labels(positives) -> [K, C]``, when given, returns KD_cls's teacher logits from a cache instead;
     ``gt_features(positives) -> L x [K, M_l, P, P]`` likewise KD_loc's pooled GT-crop taps (``config.taps`` order),
     so that the teacher runs on the predicted crops only. Both are called with the subsampled positives.
@@ -71,6 +85,7 @@ def classifier_losses(
     gt_boxes = positives.gt_boxes.detach()
     pred_boxes = sanitize_boxes(positives.pred_boxes, height, width)
     index = positives.image_index
+    precision = config.teacher_precision
 
     if "cls" in config.kd:
         if soft_labels is not None:
@@ -78,20 +93,27 @@ def classifier_losses(
         else:
             with torch.no_grad():
                 gt_crops = crop_boxes(pixels, gt_boxes, index, size=teacher.input_size)  # [K, 3, S, S]
-                teacher_logits = teacher(gt_crops).float()  # [K, C]
+                with precision_autocast(precision, pixels.device):
+                    teacher_logits = teacher(gt_crops).float()  # [K, C]
         losses["kd_cls"] = kd_cls_loss(
             positives.logits.float(), teacher_logits, positives.labels, head=positives.head,
             temperature=config.temperature,
         )
         if config.kd_cls_negatives:
-            losses["kd_cls_neg"] = kd_cls_negatives_loss(output, pixels, teacher, config.temperature)
+            with precision_autocast(precision, pixels.device):
+                losses["kd_cls_neg"] = kd_cls_negatives_loss(output, pixels, teacher, config.temperature)
     if "loc" in config.kd:
         losses["loc"] = loc_loss(pixels, pred_boxes, gt_boxes, index, size=config.sample_size, pool=config.loc_pool)
     if "kd_loc" in config.kd:
         taps = list(config.taps)
+
+        def teacher_taps(crops: Tensor) -> list[Tensor]:
+            with precision_autocast(precision, crops.device):
+                return teacher.forward_taps(crops, taps)
+
         cached = None if gt_features is None else [f.to(pixels.device) for f in gt_features(positives)]
         losses["kd_loc"] = kd_loc_loss(
-            lambda crops: teacher.forward_taps(crops, taps), pixels, pred_boxes, gt_boxes, index,
+            teacher_taps, pixels, pred_boxes, gt_boxes, index,
             size=config.sample_size, pools=[config.pool] * len(taps), gt_features=cached,
         )
     return losses

@@ -3,7 +3,9 @@
 Each KD mode is timed with the teacher **online** (the GT crops go through the teacher every step) and **cached**
 (KD_cls's soft labels and KD_loc's pooled GT-crop features come from the caches of :mod:`cls2det.distill.cache`,
 built once from the synthetic batch's GT boxes before timing); with ``channels_last`` every variant is timed once
-more with student and teacher in channels_last memory format. Variants are timed round-robin so that machine noise
+more with student and teacher in channels_last memory format; with ``teacher_precision`` the cached KD_loc modes (the
+ones that still run the teacher, on the predicted crops) are timed once more with the teacher in that precision
+(``distill.teacher_precision``); ``precision`` runs every step under that autocast, as Fabric's ``train.precision``. Variants are timed round-robin so that machine noise
 hits them alike, each round in a new (seeded) random order: a step right after a heavier variant runs on colder caches
 and freshly faulted pages, and a fixed order gave that penalty to the same variant every round (the baseline, always
 right after the other format's "+all cached", measured 8-16% slower than "+kd_cls cached", which does strictly more
@@ -32,7 +34,7 @@ import torch
 
 from cls2det.config import DistillConfig, StudentConfig
 from cls2det.distill.cache import build_gt_feature_cache, build_soft_label_cache
-from cls2det.distill.objective import distillation_losses, total_loss
+from cls2det.distill.objective import distillation_losses, precision_autocast, total_loss
 from cls2det.engine.bench_crops import _peak_rss_mib, _proc_status_mib, _reset_peak_rss
 from cls2det.students import create_student
 
@@ -41,23 +43,31 @@ MODES = {"baseline": [], "+kd_cls": ["cls"], "+loc+kd_loc": ["loc", "kd_loc"], "
 
 @dataclass(frozen=True)
 class Variant:
-    """One timed row: a KD mode, its teacher's GT branch online or from the caches, the memory format."""
+    """One timed row: a KD mode, its teacher's GT branch online or from the caches, the memory format, the teacher's
+    precision (``distill.teacher_precision``)."""
 
     mode: str  # a key of MODES
     cached: bool = False
     channels_last: bool = False
+    teacher_precision: str = "auto"
 
     @property
     def name(self) -> str:
         teacher = (" cached" if self.cached else " online") if MODES[self.mode] else ""
-        return self.mode + teacher + (" channels_last" if self.channels_last else "")
+        precision = "" if self.teacher_precision == "auto" else f" teacher {self.teacher_precision}"
+        return self.mode + teacher + precision + (" channels_last" if self.channels_last else "")
 
 
-def variants(channels_last: bool = False) -> list[Variant]:
-    """The baseline and every KD mode online then cached; with ``channels_last`` all of them again in that format."""
-    formats = (False, True) if channels_last else (False,)
-    return [Variant(mode, cached, fmt) for fmt in formats for mode, kd in MODES.items()
-            for cached in ((False, True) if kd else (False,))]
+def variants(channels_last: bool = False, teacher_precision: str | None = None) -> list[Variant]:
+    """The baseline and every KD mode online then cached; with ``teacher_precision`` also each cached KD_loc mode
+    with its teacher in that precision; with ``channels_last`` all of them again in that format."""
+    rows = []
+    for fmt in (False, True) if channels_last else (False,):
+        for mode, kd in MODES.items():
+            rows += [Variant(mode, cached, fmt) for cached in ((False, True) if kd else (False,))]
+            if teacher_precision and "kd_loc" in kd:
+                rows.append(Variant(mode, True, fmt, teacher_precision))
+    return rows
 
 
 def synthetic_batch(batch_size: int, image_size: int, num_classes: int, boxes_per_image: int = 4, seed: int = 0):
@@ -100,11 +110,14 @@ class StepBench:
     def __init__(
         self, detector: str, *, batch_size: int, image_size: int, device: str, teacher_arch: str = "resnet18",
         teacher_size: int = 112, sample_size: int = 112, num_classes: int = 10, channels_last: bool = False,
+        precision: str = "32-true",
     ) -> None:
         from cls2det.teacher import build_teacher
 
         torch.manual_seed(0)
         self.device, self.sample_size = device, sample_size
+        # the whole step's autocast, as Fabric's precision plugin applies it around the forward
+        self.autocast = precision_autocast(precision, torch.device(device))
         student = create_student(detector, num_classes, StudentConfig(detector=detector, image_size=image_size))
         student = student.to(device).train()
         teacher = build_teacher(teacher_arch, num_classes, input_size=teacher_size).to(device).freeze()
@@ -132,7 +145,8 @@ class StepBench:
         return self.nets[variant.channels_last][1].calls
 
     def config(self, variant: Variant) -> DistillConfig:
-        return DistillConfig(kd=MODES[variant.mode], sample_size=self.sample_size)
+        return DistillConfig(kd=MODES[variant.mode], sample_size=self.sample_size,
+                             teacher_precision=variant.teacher_precision)
 
     def lookups(self, variant: Variant) -> dict:
         """The cache lookups ``distillation_losses`` takes (``soft_labels``, ``gt_features``) for a cached variant."""
@@ -153,8 +167,9 @@ class StepBench:
         config, lookups = self.config(variant), self.lookups(variant)
         _sync(self.device)
         start = time.perf_counter()
-        output = student(self.images, self.targets)
-        loss = total_loss(output.losses, distillation_losses(output, teacher, config, **lookups), config)
+        with self.autocast:
+            output = student(self.images, self.targets)
+            loss = total_loss(output.losses, distillation_losses(output, teacher, config, **lookups), config)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -180,14 +195,16 @@ class StepBench:
 def time_train_steps(
     detector: str = "fasterrcnn_mobilenet_v3", *, batch_size: int = 4, image_size: int = 256, repeats: int = 5,
     device: str = "cpu", teacher_arch: str = "resnet18", teacher_size: int = 112, sample_size: int = 112,
-    num_classes: int = 10, channels_last: bool = False, memory: bool = True,
+    num_classes: int = 10, channels_last: bool = False, teacher_precision: str | None = None,
+    precision: str = "32-true", memory: bool = True,
 ) -> dict[str, dict]:
     """Per variant name: ``{"time_s": median seconds per step, "teacher_calls": teacher forward passes per step,
     "peak_mib": peak memory of a step (None without ``memory``)}``, in :func:`variants` order."""
     setup = dict(batch_size=batch_size, image_size=image_size, device=device, teacher_arch=teacher_arch,
                  teacher_size=teacher_size, sample_size=sample_size, num_classes=num_classes,
-                 channels_last=channels_last)
-    bench, rows = StepBench(detector, **setup), variants(channels_last)
+                 channels_last=channels_last, precision=precision)
+    rows = variants(channels_last, teacher_precision)
+    bench = StepBench(detector, **setup)
     for variant in rows:  # warm-up
         bench.step(variant)
     times: dict[Variant, list[float]] = {v: [] for v in rows}
@@ -205,16 +222,16 @@ def time_train_steps(
         peaks = {variant: bench.peak_memory_mib(variant) for variant in rows}
     elif memory:
         del bench
-        peaks = dict(zip(rows, _peaks_in_subprocess(detector, setup)))
+        peaks = dict(zip(rows, _peaks_in_subprocess(detector, setup, teacher_precision)))
     return {v.name: {"time_s": statistics.median(times[v]), "teacher_calls": calls[v] / repeats,
                      "peak_mib": peaks[v]} for v in rows}
 
 
-def _peaks_in_subprocess(detector: str, setup: dict) -> list[float]:
+def _peaks_in_subprocess(detector: str, setup: dict, teacher_precision: str | None) -> list[float]:
     code = "import sys; from cls2det.engine.bench import _memory_worker; _memory_worker(sys.argv[1])"
     # a fixed mmap threshold: glibc returns every large block to the OS on free, so RSS follows the live tensors
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-    result = subprocess.run([sys.executable, "-c", code, json.dumps({"detector": detector, **setup})],
+    result = subprocess.run([sys.executable, "-c", code, json.dumps({"detector": detector, "teacher_precision": teacher_precision, **setup})],
                             capture_output=True, text=True, env=env)
     if result.returncode != 0:
         last = (result.stderr.strip().splitlines() or ["no output"])[-1]
@@ -226,7 +243,8 @@ def _memory_worker(arguments: str) -> None:
     """Print the JSON list of each variant's peak step memory (MiB), after one warm-up step of "+all online" in each
     memory format (it runs every code path the other variants run, so no one-time initialisation is counted)."""
     setup = json.loads(arguments)
-    bench, rows = StepBench(setup.pop("detector"), **setup), variants(setup["channels_last"])
+    rows = variants(setup["channels_last"], setup.pop("teacher_precision"))
+    bench = StepBench(setup.pop("detector"), **setup)
     for variant in rows:
         if variant.mode == "+all" and not variant.cached:
             bench.step(variant)
@@ -250,20 +268,26 @@ def format_step_table(steps: dict[str, dict], title: str) -> str:
 
 
 def run_benchmarks(
-    *, detector: str, batch_size: int, image_size: int, repeats: int, device: str, channels_last: bool = False,
-    memory: bool = True,
+    *, detector: str, batch_size: int, image_size: int, repeats: int, device: str, teacher_size: int = 112,
+    sample_size: int = 112, channels_last: bool = False, teacher_precision: str | None = None,
+    precision: str = "32-true", memory: bool = True,
 ) -> dict:
-    """Print the step-time table and the crop benchmark; return both as a dict."""
+    """Print the step-time table, the crop benchmark and the teacher's throughput; return the three as a dict."""
     steps = time_train_steps(detector, batch_size=batch_size, image_size=image_size, repeats=repeats, device=device,
-                             channels_last=channels_last, memory=memory)
-    title = (f"train step, {detector}, batch {batch_size}, {image_size}px, teacher resnet18 at 112px, s=112, {device} "
-             f"({torch.get_num_threads()} threads), median of {repeats}; x base: / the baseline row")
+                             teacher_size=teacher_size, sample_size=sample_size, channels_last=channels_last,
+                             teacher_precision=teacher_precision, precision=precision, memory=memory)
+    title = (f"train step, {detector}, batch {batch_size}, {image_size}px, precision {precision}, teacher resnet18 at "
+             f"{teacher_size}px, s={sample_size}, {device} ({torch.get_num_threads()} threads), median of {repeats}; "
+             "x base: / the baseline row")
     print(format_step_table(steps, title), flush=True)
     from cls2det.engine.bench_crops import format_table, run_crop_benchmark
+    from cls2det.engine.bench_teacher import format_throughput, teacher_throughput
 
     crops = run_crop_benchmark(boxes=256, images=2, size=1024, crop=112, repeats=repeats, device=device, memory=memory)
-    print(format_table(crops))
-    return {"steps": steps, "crops": crops}
+    print(format_table(crops), flush=True)
+    throughput = teacher_throughput("resnet18", input_size=teacher_size, repeats=repeats, device=device)
+    print(format_throughput(throughput))
+    return {"steps": steps, "crops": crops, "teacher": throughput}
 
 
 def _sync(device: str) -> None:

@@ -178,6 +178,10 @@ class _Trainer:
         student = create_student(config.student.detector, self.train_split.num_classes, config.student)
         student.max_negatives = distill.kd_cls_negatives  # 0: the adapter draws no negatives
         self.det_teacher = self._det_teacher(student) if det_methods(config.distill.kd) else None
+        if config.channels_last:  # weights only: convolutions then return channels_last outputs for any input
+            for net in (student, self.teacher, self.det_teacher):
+                if net is not None:
+                    net.to(memory_format=torch.channels_last)
         if fabric.is_global_zero:
             classes = {"class_names": self.train_split.class_names, "category_ids": self.train_split.label_to_cat_id}
             write_json(out / CLASSES, classes)
