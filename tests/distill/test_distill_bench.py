@@ -7,7 +7,10 @@ from cls2det.engine import bench_crops as bench
 @pytest.mark.slow
 def test_crop_benchmark_tiny_case():
     result = bench.run_crop_benchmark(boxes=8, images=2, size=256, crop=16, repeats=1, threads=1)
-    assert result["max_abs_diff"] == {"crops": 0.0, "box_grad": 0.0}  # same kernel, same samples
+    # same kernel; the sampling positions differ by float rounding only (ours builds the grid by broadcasting, the
+    # reference with F.affine_grid): 1.5e-5 measured on these random 0..1 images, whose neighbours differ by up to 1
+    diff = result["max_abs_diff"]
+    assert diff["crops"] < 5e-5 and diff["box_grad"] < 1e-6, diff
     for name in ("ours", "naive"):
         assert result[name]["time_s"] > 0 and result[name]["peak_mib"] >= 0
     # the naive variant holds 8 copies of a 256x256x3 float image (6 MiB) that ours never makes

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cls2det.distill import crop_boxes, crop_boxes_naive, sanitize_boxes
+from cls2det.distill import box_affine_grids, box_grids, crop_boxes, crop_boxes_naive, sanitize_boxes
 
 
 def _index_image(height=8, width=8, images=1):
@@ -86,6 +86,24 @@ def test_each_output_is_its_own_box_in_input_order():
 def test_gradcheck_boxes():
     images, boxes, index = _random_case(2, k=4)
     assert torch.autograd.gradcheck(lambda b: crop_boxes(images, b, index, size=3), (boxes.requires_grad_(),))
+
+
+def test_broadcast_grids_equal_affine_grid_values_and_gradients():
+    """box_grids (broadcast, used by crop_boxes) vs F.affine_grid on eq. (8)'s theta, in float64: equal, and so are
+    the box gradients of a random weighting of the grid; the hand case is x_j = 2 (x1 + (j + .5)/s (x2 - x1))/W - 1."""
+    g = torch.Generator().manual_seed(0)
+    xy = torch.rand(5, 2, generator=g, dtype=torch.float64) * 20
+    boxes = torch.cat([xy, xy + 1 + torch.rand(5, 2, generator=g, dtype=torch.float64) * 30], 1).requires_grad_()
+    weights = torch.randn(5, 7, 7, 2, generator=g, dtype=torch.float64)
+    ours, reference = box_grids(boxes, 40, 60, 7), box_affine_grids(boxes, 40, 60, 7)
+    assert ours.shape == (5, 7, 7, 2) and torch.allclose(ours, reference, rtol=0, atol=1e-12)
+    (grad,) = torch.autograd.grad((ours * weights).sum(), boxes)
+    (expected,) = torch.autograd.grad((reference * weights).sum(), boxes)
+    assert torch.allclose(grad, expected, rtol=0, atol=1e-10)
+    one = box_grids(torch.tensor([[10.0, 4.0, 30.0, 8.0]], dtype=torch.float64), 40, 60, 4)[0]  # [s, s, 2]
+    assert one[0, :, 0].tolist() == pytest.approx([2 * (10 + (j + 0.5) / 4 * 20) / 60 - 1 for j in range(4)])
+    assert one[:, 0, 1].tolist() == pytest.approx([2 * (4 + (i + 0.5) / 4 * 4) / 40 - 1 for i in range(4)])
+    assert torch.equal(one[:, :, 0], one[:1, :, 0].expand(4, 4))  # x depends on the column only
 
 
 def test_one_grid_sample_per_image_without_replication(monkeypatch):

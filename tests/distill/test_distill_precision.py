@@ -85,3 +85,17 @@ def test_32_true_opts_out_of_the_steps_autocast_and_auto_keeps_it():
 def test_unknown_teacher_precision_is_refused_by_name():
     with pytest.raises(ConfigError, match="distill.teacher_precision.*'fp8'"):
         DistillConfig(teacher_precision="fp8")
+
+
+def test_subsampled_positives_keep_their_image_order():
+    """max_positives draws a uniform subset and keeps the adapters' image-by-image order, so crop_boxes need not
+    reorder its crops; the subset follows the generator (seeded) and is all of them when K <= max_count."""
+    from cls2det.distill.objective import subsample_positives
+
+    positives = make_output(k=40).positives  # image_index 0, 1, 0, 1, ...
+    positives = positives.subset(torch.argsort(positives.image_index, stable=True))  # as adapters list them
+    picked = subsample_positives(positives, 10, torch.Generator().manual_seed(1))
+    keep = torch.randperm(40, generator=torch.Generator().manual_seed(1))[:10].sort().values
+    assert torch.equal(picked.pred_boxes, positives.pred_boxes[keep])
+    assert (picked.image_index[1:] >= picked.image_index[:-1]).all()
+    assert subsample_positives(positives, 40) is positives

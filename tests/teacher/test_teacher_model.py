@@ -74,18 +74,48 @@ def test_forward_normalises_inside():
 
 def test_resnet_taps_run_only_as_deep_as_the_deepest_tap():
     teacher = build_teacher("resnet18", 3).eval()
-    stages = ["conv1", "maxpool", "layer1", "layer2", "layer3", "layer4", "fc"]
+    stages = ["maxpool", "layer1", "layer2", "layer3", "layer4", "fc"]  # (conv1 + bn1 run fused in eval mode)
     counts, handles = _executed(teacher.net, stages)
     teacher.forward_taps(_pixels(), ["obj", "l0"])
-    assert counts == {"conv1": 1, "maxpool": 1, "layer1": 0, "layer2": 0, "layer3": 0, "layer4": 0, "fc": 0}
+    assert counts == {"maxpool": 1, "layer1": 0, "layer2": 0, "layer3": 0, "layer4": 0, "fc": 0}
     teacher.forward_taps(_pixels(), ["obj"])  # the input alone: the network does not run at all
-    assert counts["conv1"] == 1
+    assert counts["maxpool"] == 1
     teacher.forward_taps(_pixels(), ["l2", "l0"])
-    assert counts == {"conv1": 2, "maxpool": 2, "layer1": 1, "layer2": 1, "layer3": 0, "layer4": 0, "fc": 0}
+    assert counts == {"maxpool": 2, "layer1": 1, "layer2": 1, "layer3": 0, "layer4": 0, "fc": 0}
     teacher.forward_taps(_pixels(), ["obj", "l0"], return_logits=True)  # one full pass
-    assert counts == {"conv1": 3, "maxpool": 3, "layer1": 2, "layer2": 2, "layer3": 1, "layer4": 1, "fc": 1}
+    assert counts == {"maxpool": 3, "layer1": 2, "layer2": 2, "layer3": 1, "layer4": 1, "fc": 1}
     for handle in handles:
         handle.remove()
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "test_resnet"])
+def test_eval_stem_runs_fused_with_the_modules_values_and_gradients(arch):
+    """In eval mode the stem's conv + BN run as one folded convolution and ReLU after the max-pool: the l0 tap and
+    the gradient it sends back to the pixels equal the module-by-module stem's (BN with non-trivial statistics);
+    in train mode (batch statistics) the modules run as they are."""
+    torch.manual_seed(0)
+    teacher = build_teacher(arch, 3)
+    bn = teacher.net.bn1
+    bn.running_mean.normal_(0, 0.5), bn.running_var.uniform_(0.5, 2.0), bn.weight.data.normal_(), bn.bias.data.normal_()
+    stem = [teacher.net.get_submodule(path) for path in teacher.layout.segments[0]]
+    weights = torch.randn(6, bn.num_features, S // 4, S // 4)
+    for training in (False, True):
+        teacher.train(training)
+        conv = "conv1" if arch == "resnet18" else "conv1.0"  # timm's test_resnet has a deep stem: a Sequential
+        counts, handles = _executed(teacher.net, [conv])
+        results = []
+        for fused in (True, False):
+            x = _pixels(k=6, seed=2).requires_grad_()
+            l0 = teacher.forward_taps(x, ["l0"])[0] if fused else torch.nn.Sequential(*stem)(teacher.normalize(x))
+            (grad,) = torch.autograd.grad((l0 * weights).sum(), x)
+            results.append((l0.detach(), grad))
+        (l0, grad), (reference, reference_grad) = results
+        assert counts[conv] == (2 if training else 1)  # eval: only the reference ran the conv module
+        torch.testing.assert_close(l0, reference, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(grad, reference_grad, rtol=1e-4, atol=1e-5)
+        assert reference.abs().max() > 0.5 and (reference == 0).any()  # the ReLU clipped some windows
+        for handle in handles:
+            handle.remove()
 
 
 def test_timm_forward_intermediates_taps_stop_early():

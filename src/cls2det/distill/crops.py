@@ -2,8 +2,8 @@
 
 ``crop_boxes`` samples each box onto a ``size x size`` grid with one bilinear ``grid_sample`` per image: the boxes of
 an image have their sampling grids stacked along the height axis, so the image is never copied once per box.
-``crop_boxes_naive`` is the textbook version (replicate the image per box, one ``grid_sample``); it is kept as the
-reference for tests and ``benchmarks/bench_crops.py``.
+``crop_boxes_naive`` is the textbook version (replicate the image per box, ``F.affine_grid`` on eq. (8)'s theta, one
+``grid_sample``); it is kept as the reference for tests and ``benchmarks/bench_crops.py``.
 """
 from __future__ import annotations
 
@@ -47,6 +47,22 @@ def box_affine_grids(boxes: Tensor, height: int, width: int, size: int, *, dtype
     return F.affine_grid(theta, [boxes.shape[0], 1, size, size], align_corners=False)  # [K, s, s, 2]
 
 
+def box_grids(boxes: Tensor, height: int, width: int, size: int, *, dtype: torch.dtype | None = None) -> Tensor:
+    """The grids of :func:`box_affine_grids`, built by broadcasting: eq. (8)'s theta has no shear, so a grid's x
+    depends on the column only and its y on the row only, ``x_j = 2 (x1 + (j + 0.5) / s (x2 - x1)) / W - 1``; no
+    [K, s², 3] matmul, and the backward is a sum over the broadcast axis.
+
+    Args/returns: as :func:`box_affine_grids`, [K, 4] boxes -> [K, s, s, 2] grids; equal to it up to float rounding.
+    """
+    boxes = boxes.to(dtype or boxes.dtype)
+    centres = (torch.arange(size, device=boxes.device, dtype=boxes.dtype) + 0.5) / size  # [s] in (0, 1)
+    x1, y1, x2, y2 = (c[:, None] for c in boxes.unbind(1))  # each [K, 1]
+    xs = (x1 + centres * (x2 - x1)) * (2 / width) - 1  # [K, s], by column
+    ys = (y1 + centres * (y2 - y1)) * (2 / height) - 1  # [K, s], by row
+    k = boxes.shape[0]
+    return torch.stack([xs[:, None, :].expand(k, size, size), ys[:, :, None].expand(k, size, size)], dim=3)
+
+
 def crop_boxes(images: Tensor, boxes: Tensor, image_index: Tensor, *, size: int = 112) -> Tensor:
     """Crop boxes from a batch of images with bilinear sampling, eq. (8)-(9) of Guo et al. (2021).
 
@@ -75,15 +91,16 @@ def crop_boxes(images: Tensor, boxes: Tensor, image_index: Tensor, *, size: int 
         raise ValueError(f"image_index must be in [0, {num_images}), got values in [{lo}, {hi}]")
     counts = torch.bincount(sorted_index, minlength=num_images).tolist()  # boxes per image
 
-    grids = box_affine_grids(boxes[order], height, width, size, dtype=images.dtype)  # [K, s, s, 2], image order
-    crops, start = [], 0
-    for n, k in enumerate(counts):
+    # one grid per image from its own boxes (slicing one [K, s, s, 2] grid would cost a K-sized zero tensor per
+    # image in the backward)
+    crops = []
+    for n, image_boxes in enumerate((boxes if is_sorted else boxes[order]).split(counts)):
+        k = image_boxes.shape[0]
         if k == 0:
             continue
-        grid = grids[start : start + k].reshape(1, k * size, size, 2)  # boxes stacked along the height axis
+        grid = box_grids(image_boxes, height, width, size, dtype=images.dtype).view(1, k * size, size, 2)  # stacked
         out = F.grid_sample(images[n : n + 1], grid, mode="bilinear", padding_mode="zeros", align_corners=False)
         crops.append(out.view(channels, k, size, size).transpose(0, 1))  # [1, 3, k*s, s] -> [k, 3, s, s]
-        start += k
     crops_sorted = torch.cat(crops)  # [K, 3, s, s] in image order
     if is_sorted:
         return crops_sorted  # the stable sort was the identity

@@ -20,10 +20,11 @@ from cls2det.students.base import Negatives, Positives, StudentAdapter, StudentO
 
 
 def subsample_positives(positives: Positives, max_count: int, generator: torch.Generator | None = None) -> Positives:
-    """At most ``max_count`` positives, drawn uniformly without replacement (bounds the teacher's cost)."""
+    """At most ``max_count`` positives, drawn uniformly without replacement (bounds the teacher's cost), in their
+    original order (adapters list them image by image, which spares :func:`crop_boxes` a reordering)."""
     if len(positives) <= max_count:
         return positives
-    keep = torch.randperm(len(positives), generator=generator)[:max_count].to(positives.labels.device)
+    keep = torch.randperm(len(positives), generator=generator)[:max_count].sort().values.to(positives.labels.device)
     return positives.subset(keep)
 
 

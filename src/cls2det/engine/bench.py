@@ -254,11 +254,11 @@ def _memory_worker(arguments: str) -> None:
 def format_step_table(steps: dict[str, dict], title: str) -> str:
     """The table: s/step, x baseline, peak MiB, x baseline, teacher passes per step; then channels_last vs not."""
     base = steps["baseline"]
-    lines = [title, f"{'variant':<32}{'s/step':>9}{'x base':>9}{'peak MiB':>10}{'x base':>9}{'teacher/step':>14}"]
+    lines = [title, f"{'variant':<52}{'s/step':>9}{'x base':>9}{'peak MiB':>10}{'x base':>9}{'teacher/step':>14}"]
     for name, row in steps.items():
         peak = row["peak_mib"]
         memory = f"{'-':>10}{'-':>9}" if peak is None else f"{peak:>10.1f}{peak / max(base['peak_mib'], 1e-6):>9.2f}"
-        lines.append(f"{name:<32}{row['time_s']:>9.3f}{row['time_s'] / base['time_s']:>9.2f}{memory}"
+        lines.append(f"{name:<52}{row['time_s']:>9.3f}{row['time_s'] / base['time_s']:>9.2f}{memory}"
                      f"{row['teacher_calls']:>14.0f}")
     pairs = [(name, name + " channels_last") for name in steps if name + " channels_last" in steps]
     if pairs:

@@ -14,6 +14,7 @@ from typing import Literal, Sequence
 
 import timm
 import torch
+import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
 
@@ -109,6 +110,42 @@ def _features_layout(features: nn.Sequential) -> TapLayout | None:
     return TapLayout("sequential", (("features.0",),) + stages)
 
 
+def run_segment(modules: Sequence[nn.Module], x: Tensor, *, fuse: bool) -> Tensor:
+    """Run ``modules`` in order on ``x``. With ``fuse`` (a teacher in eval mode, its BatchNorm on running statistics)
+    a Conv2d followed by a BatchNorm2d runs as one convolution with the BN folded into its weights, and a ReLU
+    followed by a MaxPool2d runs after it (max and ReLU commute): the same values up to float rounding and the same
+    gradients, with two fewer passes over a stem's largest feature map (KD_loc's predicted crops go through the stem
+    forward and backward every step). Plain ``nn.Sequential`` s of leaf layers are opened, so deep stems fuse too."""
+    modules = list(_sequential_leaves(modules))
+    i = 0
+    while i < len(modules):
+        module, after = modules[i], modules[i + 1] if i + 1 < len(modules) else None
+        if (fuse and isinstance(module, nn.Conv2d) and isinstance(after, nn.BatchNorm2d)
+                and module.padding_mode == "zeros" and after.running_mean is not None):
+            weight, bias = nn.utils.fuse_conv_bn_weights(
+                module.weight, module.bias, after.running_mean, after.running_var, after.eps, after.weight, after.bias
+            )
+            x = F.conv2d(x, weight, bias, module.stride, module.padding, module.dilation, module.groups)
+            i += 2
+        elif fuse and isinstance(module, nn.ReLU) and isinstance(after, nn.MaxPool2d):
+            x = F.relu(after(x))
+            i += 2
+        else:
+            x = module(x)
+            i += 1
+    return x
+
+
+def _sequential_leaves(modules: Sequence[nn.Module]):
+    """``modules`` with each plain ``nn.Sequential`` of leaf layers (a deep stem, a conv-norm-act block) opened."""
+    for module in modules:
+        if (isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward
+                and not any(any(True for _ in child.children()) for child in module)):
+            yield from module
+        else:
+            yield module
+
+
 # ----------------------------------------------------------------------------------------------- the teacher
 
 
@@ -182,8 +219,8 @@ class Teacher(nn.Module):
             logits = self._hooked_full_pass(x, levels, found)
         else:
             for level in range(levels[-1] + 1 if levels else 0):
-                for path in self.layout.segments[level]:
-                    x = self.net.get_submodule(path)(x)
+                modules = [self.net.get_submodule(path) for path in self.layout.segments[level]]
+                x = run_segment(modules, x, fuse=not self.training)
                 found[f"l{level}"] = x
         feats = [found[t] for t in taps]
         return (feats, logits) if return_logits else feats
