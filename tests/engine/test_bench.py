@@ -81,7 +81,8 @@ def test_teacher_precision_rows_run_the_teacher_in_that_precision(monkeypatch):
     rows = variants(channels_last=True, teacher_precision="bf16-mixed")
     extra = [v.name for v in rows if v.teacher_precision != "auto"]
     assert extra == ["+loc+kd_loc cached teacher bf16-mixed", "+all cached teacher bf16-mixed",
-                     "+loc+kd_loc cached teacher bf16-mixed channels_last", "+all cached teacher bf16-mixed channels_last"]
+                     "+loc+kd_loc cached teacher bf16-mixed channels_last",
+                     "+all cached teacher bf16-mixed channels_last"]
     assert len(rows) == 2 * 7 + 4
     setup = StepBench("ssdlite320_mobilenet_v3", device="cpu", **TINY)
     student, teacher, _ = setup.nets[False]

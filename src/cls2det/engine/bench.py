@@ -5,11 +5,11 @@ Each KD mode is timed with the teacher **online** (the GT crops go through the t
 built once from the synthetic batch's GT boxes before timing); with ``channels_last`` every variant is timed once
 more with student and teacher in channels_last memory format; with ``teacher_precision`` the cached KD_loc modes (the
 ones that still run the teacher, on the predicted crops) are timed once more with the teacher in that precision
-(``distill.teacher_precision``); ``precision`` runs every step under that autocast, as Fabric's ``train.precision``. Variants are timed round-robin so that machine noise
-hits them alike, each round in a new (seeded) random order: a step right after a heavier variant runs on colder caches
-and freshly faulted pages, and a fixed order gave that penalty to the same variant every round (the baseline, always
-right after the other format's "+all cached", measured 8-16% slower than "+kd_cls cached", which does strictly more
-work). The table reports medians, ratios to the baseline step, peak memory and the teacher's forward passes per
+(``distill.teacher_precision``); ``precision`` runs every step under that autocast, as Fabric's ``train.precision``.
+Variants are timed round-robin so that machine noise hits them alike, each round in a new (seeded) random order: a
+step right after a heavier variant runs on colder caches and freshly faulted pages, and a fixed order gave that
+penalty to the same variant every round (the baseline, always right after the other format's "+all cached", measured
+8-16% slower than "+kd_cls cached", which does strictly more work). The table reports medians, ratios to the baseline step, peak memory and the teacher's forward passes per
 step (0 for the GT branch of a cached mode: the cache really is used).
 
 Peak memory is that of one training step above what was held before it: on CUDA ``torch.cuda.max_memory_allocated``
@@ -231,8 +231,8 @@ def _peaks_in_subprocess(detector: str, setup: dict, teacher_precision: str | No
     code = "import sys; from cls2det.engine.bench import _memory_worker; _memory_worker(sys.argv[1])"
     # a fixed mmap threshold: glibc returns every large block to the OS on free, so RSS follows the live tensors
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-    result = subprocess.run([sys.executable, "-c", code, json.dumps({"detector": detector, "teacher_precision": teacher_precision, **setup})],
-                            capture_output=True, text=True, env=env)
+    arguments = json.dumps({"detector": detector, "teacher_precision": teacher_precision, **setup})
+    result = subprocess.run([sys.executable, "-c", code, arguments], capture_output=True, text=True, env=env)
     if result.returncode != 0:
         last = (result.stderr.strip().splitlines() or ["no output"])[-1]
         raise RuntimeError(f"bench memory worker failed (exit {result.returncode}): {last}")
