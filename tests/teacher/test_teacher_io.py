@@ -28,6 +28,7 @@ def test_round_trip_gives_identical_logits_and_taps(saved):
     teacher, run = saved
     assert sorted(p.name for p in run.iterdir()) == ["teacher.json", "teacher.safetensors"]  # no temp files left
     loaded = load_teacher(run)
+    teacher.freeze()  # as loaded: a frozen teacher runs its stem fused (conv + BN folded), bit-equal only to another
     x = torch.rand(4, 3, 32, 32)
     assert torch.equal(loaded(x), teacher(x))
     for a, b in zip(loaded.forward_taps(x, ["obj", "l0", "l3"]), teacher.forward_taps(x, ["obj", "l0", "l3"])):

@@ -89,33 +89,36 @@ def test_resnet_taps_run_only_as_deep_as_the_deepest_tap():
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "test_resnet"])
-def test_eval_stem_runs_fused_with_the_modules_values_and_gradients(arch):
-    """In eval mode the stem's conv + BN run as one folded convolution and ReLU after the max-pool: the l0 tap and
-    the gradient it sends back to the pixels equal the module-by-module stem's (BN with non-trivial statistics);
-    in train mode (batch statistics) the modules run as they are."""
+def test_frozen_stem_runs_fused_with_the_modules_values_and_gradients(arch):
+    """A frozen teacher runs its stem's conv + BN as one folded convolution and ReLU after the max-pool: the l0 tap
+    and the gradient it sends back to the pixels equal the module-by-module stem's (BN with non-trivial statistics).
+    A teacher that is only in eval mode (not frozen) runs its modules, so its weights still get gradients."""
     torch.manual_seed(0)
     teacher = build_teacher(arch, 3)
     bn = teacher.net.bn1
     bn.running_mean.normal_(0, 0.5), bn.running_var.uniform_(0.5, 2.0), bn.weight.data.normal_(), bn.bias.data.normal_()
-    stem = [teacher.net.get_submodule(path) for path in teacher.layout.segments[0]]
+    conv = "conv1" if arch == "resnet18" else "conv1.0"  # timm's test_resnet has a deep stem: a Sequential
+    counts, handles = _executed(teacher.net, [conv])
     weights = torch.randn(6, bn.num_features, S // 4, S // 4)
-    for training in (False, True):
-        teacher.train(training)
-        conv = "conv1" if arch == "resnet18" else "conv1.0"  # timm's test_resnet has a deep stem: a Sequential
-        counts, handles = _executed(teacher.net, [conv])
-        results = []
-        for fused in (True, False):
-            x = _pixels(k=6, seed=2).requires_grad_()
-            l0 = teacher.forward_taps(x, ["l0"])[0] if fused else torch.nn.Sequential(*stem)(teacher.normalize(x))
-            (grad,) = torch.autograd.grad((l0 * weights).sum(), x)
-            results.append((l0.detach(), grad))
-        (l0, grad), (reference, reference_grad) = results
-        assert counts[conv] == (2 if training else 1)  # eval: only the reference ran the conv module
-        torch.testing.assert_close(l0, reference, rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(grad, reference_grad, rtol=1e-4, atol=1e-5)
-        assert reference.abs().max() > 0.5 and (reference == 0).any()  # the ReLU clipped some windows
-        for handle in handles:
-            handle.remove()
+    results = []
+    for frozen in (False, True):
+        if frozen:
+            teacher.freeze()
+        else:
+            teacher.eval()
+        x = _pixels(k=6, seed=2).requires_grad_()
+        l0 = teacher.forward_taps(x, ["l0"])[0]
+        (l0 * weights).sum().backward()
+        results.append((l0.detach(), x.grad))
+        assert counts[conv] == 1  # the frozen pass did not run the conv module
+        if not frozen:
+            assert teacher.net.get_submodule(conv).weight.grad.abs().sum() > 0
+    (reference, reference_grad), (l0, grad) = results
+    torch.testing.assert_close(l0, reference, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(grad, reference_grad, rtol=1e-4, atol=1e-5)
+    assert reference.abs().max() > 0.5 and (reference == 0).any()  # the ReLU clipped some windows
+    for handle in handles:
+        handle.remove()
 
 
 def test_timm_forward_intermediates_taps_stop_early():

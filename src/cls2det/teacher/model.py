@@ -111,8 +111,8 @@ def _features_layout(features: nn.Sequential) -> TapLayout | None:
 
 
 def run_segment(modules: Sequence[nn.Module], x: Tensor, *, fuse: bool) -> Tensor:
-    """Run ``modules`` in order on ``x``. With ``fuse`` (a teacher in eval mode, its BatchNorm on running statistics)
-    a Conv2d followed by a BatchNorm2d runs as one convolution with the BN folded into its weights, and a ReLU
+    """Run ``modules`` in order on ``x``. With ``fuse`` (a frozen teacher in eval mode: BatchNorm on running statistics,
+    no weight gradients) a Conv2d followed by a BatchNorm2d runs as one convolution with the BN folded into its weights, and a ReLU
     followed by a MaxPool2d runs after it (max and ReLU commute): the same values up to float rounding and the same
     gradients, with two fewer passes over a stem's largest feature map (KD_loc's predicted crops go through the stem
     forward and backward every step). Plain ``nn.Sequential`` s of leaf layers are opened, so deep stems fuse too."""
@@ -220,7 +220,7 @@ class Teacher(nn.Module):
         else:
             for level in range(levels[-1] + 1 if levels else 0):
                 modules = [self.net.get_submodule(path) for path in self.layout.segments[level]]
-                x = run_segment(modules, x, fuse=not self.training)
+                x = run_segment(modules, x, fuse=self.is_frozen and not self.training)
                 found[f"l{level}"] = x
         feats = [found[t] for t in taps]
         return (feats, logits) if return_logits else feats
