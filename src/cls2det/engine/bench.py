@@ -27,7 +27,6 @@ import random
 import statistics
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 
 import torch
@@ -35,7 +34,7 @@ import torch
 from cls2det.config import DistillConfig, StudentConfig
 from cls2det.distill.cache import build_gt_feature_cache, build_soft_label_cache
 from cls2det.distill.objective import distillation_losses, precision_autocast, total_loss
-from cls2det.engine.bench_crops import _peak_rss_mib, _proc_status_mib, _reset_peak_rss
+from cls2det.engine.bench_crops import _peak_rss_mib, _proc_status_mib, _reset_peak_rss, seconds
 from cls2det.students import create_student
 
 MODES = {"baseline": [], "+kd_cls": ["cls"], "+loc+kd_loc": ["loc", "kd_loc"], "+all": ["cls", "loc", "kd_loc"]}
@@ -165,16 +164,16 @@ class StepBench:
         """Seconds of one training step of ``variant`` (the caches' lookups included, their building not)."""
         student, teacher, optimizer = self.nets[variant.channels_last]
         config, lookups = self.config(variant), self.lookups(variant)
-        _sync(self.device)
-        start = time.perf_counter()
-        with self.autocast:
-            output = student(self.images, self.targets)
-            loss = total_loss(output.losses, distillation_losses(output, teacher, config, **lookups), config)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        _sync(self.device)
-        return time.perf_counter() - start
+
+        def train_step() -> None:
+            with self.autocast:
+                output = student(self.images, self.targets)
+                loss = total_loss(output.losses, distillation_losses(output, teacher, config, **lookups), config)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+        return seconds(train_step, self.device)
 
     def peak_memory_mib(self, variant: Variant) -> float:
         """Peak memory of one step of ``variant`` above what was held before it, in MiB (see the module docstring:
@@ -288,8 +287,3 @@ def run_benchmarks(
     throughput = teacher_throughput("resnet18", input_size=teacher_size, repeats=repeats, device=device)
     print(format_throughput(throughput))
     return {"steps": steps, "crops": crops, "teacher": throughput}
-
-
-def _sync(device: str) -> None:
-    if str(device).startswith("cuda"):
-        torch.cuda.synchronize()

@@ -39,9 +39,18 @@ def make_inputs(boxes: int, images: int, size: int, device: str, seed: int = 0):
     return pixels.to(device), box.to(device), index.to(device)
 
 
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
+def _sync(device: str | torch.device) -> None:
+    if str(device).startswith("cuda"):
         torch.cuda.synchronize()
+
+
+def seconds(run, device: str | torch.device) -> float:
+    """Wall seconds of ``run()``, the device synchronised before and after (CUDA runs asynchronously)."""
+    _sync(device)
+    start = time.perf_counter()
+    run()
+    _sync(device)
+    return time.perf_counter() - start
 
 
 def forward_backward(fn, images, boxes, index, crop: int):
@@ -59,11 +68,7 @@ def time_variants(images, boxes, index, crop: int, repeats: int, device: str) ->
         forward_backward(fn, images, boxes, index, crop)
     for _ in range(repeats):
         for name, fn in VARIANTS.items():
-            _sync(device)
-            start = time.perf_counter()
-            forward_backward(fn, images, boxes, index, crop)
-            _sync(device)
-            times[name].append(time.perf_counter() - start)
+            times[name].append(seconds(lambda: forward_backward(fn, images, boxes, index, crop), device))
     return {name: statistics.median(t) for name, t in times.items()}
 
 

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import copy
 import statistics
-import time
 
 import torch
 import torch.nn.functional as F
+
+from cls2det.engine.bench_crops import seconds
 
 MODES = ("infer", "train")
 
@@ -50,13 +51,6 @@ def teacher_throughput(
         losses[name]().backward()
         sgd[name].step()
 
-    def seconds(run, name: str) -> float:
-        _sync(device)
-        start = time.perf_counter()
-        run(name)
-        _sync(device)
-        return time.perf_counter() - start
-
     result = {}
     for mode, run in (("infer", infer), ("train", train)):
         times: dict[str, list[float]] = {"ours": [], "bare": []}
@@ -64,7 +58,7 @@ def teacher_throughput(
             run(name)
         for i in range(repeats):
             for name in (("ours", "bare") if i % 2 == 0 else ("bare", "ours")):
-                times[name].append(seconds(run, name))
+                times[name].append(seconds(lambda: run(name), device))
         result[mode] = {name: batch_size / statistics.median(t) for name, t in times.items()}
     return result
 
@@ -74,8 +68,3 @@ def format_throughput(result: dict[str, dict[str, float]], title: str = "teacher
     for mode, row in result.items():
         lines.append(f"{mode:<8}{row['ours']:>14.1f}{row['bare']:>14.1f}{row['ours'] / row['bare']:>13.3f}")
     return "\n".join(lines)
-
-
-def _sync(device: str) -> None:
-    if str(device).startswith("cuda"):
-        torch.cuda.synchronize()

@@ -60,7 +60,7 @@ def run_study(path: str | Path, overrides: list[str] = ()) -> Path:
                 config.data, config.teacher = str(data), str(teacher_run)
                 if backbone is not None:
                     config.student.backbone_weights = str(backbone)
-                if det_teacher is not None and det_methods(config.distill.kd) and not config.distill.det_teacher:
+                if det_teacher is not None and needs_study_det_teacher(config):
                     config.distill.det_teacher = det_teacher["run"]
                 results.append(_train(config, row))
     return _report(study, results, teacher_top1, out, data, notes)
@@ -71,18 +71,22 @@ def check_study(study: StudyConfig, out: Path) -> None:
     every det2det row has a detector teacher (``study.det_teacher`` or its own ``distill.det_teacher``)."""
     for row in study.rows:
         config = row_config(study, row, study.detectors[0], out, 0)
-        if det_methods(config.distill.kd) and study.det_teacher is None and not config.distill.det_teacher:
+        if needs_study_det_teacher(config) and study.det_teacher is None:
             raise ConfigError(f"row {row!r} uses {','.join(config.distill.kd)} but the study has no det_teacher "
                               "block and the row sets no distill.det_teacher")
     if study.det_teacher is not None:
         det_teacher_config(study, study.detectors[0], out)
 
 
+def needs_study_det_teacher(config: TrainConfig) -> bool:
+    """Whether a row's run needs the study's detector teacher: det:* terms and no distill.det_teacher of its own."""
+    return bool(det_methods(config.distill.kd)) and not config.distill.det_teacher
+
+
 def uses_det_teacher(study: StudyConfig) -> bool:
-    """Whether a row needs the study's detector teacher (det:* terms without its own distill.det_teacher)."""
+    """Whether the study trains a detector teacher: it has a det_teacher block and a row needs it."""
     rows = [row_config(study, row, study.detectors[0], Path("."), 0) for row in study.rows]
-    return study.det_teacher is not None and any(
-        det_methods(c.distill.kd) and not c.distill.det_teacher for c in rows)
+    return study.det_teacher is not None and any(needs_study_det_teacher(config) for config in rows)
 
 
 def det_teacher_config(study: StudyConfig, detector: str, out: Path) -> TrainConfig:

@@ -260,7 +260,6 @@ def student_output(detector: nn.Module, losses: dict[str, Tensor], positives: Po
                          image_sizes=[tuple(s) for s in image_list.image_sizes], negatives=negatives)
 
 
-
 def dense_head_output(adapter, losses: dict[str, Tensor], image_list, features: list[Tensor],
                       targets: list[dict[str, Tensor]], anchors: list[Tensor], matched_idxs: list[Tensor],
                       cls_logits: Tensor, decode: Callable[[int, Tensor], Tensor], *,
@@ -276,6 +275,7 @@ def dense_head_output(adapter, losses: dict[str, Tensor], image_list, features: 
         return student_output(det, losses, positives, image_list, features, targets, negatives=negatives)
     return student_output(det, losses, positives, image_list, features, targets, anchors[0], det.anchor_generator,
                           negatives=negatives)
+
 
 def split_anchor_levels(anchors: Tensor, features: list[Tensor], anchors_per_location: list[int]) -> list[Tensor]:
     """One image's anchors [A, 4] (torchvision's order: level, then location row-major, then anchor) as one
