@@ -3,6 +3,7 @@ timed round-robin in one run: a script form of `cls2det bench` (same options).
 
     python benchmarks/bench_step.py --detector ssdlite320_mobilenet_v3 --batch-size 16 --image-size 128
 """
+
 import sys
 
 from cls2det.cli import main

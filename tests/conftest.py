@@ -1,4 +1,5 @@
 """Suite-wide settings: the CI machine has 2 cores; torch's intra-op threads fight pytest for them."""
+
 import pytest
 import torch
 
@@ -21,17 +22,25 @@ TEACHER_INPUT = 32  # px, the tiny teacher's crop size
 HEAVY = ("fasterrcnn_resnet50", "retinanet_resnet50", "fcos_resnet50", "ssd300_vgg16")
 # Fewer proposals / sampled RoIs than torchvision's defaults (2000 / 512): a step took 1.8 s, 1.0 s with these; the
 # RoI sampler still draws from the global RNG (64 of ~100 proposals), which the determinism tests need.
-FAST_RCNN = ("{rpn_pre_nms_top_n_train: 200, rpn_post_nms_top_n_train: 100, rpn_pre_nms_top_n_test: 100, "
-             "rpn_post_nms_top_n_test: 50, box_batch_size_per_image: 64}")
+FAST_RCNN = (
+    "{rpn_pre_nms_top_n_train: 200, rpn_post_nms_top_n_train: 100, rpn_pre_nms_top_n_test: 100, "
+    "rpn_post_nms_top_n_test: 50, box_batch_size_per_image: 64}"
+)
 
 
 def tiny_overrides(detector: str = "fasterrcnn_mobilenet_v3") -> list[str]:
     """``key=value`` overrides of TrainConfig for a seconds-long CPU run of ``detector``."""
     size = 270 if detector == "ssd300_vgg16" else DEMO_SIZE
     overrides = [
-        f"student.detector={detector}", f"student.image_size={size}",
-        f"batch_size={2 if detector in HEAVY else 4}", "epochs=1", "optim.warmup_steps=1",
-        "distill.sample_size=32", "distill.max_positives=16", "eval_every=100", "accelerator=cpu",
+        f"student.detector={detector}",
+        f"student.image_size={size}",
+        f"batch_size={2 if detector in HEAVY else 4}",
+        "epochs=1",
+        "optim.warmup_steps=1",
+        "distill.sample_size=32",
+        "distill.max_positives=16",
+        "eval_every=100",
+        "accelerator=cpu",
     ]
     if detector.startswith("fasterrcnn"):
         overrides.append(f"student.options={FAST_RCNN}")
@@ -43,8 +52,9 @@ def demo_data(tmp_path_factory):
     """The embedded demo dataset, 12 train / 6 val images of 96x96 px (10 digit classes)."""
     from cls2det.data import generate_demo
 
-    return generate_demo(tmp_path_factory.mktemp("e2e") / "data", seed=0, train_images=12, val_images=6,
-                         image_size=DEMO_SIZE)
+    return generate_demo(
+        tmp_path_factory.mktemp("e2e") / "data", seed=0, train_images=12, val_images=6, image_size=DEMO_SIZE
+    )
 
 
 @pytest.fixture(scope="session")
@@ -71,8 +81,14 @@ def make_train_config(demo_data, teacher_run):
     from cls2det.config import TrainConfig, load_config
 
     def make(out, detector: str = "fasterrcnn_mobilenet_v3", overrides=()):
-        return load_config(TrainConfig, None, [*tiny_overrides(detector), *overrides], data=str(demo_data),
-                           teacher=str(teacher_run), out=str(out))
+        return load_config(
+            TrainConfig,
+            None,
+            [*tiny_overrides(detector), *overrides],
+            data=str(demo_data),
+            teacher=str(teacher_run),
+            out=str(out),
+        )
 
     return make
 
@@ -98,8 +114,13 @@ def run_cli():
     import sys
 
     def run(*args, timeout: float = 300):
-        return subprocess.run([sys.executable, "-m", "cls2det", *map(str, args)], capture_output=True, text=True,
-                              env=cli_env(), timeout=timeout)
+        return subprocess.run(
+            [sys.executable, "-m", "cls2det", *map(str, args)],
+            capture_output=True,
+            text=True,
+            env=cli_env(),
+            timeout=timeout,
+        )
 
     return run
 

@@ -1,5 +1,6 @@
 """The ``cls2det`` command: ``python -m cls2det`` subprocesses for the data commands and for bad inputs (exit 2, one
 ``error:`` line on stderr, no traceback), and ``cls2det.cli.main`` in-process for train -> eval -> export."""
+
 from __future__ import annotations
 
 import json
@@ -41,8 +42,16 @@ def test_data_demo_then_check(run_cli, tmp_path):
 # ------------------------------------------------------------------------------------------------ bad inputs
 
 BAD_CASES = (
-    "check_missing_dir", "check_broken_json", "unknown_detector", "unknown_kd_term", "unknown_override_key",
-    "out_holds_a_run", "resume_nothing", "teacher_without_meta", "eval_missing_run", "unknown_det_method",
+    "check_missing_dir",
+    "check_broken_json",
+    "unknown_detector",
+    "unknown_kd_term",
+    "unknown_override_key",
+    "out_holds_a_run",
+    "resume_nothing",
+    "teacher_without_meta",
+    "eval_missing_run",
+    "unknown_det_method",
     "det_without_det_teacher",
 )
 
@@ -67,13 +76,19 @@ def bad_inputs(root: Path, data: Path, teacher: Path) -> dict[str, tuple[list, l
         "unknown_override_key": ([*train, root / "r3", "epochz=1"], ["epochz", "epochs"]),
         "out_holds_a_run": ([*train, held], [str(held), "holds another run", "--resume", "--overwrite"]),
         "resume_nothing": ([*train, root / "empty", "--resume"], ["nothing to resume", str(root / "empty")]),
-        "teacher_without_meta": ([*train, root / "r4", "--kd", "cls", "--teacher", root / "no_meta"],
-                                 ["teacher.json", str(root / "no_meta")]),
+        "teacher_without_meta": (
+            [*train, root / "r4", "--kd", "cls", "--teacher", root / "no_meta"],
+            ["teacher.json", str(root / "no_meta")],
+        ),
         "eval_missing_run": (["eval", root / "norun", data], ["norun", "not a training run"]),
-        "unknown_det_method": ([*train, root / "r5", "--kd", "cls,det:foo"],
-                               ["'det:foo'", "det:logit, det:fgfi, det:pkd"]),
-        "det_without_det_teacher": ([*train, root / "r6", "--kd", "cls,det:pkd", "--teacher", teacher],
-                                    ["needs a detector teacher", "--det-teacher RUN"]),
+        "unknown_det_method": (
+            [*train, root / "r5", "--kd", "cls,det:foo"],
+            ["'det:foo'", "det:logit, det:fgfi, det:pkd"],
+        ),
+        "det_without_det_teacher": (
+            [*train, root / "r6", "--kd", "cls,det:pkd", "--teacher", teacher],
+            ["needs a detector teacher", "--det-teacher RUN"],
+        ),
     }
 
 
@@ -84,8 +99,13 @@ def bad_runs(tmp_path_factory, demo_data, teacher_run, cli_env):
     cases = bad_inputs(root, demo_data, teacher_run)
     assert tuple(cases) == BAD_CASES
     procs = {
-        name: subprocess.Popen([sys.executable, "-m", "cls2det", *map(str, args)], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, env=cli_env)
+        name: subprocess.Popen(
+            [sys.executable, "-m", "cls2det", *map(str, args)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=cli_env,
+        )
         for name, (args, _) in cases.items()
     }
     done = {}
@@ -114,13 +134,27 @@ def test_a_failed_start_leaves_no_run_behind(bad_runs, demo_data, teacher_run, t
     root, _ = bad_runs
     assert (root / "held" / "config.yaml").read_text() == "epochs: 1\n"  # the refused run touched nothing
     assert not (root / "r4" / "config.yaml").exists()
-    code = main(["train", str(demo_data), "--out", str(root / "r4"), "--kd", "cls", "--teacher", str(teacher_run),
-                 "--no-progress", *tiny_overrides("ssdlite320_mobilenet_v3"), "max_steps=1"])
+    code = main(
+        [
+            "train",
+            str(demo_data),
+            "--out",
+            str(root / "r4"),
+            "--kd",
+            "cls",
+            "--teacher",
+            str(teacher_run),
+            "--no-progress",
+            *tiny_overrides("ssdlite320_mobilenet_v3"),
+            "max_steps=1",
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     assert (root / "r4" / "results.json").is_file()
 
 
 # ------------------------------------------------------------------------------------------------ happy path
+
 
 def test_det_teacher_flag_and_det_terms_reach_the_config(tmp_path):
     from cls2det.cli import build_parser, train_config_from_args
@@ -128,8 +162,21 @@ def test_det_teacher_flag_and_det_terms_reach_the_config(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("distill: {kd: [cls], det_teacher: from_yaml, lambda_det_pkd: 3}\n")
     parse = build_parser().parse_args
-    args = parse(["train", "data", "distill.fgfi_psi=0.7", "--out", "o", "--config", str(recipe), "--kd",
-                  "cls,loc,kd_loc,det:pkd", "--det-teacher", "runs/det"])
+    args = parse(
+        [
+            "train",
+            "data",
+            "distill.fgfi_psi=0.7",
+            "--out",
+            "o",
+            "--config",
+            str(recipe),
+            "--kd",
+            "cls,loc,kd_loc,det:pkd",
+            "--det-teacher",
+            "runs/det",
+        ]
+    )
     distill = train_config_from_args(args).distill
     assert distill.kd == ["cls", "loc", "kd_loc", "det:pkd"] and distill.det_teacher == "runs/det"
     assert distill.lambda_det_pkd == 3.0 and distill.fgfi_psi == 0.7  # the YAML's other keys stay
@@ -139,8 +186,21 @@ def test_det_teacher_flag_and_det_terms_reach_the_config(tmp_path):
 
 def test_train_eval_export_in_process(demo_data, teacher_run, tiny_overrides, tmp_path, capsys, one_thread):
     run = tmp_path / "run"
-    code = main(["train", str(demo_data), "--out", str(run), "--teacher", str(teacher_run), "--kd", "cls,loc,kd_loc",
-                 "--no-progress", *tiny_overrides("ssdlite320_mobilenet_v3"), "max_steps=1"])
+    code = main(
+        [
+            "train",
+            str(demo_data),
+            "--out",
+            str(run),
+            "--teacher",
+            str(teacher_run),
+            "--kd",
+            "cls,loc,kd_loc",
+            "--no-progress",
+            *tiny_overrides("ssdlite320_mobilenet_v3"),
+            "max_steps=1",
+        ]
+    )
     printed = capsys.readouterr()
     assert code == 0, printed.err
     assert "ssdlite320_mobilenet_v3 kd=['cls', 'loc', 'kd_loc']" in printed.out and "mAP |" in printed.out

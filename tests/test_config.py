@@ -3,7 +3,14 @@ from pathlib import Path
 import pytest
 
 from cls2det.config import (
-    ConfigError, DistillConfig, StudyConfig, TeacherConfig, TrainConfig, apply_overrides, load_config, save_config,
+    ConfigError,
+    DistillConfig,
+    StudyConfig,
+    TeacherConfig,
+    TrainConfig,
+    apply_overrides,
+    load_config,
+    save_config,
 )
 
 CONFIGS = Path(__file__).resolve().parents[1] / "src" / "cls2det" / "configs"
@@ -29,7 +36,11 @@ def test_explicit_flags_win_over_the_yaml(tmp_path):
     flags = {"out": "from_flag", "epochs": None, "student": {"detector": "fcos_resnet50"}}
     config = load_config(TrainConfig, path, ["epochs=5"], flags=flags)
     assert (config.out, config.epochs, config.student.detector, config.student.image_size) == (
-        "from_flag", 5, "fcos_resnet50", 300)
+        "from_flag",
+        5,
+        "fcos_resnet50",
+        300,
+    )
 
 
 def test_round_trip(tmp_path):
@@ -60,7 +71,9 @@ def test_bad_values_name_the_culprit(override, message):
 
 
 def test_kd_cls_negatives_needs_kd_cls():
-    with pytest.raises(ConfigError, match=r"kd_cls_negatives=8 needs cls in distill.kd .*got distill.kd=\[loc,kd_loc\]"):
+    with pytest.raises(
+        ConfigError, match=r"kd_cls_negatives=8 needs cls in distill.kd .*got distill.kd=\[loc,kd_loc\]"
+    ):
         load_config(TrainConfig, None, ["distill.kd=[loc,kd_loc]", "distill.kd_cls_negatives=8"])
     config = load_config(TrainConfig, None, ["distill.kd=[cls,loc]", "distill.kd_cls_negatives=8"])
     assert config.distill.kd_cls_negatives == 8 and DistillConfig().kd_cls_negatives == 0  # off by default

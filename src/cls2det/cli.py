@@ -3,6 +3,7 @@
 Every sub-command validates its inputs before spending compute; a bad input ends in one line on stderr
 (``error: ...``) and exit code 2, never a traceback.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -11,7 +12,13 @@ import sys
 from pathlib import Path
 
 from cls2det.config import (
-    DET_TERMS, KD_TERMS, TEACHER_PRECISIONS, ConfigError, TeacherConfig, TrainConfig, load_config,
+    DET_TERMS,
+    KD_TERMS,
+    TEACHER_PRECISIONS,
+    ConfigError,
+    TeacherConfig,
+    TrainConfig,
+    load_config,
 )
 
 EXIT_BAD_INPUT = 2
@@ -42,8 +49,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except (ConfigError, DatasetError, RunDirError, CheckpointError, TrainingError, ExportError, ValueError,
-            FileNotFoundError) as err:
+    except (
+        ConfigError,
+        DatasetError,
+        RunDirError,
+        CheckpointError,
+        TrainingError,
+        ExportError,
+        ValueError,
+        FileNotFoundError,
+    ) as err:
         print(f"error: {_one_line(err)}", file=sys.stderr)
         return EXIT_BAD_INPUT
 
@@ -88,8 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher", default=None, help="teacher run folder (needed for --kd cls / kd_loc)")
     p.add_argument("--detector", default=None, help="student detector name (see `cls2det train --list`)")
     p.add_argument("--kd", default=None, help=f"none, or a comma list of {', '.join(KD_TERMS + DET_TERMS)}")
-    p.add_argument("--det-teacher", default=None, metavar="RUN",
-                   help="detector teacher for the det:* terms: a run of the student's detector (train --kd none)")
+    p.add_argument(
+        "--det-teacher",
+        default=None,
+        metavar="RUN",
+        help="detector teacher for the det:* terms: a run of the student's detector (train --kd none)",
+    )
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--config", type=Path, default=None, help="YAML with TrainConfig keys (configs/*.yaml)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
@@ -128,12 +147,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--teacher-size", type=int, default=112, help="the teacher's input side in pixels")
     p.add_argument("--sample-size", type=int, default=112, help="KD_loc's crop side s in pixels")
-    p.add_argument("--channels-last", action="store_true",
-                   help="also time every variant with student and teacher in channels_last memory format")
-    p.add_argument("--teacher-precision", default=None, choices=TEACHER_PRECISIONS[1:],
-                   help="also time the cached KD_loc modes with the teacher in this precision")
-    p.add_argument("--precision", default="32-true", choices=TEACHER_PRECISIONS[1:],
-                   help="autocast of every step, as train.precision (default 32-true)")
+    p.add_argument(
+        "--channels-last",
+        action="store_true",
+        help="also time every variant with student and teacher in channels_last memory format",
+    )
+    p.add_argument(
+        "--teacher-precision",
+        default=None,
+        choices=TEACHER_PRECISIONS[1:],
+        help="also time the cached KD_loc modes with the teacher in this precision",
+    )
+    p.add_argument(
+        "--precision",
+        default="32-true",
+        choices=TEACHER_PRECISIONS[1:],
+        help="autocast of every step, as train.precision (default 32-true)",
+    )
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
     p.set_defaults(func=cmd_bench)
 
@@ -162,7 +192,9 @@ def cmd_data_check(args) -> int:
     from cls2det.data import check_dataset
 
     summary = check_dataset(
-        args.dir, splits=tuple(s for s in args.splits.split(",") if s), check_images=not args.no_images,
+        args.dir,
+        splits=tuple(s for s in args.splits.split(",") if s),
+        check_images=not args.no_images,
         clip_tolerance=args.clip_tolerance,
     )
     print(json.dumps(summary, indent=2, default=str))
@@ -199,8 +231,13 @@ def train_config_from_args(args) -> TrainConfig:
             raise ConfigError(f"nothing to resume: {saved} not found")
         path = saved
     flags = {
-        "data": str(args.dir), "out": str(args.out), "teacher": args.teacher, "epochs": args.epochs,
-        "devices": _int_or_str(args.devices), "accelerator": args.accelerator, "strategy": args.strategy,
+        "data": str(args.dir),
+        "out": str(args.out),
+        "teacher": args.teacher,
+        "epochs": args.epochs,
+        "devices": _int_or_str(args.devices),
+        "accelerator": args.accelerator,
+        "strategy": args.strategy,
         "precision": args.precision,
     }
     if args.detector is not None:
@@ -259,10 +296,19 @@ def cmd_demo(args) -> int:
 def cmd_bench(args) -> int:
     from cls2det.engine.bench import run_benchmarks
 
-    run_benchmarks(detector=args.detector, batch_size=args.batch_size, image_size=args.image_size,
-                   repeats=args.repeats, device=args.device, teacher_size=args.teacher_size,
-                   sample_size=args.sample_size, channels_last=args.channels_last,
-                   teacher_precision=args.teacher_precision, precision=args.precision, memory=not args.no_memory)
+    run_benchmarks(
+        detector=args.detector,
+        batch_size=args.batch_size,
+        image_size=args.image_size,
+        repeats=args.repeats,
+        device=args.device,
+        teacher_size=args.teacher_size,
+        sample_size=args.sample_size,
+        channels_last=args.channels_last,
+        teacher_precision=args.teacher_precision,
+        precision=args.precision,
+        memory=not args.no_memory,
+    )
     return 0
 
 

@@ -3,13 +3,15 @@
 Every run saves the resolved config next to its outputs (``config.yaml``), so a run can be reproduced
 from its folder alone. Unknown keys are errors that list the valid ones.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import yaml
 
@@ -59,7 +61,9 @@ class StudentConfig:
     """Which torchvision detector is the student, and its input geometry."""
 
     detector: str = "fasterrcnn_mobilenet_v3"
-    image_size: int | None = None  # min_size/max_size of the detector's transform (SSD: fixed size); None = family default
+    image_size: int | None = (
+        None  # min_size/max_size of the detector's transform (SSD: fixed size); None = family default
+    )
     backbone_weights: str | None = None  # local state-dict file for the backbone (the ImageNet analogue), or "imagenet"
     trainable_backbone_layers: int | None = None
     anchor_sizes: list[int] | None = None  # override the anchor sizes where the family has anchors
@@ -117,8 +121,10 @@ class DistillConfig:
         if self.kd_cls_negatives < 0:
             raise ConfigError(f"distill.kd_cls_negatives must be >= 0, got {self.kd_cls_negatives}")
         if self.kd_cls_negatives and "cls" not in self.kd:
-            raise ConfigError(f"distill.kd_cls_negatives={self.kd_cls_negatives} needs cls in distill.kd (it is "
-                              f"KD_cls on negatives), got distill.kd=[{','.join(self.kd)}]")
+            raise ConfigError(
+                f"distill.kd_cls_negatives={self.kd_cls_negatives} needs cls in distill.kd (it is "
+                f"KD_cls on negatives), got distill.kd=[{','.join(self.kd)}]"
+            )
 
 
 @dataclass
@@ -264,7 +270,11 @@ def apply_overrides(values: dict[str, Any], overrides: Sequence[str]) -> dict[st
 
 
 def load_config(
-    cls: type, path: str | Path | None = None, overrides: Sequence[str] = (), *, flags: dict[str, Any] | None = None,
+    cls: type,
+    path: str | Path | None = None,
+    overrides: Sequence[str] = (),
+    *,
+    flags: dict[str, Any] | None = None,
     **base: Any,
 ) -> Any:
     """Defaults <- ``base`` values <- YAML file ``path`` <- ``flags`` (explicit command-line flags) <- ``overrides``

@@ -35,16 +35,22 @@ NAMES = [*FILES, "missing.png"]
 # any JSON value, for a field that gets the wrong type; huge ints exceed a float, NaN / Infinity are JSON extensions
 # that Python's json module reads
 _scalar = st.one_of(
-    st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.sampled_from([10**400, -(10**400)]),
-    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=4),
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**70), 2**70),
+    st.sampled_from([10**400, -(10**400)]),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=4),
 )
 _json = st.recursive(
-    _scalar, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner, max_size=3),
+    _scalar,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner, max_size=3),
     max_leaves=6,
 )
 # a box coordinate: mostly plausible for the images above, sometimes extreme
 _coord = st.one_of(
-    st.floats(-1.5, 9, allow_nan=False), st.integers(-2, 9),
+    st.floats(-1.5, 9, allow_nan=False),
+    st.integers(-2, 9),
     st.sampled_from([0, 1e-9, 1e-30, -1e-30, 1e308, -1e308, math.inf, -math.inf, math.nan, 10**400]),
 )
 # a plausible [x, y, w, h] inside the smallest image, or just over its edges (clipped), or tiny
@@ -66,21 +72,27 @@ def _documents(draw) -> dict | list | str:
     for k, name in enumerate(names):
         _, width, height = FILES.get(name, (None, 6, 6))
         # sometimes the JSON size differs from the file's or is no size at all
-        width, height = draw(_often((width, height), (height, width), (width + 1, height), (0, 3), (-4, 5), (6.5, 6),
-                                    (2**63, 4)))
+        width, height = draw(
+            _often((width, height), (height, width), (width + 1, height), (0, 3), (-4, 5), (6.5, 6), (2**63, 4))
+        )
         images.append({"id": draw(_often(k + 1, 1, 2**63, -1)), "file_name": name, "width": width, "height": height})
     category_ids = draw(_often([1, 7], [], [2], [3, 3], [2**63]))
     categories = [{"id": c, "name": f"c{c}"} for c in category_ids]
     annotations = []
     for k in range(draw(st.integers(0, 4))):
-        annotations.append({
-            "id": draw(_often(k + 10, 10, -(2**63) - 1)),
-            "image_id": draw(_often(images[k % len(images)]["id"] if images else 1, 99)),  # 99: dangling
-            "category_id": draw(_often(category_ids[k % len(category_ids)] if category_ids else 1, 5)),
-            "bbox": draw(_box if draw(st.integers(0, 3)) else st.lists(_coord, max_size=5)),
-            **draw(st.fixed_dictionaries({}, optional={"iscrowd": st.sampled_from([0, 1, 2, True, None]),
-                                                       "area": _coord})),
-        })
+        annotations.append(
+            {
+                "id": draw(_often(k + 10, 10, -(2**63) - 1)),
+                "image_id": draw(_often(images[k % len(images)]["id"] if images else 1, 99)),  # 99: dangling
+                "category_id": draw(_often(category_ids[k % len(category_ids)] if category_ids else 1, 5)),
+                "bbox": draw(_box if draw(st.integers(0, 3)) else st.lists(_coord, max_size=5)),
+                **draw(
+                    st.fixed_dictionaries(
+                        {}, optional={"iscrowd": st.sampled_from([0, 1, 2, True, None]), "area": _coord}
+                    )
+                ),
+            }
+        )
     doc = {"images": images, "annotations": annotations, "categories": categories}
     for _ in range(draw(_often(0, 1, 2))):  # break a field: drop it or give it any JSON value
         lists = [doc[key] for key in ("images", "annotations", "categories") if isinstance(doc.get(key), list)]
@@ -147,17 +159,26 @@ def _valid() -> dict:
 
 
 FOUND = {  # name: (edit of _valid(), the message after "train.json: ")
-    "int-beyond-float": (lambda d: d["images"][0].update(width=10**400),
-                         "image id 1 has invalid width/height 100000000000000000...0000000000000000000/6"),
-    "unhashable-image-id": (lambda d: d["annotations"][0].update(image_id=[1]),
-                            "annotation id 10 image_id must be an integer (int64), got [1]"),
-    "id-beyond-int64": (lambda d: d["images"][0].update(id=2**63),
-                        "images[0] id must be an integer (int64), got 9223372036854775808"),
-    "box-below-float32": (lambda d: d["annotations"][0].update(bbox=[1, 1, 1e-12, 2]),
-                          "annotation id 10 box is empty after clipping to image id 1 (in float32: [1, 1, 1e-12, 2] "
-                          "xywh)"),
-    "line-break-in-file-name": (lambda d: d["images"][0].update(file_name="a\n.png"),
-                                "image id 1 has invalid file_name 'a\\n.png'"),
+    "int-beyond-float": (
+        lambda d: d["images"][0].update(width=10**400),
+        "image id 1 has invalid width/height 100000000000000000...0000000000000000000/6",
+    ),
+    "unhashable-image-id": (
+        lambda d: d["annotations"][0].update(image_id=[1]),
+        "annotation id 10 image_id must be an integer (int64), got [1]",
+    ),
+    "id-beyond-int64": (
+        lambda d: d["images"][0].update(id=2**63),
+        "images[0] id must be an integer (int64), got 9223372036854775808",
+    ),
+    "box-below-float32": (
+        lambda d: d["annotations"][0].update(bbox=[1, 1, 1e-12, 2]),
+        "annotation id 10 box is empty after clipping to image id 1 (in float32: [1, 1, 1e-12, 2] xywh)",
+    ),
+    "line-break-in-file-name": (
+        lambda d: d["images"][0].update(file_name="a\n.png"),
+        "image id 1 has invalid file_name 'a\\n.png'",
+    ),
     "deep-json": (lambda d: None, "JSON nested too deeply"),  # with the text below
 }
 

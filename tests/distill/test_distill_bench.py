@@ -1,4 +1,5 @@
 """The crop benchmark (benchmarks/bench_crops.py, `cls2det bench`) runs end to end on a tiny case."""
+
 import pytest
 
 from cls2det.engine import bench_crops as bench

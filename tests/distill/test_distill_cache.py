@@ -2,20 +2,26 @@
 the crop of the flipped image at the flipped box, rows are found by (image id, GT index) including after empty
 images, and the cache survives a save / load round trip. GT features: KD_loc with the cached GT branch equals the
 online loss and its box gradients on flipped and unflipped images; a cache built with other settings is stale."""
+
 from __future__ import annotations
 
 import importlib
 
 import pytest
 import torch
-
 from safetensors.torch import save_file
 
 from cls2det.data import CocoDetection, load_split
 from cls2det.distill import crop_boxes_naive, kd_loc_loss
 from cls2det.distill.cache import (
-    GTFeatureCache, SoftLabelCache, StaleCacheError, build_gt_feature_cache, build_soft_label_cache, gt_feature_key,
-    read_key, soft_label_key,
+    GTFeatureCache,
+    SoftLabelCache,
+    StaleCacheError,
+    build_gt_feature_cache,
+    build_soft_label_cache,
+    gt_feature_key,
+    read_key,
+    soft_label_key,
 )
 from cls2det.teacher import load_teacher
 
@@ -47,8 +53,11 @@ def synthetic_items() -> list[tuple[torch.Tensor, dict]]:
     items = []
     for image_id, b in zip((7, 3, 9), boxes):
         image = torch.rand(3, 40, 48, generator=g)
-        target = {"boxes": torch.tensor(b).reshape(-1, 4), "labels": torch.zeros(len(b), dtype=torch.int64),
-                  "image_id": torch.tensor(image_id)}
+        target = {
+            "boxes": torch.tensor(b).reshape(-1, 4),
+            "labels": torch.zeros(len(b), dtype=torch.int64),
+            "image_id": torch.tensor(image_id),
+        }
         items.append((image, target))
     return items
 
@@ -175,16 +184,20 @@ def test_gt_feature_cache_gives_the_online_kd_loc_loss_and_box_gradients(teacher
     items = synthetic_items()
     cache = build_gt_feature_cache(teacher, ListDataset(items), taps=TAPS, size=SIZE, pool=POOL)
     assert cache.taps == TAPS and cache.key == gt_feature_key(teacher, TAPS, SIZE, POOL)
-    assert [cache.tables[t].shape for t in TAPS] == [(5, 2, 3, POOL, POOL), (5, 2, 64, POOL, POOL),
-                                                     (5, 2, 64, POOL, POOL)]
+    assert [cache.tables[t].shape for t in TAPS] == [
+        (5, 2, 3, POOL, POOL),
+        (5, 2, 64, POOL, POOL),
+        (5, 2, 64, POOL, POOL),
+    ]
     assert all(cache.tables[t].dtype == torch.float16 for t in TAPS)
     pixels, pred_boxes, gt_boxes, index, rows = mixed_flip_batch(items)
 
     def loss_and_grad(gt_features):
         features, calls = counting_taps(teacher, TAPS)
         boxes = pred_boxes.clone().requires_grad_()
-        loss = kd_loc_loss(features, pixels, boxes, gt_boxes, index, size=SIZE, pools=[POOL] * 3,
-                           gt_features=gt_features)
+        loss = kd_loc_loss(
+            features, pixels, boxes, gt_boxes, index, size=SIZE, pools=[POOL] * 3, gt_features=gt_features
+        )
         return loss, torch.autograd.grad(loss, boxes)[0], calls
 
     online, online_grad, online_calls = loss_and_grad(None)
@@ -202,10 +215,14 @@ def test_gt_feature_cache_gives_the_online_kd_loc_loss_and_box_gradients(teacher
 def test_gt_features_of_the_wrong_shape_are_refused(teacher):
     pixels, pred_boxes, gt_boxes, index, _ = mixed_flip_batch(synthetic_items())
     features, _ = counting_taps(teacher, ["obj"])
-    with pytest.raises(ValueError, match=r"gt_features must be 1 tensors of shapes \[\[5, 3, 4, 4\]\].*"
-                                         r"got \[\[5, 3, 8, 8\]\]"):
-        kd_loc_loss(features, pixels, pred_boxes, gt_boxes, index, size=SIZE, pools=[4],
-                    gt_features=[torch.zeros(5, 3, 8, 8)])
+    with pytest.raises(
+        ValueError,
+        match=r"gt_features must be 1 tensors of shapes \[\[5, 3, 4, 4\]\].*"
+        r"got \[\[5, 3, 8, 8\]\]",
+    ):
+        kd_loc_loss(
+            features, pixels, pred_boxes, gt_boxes, index, size=SIZE, pools=[4], gt_features=[torch.zeros(5, 3, 8, 8)]
+        )
 
 
 def test_gt_feature_cache_round_trip_and_stale_key(teacher, tmp_path):
@@ -233,6 +250,9 @@ def test_empty_dataset_gives_empty_tables_of_the_right_shape(teacher):
     image, target = synthetic_items()[1]  # the image without boxes
     cache = build_gt_feature_cache(teacher, ListDataset([(image, target)]), taps=TAPS, size=SIZE, pool=POOL)
     assert [cache.tables[t].shape for t in TAPS] == [(0, 2, 3, 4, 4), (0, 2, 64, 4, 4), (0, 2, 64, 4, 4)]
-    assert [f.shape for f in cache.lookup(torch.tensor([], dtype=torch.int64), torch.tensor([], dtype=torch.int64),
-                                          torch.tensor([], dtype=torch.bool))] == [(0, 3, 4, 4), (0, 64, 4, 4),
-                                                                                   (0, 64, 4, 4)]
+    assert [
+        f.shape
+        for f in cache.lookup(
+            torch.tensor([], dtype=torch.int64), torch.tensor([], dtype=torch.int64), torch.tensor([], dtype=torch.bool)
+        )
+    ] == [(0, 3, 4, 4), (0, 64, 4, 4), (0, 64, 4, 4)]

@@ -1,4 +1,5 @@
 """crop_boxes (eq. 8-9) against hand cases and the replicate-the-image reference; sanitize_boxes."""
+
 import math
 
 import pytest

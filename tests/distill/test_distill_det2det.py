@@ -1,10 +1,10 @@
 """det2det baselines: logit KD (Chen et al. 2017), FGFI (Wang et al. 2019), PKD (Cao et al. 2022)."""
+
 import math
 
 import numpy as np
 import pytest
 import torch
-
 from torchvision.ops import box_iou
 
 from cls2det.distill import fgfi_level_masks, fgfi_loss, fgfi_mask, logit_kd_loss, pkd_loss

@@ -1,5 +1,6 @@
 """The det2det terms of the objective (``det2det_losses`` via ``distillation_losses``) on real adapter outputs:
 values against direct computations, gradients to the student only, weights in the total loss."""
+
 from __future__ import annotations
 
 import math
@@ -14,8 +15,13 @@ from cls2det.students import create_student
 
 NUM_CLASSES = 3
 ALL = ["det:logit", "det:fgfi", "det:pkd"]
-OPTIONS = {"fasterrcnn_mobilenet_v3": {"rpn_pre_nms_top_n_train": 200, "rpn_post_nms_top_n_train": 100,
-                                       "box_batch_size_per_image": 64}}
+OPTIONS = {
+    "fasterrcnn_mobilenet_v3": {
+        "rpn_pre_nms_top_n_train": 200,
+        "rpn_post_nms_top_n_train": 100,
+        "box_batch_size_per_image": 64,
+    }
+}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -70,7 +76,8 @@ def test_det_terms_against_direct_computations(name):
     # the weighted total, and gradients that reach the student's backbone and nothing of the teacher
     total = total_loss(output.losses, losses, config)
     expected_total = sum(output.losses.values()) + sum(
-        getattr(config, f"lambda_{name}") * value for name, value in losses.items())
+        getattr(config, f"lambda_{name}") * value for name, value in losses.items()
+    )
     assert total.item() == pytest.approx(expected_total.item(), rel=1e-6)
     assert (config.lambda_det_logit, config.lambda_det_fgfi, config.lambda_det_pkd) == (1.0, 0.01, 6.0)
     sum(losses.values()).backward()  # the det terms alone

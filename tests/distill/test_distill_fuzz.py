@@ -1,4 +1,5 @@
 """Property test: every loss stays finite, with finite gradients, on extreme logits and garbage boxes."""
+
 import math
 
 import torch
@@ -47,8 +48,13 @@ def test_losses_and_gradients_are_finite(case):
     image_index = torch.tensor(index, dtype=torch.int64)
     loc = loc_loss(images, pred_boxes, gt_boxes, image_index, size=8, pool=2)
     kd_loc = kd_loc_loss(
-        lambda x: [x, x.mean(dim=1, keepdim=True).square()], images, pred_boxes, gt_boxes, image_index,
-        size=8, pools=[2, 1],
+        lambda x: [x, x.mean(dim=1, keepdim=True).square()],
+        images,
+        pred_boxes,
+        gt_boxes,
+        image_index,
+        size=8,
+        pools=[2, 1],
     )
     (loc + kd_loc).backward()
     assert torch.isfinite(loc) and torch.isfinite(kd_loc)

@@ -1,4 +1,5 @@
 """kd_cls_loss, eq. (1)-(7): hand cases, a literal per-element reference, gradients, edge cases."""
+
 import math
 
 import pytest
@@ -36,7 +37,7 @@ def naive_kd_cls(student, teacher, labels, head, temperature):
             kl = 0.0
             for c in range(num_classes):
                 # eq. (6): [1-q, q] if c == label else [q, 1-q], for both networks
-                def states(z):
+                def states(z, c=c, label=label):
                     log_q, log_1mq = _log_sigmoid(z / temperature), _log_sigmoid(-z / temperature)
                     return [log_1mq, log_q] if c == label else [log_q, log_1mq]
 

@@ -1,6 +1,7 @@
 """KD_cls on negatives (``kd_cls_negatives_loss``, the ``kd_cls_neg`` term): values against a hand computation for
 both heads, the background column left out, the teacher's crops clipped to each image, the wiring and weighting in
 the objective."""
+
 from __future__ import annotations
 
 import math
@@ -37,10 +38,18 @@ def make_output(logits: torch.Tensor, head: str) -> StudentOutput:
     reaches into the padding and past the batch); negative 1: [-3, -3, 3, 3] of image 1."""
     images = torch.zeros(2, 3, 8, 8)
     images[0, :, :, :4], images[0, :, :, 4:6], images[1] = 0.25, 0.75, 0.5
-    negatives = Negatives(torch.tensor([0, 1]), torch.tensor([[4.0, 2.0, 10.0, 6.0], [-3.0, -3.0, 3.0, 3.0]]),
-                          logits, head)
-    return StudentOutput({}, empty_positives(torch.device("cpu"), torch.float32, logits.shape[1], head), images,
-                         torch.zeros(3), torch.ones(3), image_sizes=[(8, 6), (8, 8)], negatives=negatives)
+    negatives = Negatives(
+        torch.tensor([0, 1]), torch.tensor([[4.0, 2.0, 10.0, 6.0], [-3.0, -3.0, 3.0, 3.0]]), logits, head
+    )
+    return StudentOutput(
+        {},
+        empty_positives(torch.device("cpu"), torch.float32, logits.shape[1], head),
+        images,
+        torch.zeros(3),
+        torch.ones(3),
+        image_sizes=[(8, 6), (8, 8)],
+        negatives=negatives,
+    )
 
 
 def log_softmax(row: list[float]) -> list[float]:
@@ -70,10 +79,13 @@ def hand_sigmoid(student, teacher) -> float:
     return total / len(student)
 
 
-@pytest.mark.parametrize("head, student, hand", [
-    ("softmax", [[3.0, 1.0, -0.5, 0.25], [-2.0, 0.0, 2.0, 1.0]], hand_softmax),
-    ("sigmoid", [[1.0, -0.5, 0.25], [0.0, 2.0, 1.0]], hand_sigmoid),
-])
+@pytest.mark.parametrize(
+    "head, student, hand",
+    [
+        ("softmax", [[3.0, 1.0, -0.5, 0.25], [-2.0, 0.0, 2.0, 1.0]], hand_softmax),
+        ("sigmoid", [[1.0, -0.5, 0.25], [0.0, 2.0, 1.0]], hand_sigmoid),
+    ],
+)
 def test_loss_against_hand_computation(head, student, hand):
     logits = torch.tensor(student, requires_grad=True)
     teacher = StubTeacher(TEACHER)
@@ -96,9 +108,15 @@ def test_loss_against_hand_computation(head, student, hand):
 def test_softmax_background_logit_does_not_change_the_loss():
     """Renormalised over the foreground: any background score gives the same value."""
     teacher = StubTeacher(TEACHER)
-    values = [kd_cls_negatives_loss(make_output(torch.tensor([[bg, 1.0, -0.5, 0.25], [bg, 0.0, 2.0, 1.0]]),
-                                                "softmax"), torch.zeros(2, 3, 8, 8), teacher, T).item()
-              for bg in (-5.0, 0.0, 9.0)]
+    values = [
+        kd_cls_negatives_loss(
+            make_output(torch.tensor([[bg, 1.0, -0.5, 0.25], [bg, 0.0, 2.0, 1.0]]), "softmax"),
+            torch.zeros(2, 3, 8, 8),
+            teacher,
+            T,
+        ).item()
+        for bg in (-5.0, 0.0, 9.0)
+    ]
     assert values[0] == pytest.approx(values[1], abs=1e-6) == pytest.approx(values[2], abs=1e-6)
 
 
@@ -119,14 +137,16 @@ def test_objective_adds_kd_cls_neg_weighted_by_lambda_kd_cls():
     student = [[1.0, -0.5, 0.25], [0.0, 2.0, 1.0]]
     output = make_output(torch.tensor(student), "sigmoid")
     config = DistillConfig(kd=["cls"], kd_cls_negatives=2, temperature=T, lambda_kd_cls=0.3)
-    losses = classifier_losses(output, output.positives, StubTeacher(TEACHER), config,
-                               soft_labels=lambda positives: torch.zeros(0, 3))
+    losses = classifier_losses(
+        output, output.positives, StubTeacher(TEACHER), config, soft_labels=lambda positives: torch.zeros(0, 3)
+    )
     assert set(losses) == {"kd_cls", "kd_cls_neg"} and losses["kd_cls"].item() == 0  # no positives here
     assert losses["kd_cls_neg"].item() == pytest.approx(hand_sigmoid(student, TEACHER), rel=1e-5)
     det = {"classification": torch.tensor(1.0)}
     assert total_loss(det, losses, config).item() == pytest.approx(1.0 + 0.3 * losses["kd_cls_neg"].item(), rel=1e-6)
     # off (the paper's setting): no term, the teacher never sees a negative
     teacher = StubTeacher(TEACHER)
-    off = classifier_losses(output, output.positives, teacher, DistillConfig(kd=["cls"]),
-                            soft_labels=lambda positives: torch.zeros(0, 3))
+    off = classifier_losses(
+        output, output.positives, teacher, DistillConfig(kd=["cls"]), soft_labels=lambda positives: torch.zeros(0, 3)
+    )
     assert set(off) == {"kd_cls"} and teacher.crops is None

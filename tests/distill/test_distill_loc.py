@@ -1,4 +1,5 @@
 """loc_loss (eq. 11) and kd_loc_loss (eq. 10): hand cases, a naive reference, gradients, K == 0."""
+
 import pytest
 import torch
 
@@ -12,6 +13,7 @@ def _ramp(height=32, width=32, images=2):
 
 def _naive_loc(images, pred, gt, index, size, pool):
     """Eq. (11) by hand: replicate-the-image crops, average pooling by block means (size divisible by pool)."""
+
     def pooled(boxes):
         crops = crop_boxes_naive(images, boxes, index, size=size)  # [K, 3, s, s]
         b = size // pool

@@ -1,6 +1,7 @@
 """``distill.teacher_precision``: the teacher's passes run in the asked autocast (bf16 features, float32 losses close
 to the float32 teacher's, gradients still reaching the predicted boxes), "32-true" opts out of an enclosing autocast,
 "auto" keeps it; bad values are refused by name."""
+
 from __future__ import annotations
 
 import pytest
@@ -41,16 +42,21 @@ def make_output(seed: int = 0, k: int = 6) -> StudentOutput:
     xy = torch.rand(k, 2, generator=g) * 30
     gt = torch.cat([xy, xy + 8 + torch.rand(k, 2, generator=g) * 24], 1)  # [K, 4]
     pred = (gt + torch.randn(k, 4, generator=g) * 2).requires_grad_()
-    positives = Positives(torch.arange(k) % 2, gt, torch.randint(0, 3, (k,), generator=g),
-                          torch.randn(k, 4, generator=g, requires_grad=True), pred, "softmax")
+    positives = Positives(
+        torch.arange(k) % 2,
+        gt,
+        torch.randint(0, 3, (k,), generator=g),
+        torch.randn(k, 4, generator=g, requires_grad=True),
+        pred,
+        "softmax",
+    )
     return StudentOutput({}, positives, images, torch.zeros(3), torch.ones(3), image_sizes=[(64, 64)] * 2)
 
 
 def losses_in(precision: str, outer: str = "auto"):
     """The three paper terms, the dtypes the teacher returned and d kd_loc / d pred_boxes."""
     output, teacher = make_output(), RecordingTeacher()
-    config = DistillConfig(kd=["cls", "loc", "kd_loc"], taps=["obj", "l0"], sample_size=32,
-                           teacher_precision=precision)
+    config = DistillConfig(kd=["cls", "loc", "kd_loc"], taps=["obj", "l0"], sample_size=32, teacher_precision=precision)
     with precision_autocast(outer, torch.device("cpu")):
         losses = classifier_losses(output, output.positives, teacher, config)
     (grad,) = torch.autograd.grad(losses["kd_loc"], output.positives.pred_boxes)

@@ -1,5 +1,6 @@
 """Helpers of the end-to-end engine tests (training, resume, DDP); the data / teacher fixtures live in
 ``tests/conftest.py`` so that ``tests/test_cli.py`` shares them."""
+
 from __future__ import annotations
 
 import csv

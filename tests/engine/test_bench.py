@@ -1,6 +1,7 @@
 """`cls2det bench`'s training-step benchmark on a tiny case: every variant is timed, the cached variants take the
 teacher's GT branch from the caches (zero teacher passes for KD_cls, the predicted crops only for KD_loc) and give
 the online losses; the memory column and channels_last rows; the CLI passes its options through."""
+
 from __future__ import annotations
 
 import pytest
@@ -14,8 +15,15 @@ from cls2det.engine.bench import StepBench, Variant, format_step_table, time_tra
 # SSDlite at 96 px: its fixed-size resize is the identity, so the caches see the online crops' pixels
 TINY = dict(batch_size=2, image_size=96, teacher_size=32, sample_size=32)
 # teacher forward passes per step: KD_cls's GT crops (1), KD_loc's predicted and GT crops (2); cached: predicted only
-TEACHER_CALLS = {"baseline": 0, "+kd_cls online": 1, "+kd_cls cached": 0, "+loc+kd_loc online": 2,
-                 "+loc+kd_loc cached": 1, "+all online": 3, "+all cached": 1}
+TEACHER_CALLS = {
+    "baseline": 0,
+    "+kd_cls online": 1,
+    "+kd_cls cached": 0,
+    "+loc+kd_loc online": 2,
+    "+loc+kd_loc cached": 1,
+    "+all online": 3,
+    "+all cached": 1,
+}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -56,20 +64,59 @@ def test_memory_and_channels_last_rows_and_the_table():
     assert steps["+kd_cls cached channels_last"]["teacher_calls"] == 0
     table = format_step_table(steps, "tiny").splitlines()
     assert table[0] == "tiny" and len(table) == 2 + 14 + 1
-    assert table[2].split() == ["baseline", f"{steps['baseline']['time_s']:.3f}", "1.00",
-                                f"{steps['baseline']['peak_mib']:.1f}", "1.00", "0"]
+    assert table[2].split() == [
+        "baseline",
+        f"{steps['baseline']['time_s']:.3f}",
+        "1.00",
+        f"{steps['baseline']['peak_mib']:.1f}",
+        "1.00",
+        "0",
+    ]
     assert table[-1].startswith("channels_last time / contiguous time: baseline ")
 
 
 def test_cli_passes_its_options_through(monkeypatch):
     seen = {}
     monkeypatch.setattr(bench, "run_benchmarks", lambda **kwargs: seen.update(kwargs))
-    assert main(["bench", "--detector", "ssdlite320_mobilenet_v3", "--batch-size", "16", "--image-size", "128",
-                 "--repeats", "3", "--channels-last", "--no-memory", "--teacher-size", "48", "--sample-size", "32",
-                 "--teacher-precision", "bf16-mixed", "--precision", "16-mixed"]) == 0
-    assert seen == {"detector": "ssdlite320_mobilenet_v3", "batch_size": 16, "image_size": 128, "repeats": 3,
-                    "device": "cpu", "channels_last": True, "memory": False, "teacher_size": 48, "sample_size": 32,
-                    "teacher_precision": "bf16-mixed", "precision": "16-mixed"}
+    assert (
+        main(
+            [
+                "bench",
+                "--detector",
+                "ssdlite320_mobilenet_v3",
+                "--batch-size",
+                "16",
+                "--image-size",
+                "128",
+                "--repeats",
+                "3",
+                "--channels-last",
+                "--no-memory",
+                "--teacher-size",
+                "48",
+                "--sample-size",
+                "32",
+                "--teacher-precision",
+                "bf16-mixed",
+                "--precision",
+                "16-mixed",
+            ]
+        )
+        == 0
+    )
+    assert seen == {
+        "detector": "ssdlite320_mobilenet_v3",
+        "batch_size": 16,
+        "image_size": 128,
+        "repeats": 3,
+        "device": "cpu",
+        "channels_last": True,
+        "memory": False,
+        "teacher_size": 48,
+        "sample_size": 32,
+        "teacher_precision": "bf16-mixed",
+        "precision": "16-mixed",
+    }
     seen.clear()
     assert main(["bench", "--detector", "ssdlite320_mobilenet_v3"]) == 0
     assert seen["teacher_precision"] is None and seen["precision"] == "32-true" and seen["sample_size"] == 112
@@ -80,9 +127,12 @@ def test_teacher_precision_rows_run_the_teacher_in_that_precision(monkeypatch):
     each memory format; their teacher really runs in bfloat16 and their losses stay close to float32's."""
     rows = variants(channels_last=True, teacher_precision="bf16-mixed")
     extra = [v.name for v in rows if v.teacher_precision != "auto"]
-    assert extra == ["+loc+kd_loc cached teacher bf16-mixed", "+all cached teacher bf16-mixed",
-                     "+loc+kd_loc cached teacher bf16-mixed channels_last",
-                     "+all cached teacher bf16-mixed channels_last"]
+    assert extra == [
+        "+loc+kd_loc cached teacher bf16-mixed",
+        "+all cached teacher bf16-mixed",
+        "+loc+kd_loc cached teacher bf16-mixed channels_last",
+        "+all cached teacher bf16-mixed channels_last",
+    ]
     assert len(rows) == 2 * 7 + 4
     setup = StepBench("ssdlite320_mobilenet_v3", device="cpu", **TINY)
     student, teacher, _ = setup.nets[False]
@@ -95,8 +145,10 @@ def test_teacher_precision_rows_run_the_teacher_in_that_precision(monkeypatch):
 
     monkeypatch.setattr(teacher.teacher, "forward_taps", spy)
     output = student(setup.images, setup.targets)
-    losses = {v.teacher_precision: distillation_losses(output, teacher, setup.config(v), **setup.lookups(v))
-              for v in (Variant("+all", True), Variant("+all", True, teacher_precision="bf16-mixed"))}
+    losses = {
+        v.teacher_precision: distillation_losses(output, teacher, setup.config(v), **setup.lookups(v))
+        for v in (Variant("+all", True), Variant("+all", True, teacher_precision="bf16-mixed"))
+    }
     assert dtypes == [torch.float32, torch.bfloat16]  # one pass per cached variant: the predicted crops
     assert losses["bf16-mixed"]["kd_loc"].item() == pytest.approx(losses["auto"]["kd_loc"].item(), rel=2e-2)
     assert setup.step(Variant("+all", True, teacher_precision="bf16-mixed")) > 0
@@ -109,5 +161,7 @@ def test_teacher_throughput_rows_and_table():
     assert list(result) == ["infer", "train"]
     assert all(set(row) == {"ours", "bare"} and min(row.values()) > 0 for row in result.values())
     table = format_throughput({"infer": {"ours": 90.0, "bare": 100.0}, "train": {"ours": 50.0, "bare": 40.0}}, "t")
-    assert table.splitlines()[2:] == [f"{'infer':<8}{'90.0':>14}{'100.0':>14}{'0.900':>13}",
-                                      f"{'train':<8}{'50.0':>14}{'40.0':>14}{'1.250':>13}"]
+    assert table.splitlines()[2:] == [
+        f"{'infer':<8}{'90.0':>14}{'100.0':>14}{'0.900':>13}",
+        f"{'train':<8}{'50.0':>14}{'40.0':>14}{'1.250':>13}",
+    ]

@@ -14,7 +14,9 @@ def test_round_trip_and_atomic_replace(tmp_path):
     assert torch.equal(weights["weight"], model.weight.detach())
     state = load_state(path)
     assert state["step"] == 7
-    assert torch.equal(state["optimizer"]["state"][0]["momentum_buffer"], optimizer.state[model.weight]["momentum_buffer"])
+    assert torch.equal(
+        state["optimizer"]["state"][0]["momentum_buffer"], optimizer.state[model.weight]["momentum_buffer"]
+    )
     save_checkpoint(tmp_path / "last", {"weight": torch.zeros(2, 3)}, {"step": 8})
     assert load_state(path)["step"] == 8
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last"]  # no temp or old folder left behind

@@ -1,6 +1,7 @@
 """Two-process DDP on CPU (gloo) through the CLI: Fabric's subprocess launcher re-runs ``python -m cls2det ...`` as
 rank 1; the run finishes, rank 0 alone writes the outputs, and both ranks end with the same weights. A rank that
 fails, hangs or loaded another teacher ends every rank with a non-zero exit and its one-line error."""
+
 from __future__ import annotations
 
 import json
@@ -24,13 +25,32 @@ from cls2det.engine.run_dir import LAST, METRICS_CSV, RESULTS, SOFT_LABELS
 def test_two_cpu_processes_train_in_step(demo_data, teacher_run, tiny_overrides, cli_env, tmp_path, read_metrics):
     out = tmp_path / "ddp"
     command = [
-        sys.executable, "-m", "cls2det", "train", str(demo_data), "--out", str(out), "--teacher", str(teacher_run),
-        "--devices", "2", "--accelerator", "cpu", "--strategy", "ddp", "--kd", "cls,loc,kd_loc", "--no-progress",
-        *tiny_overrides("fasterrcnn_mobilenet_v3"), "batch_size=2", "max_steps=2",
+        sys.executable,
+        "-m",
+        "cls2det",
+        "train",
+        str(demo_data),
+        "--out",
+        str(out),
+        "--teacher",
+        str(teacher_run),
+        "--devices",
+        "2",
+        "--accelerator",
+        "cpu",
+        "--strategy",
+        "ddp",
+        "--kd",
+        "cls,loc,kd_loc",
+        "--no-progress",
+        *tiny_overrides("fasterrcnn_mobilenet_v3"),
+        "batch_size=2",
+        "max_steps=2",
     ]
     # its own session: on a hang, the whole group (rank 0 and the rank 1 it launched) is killed
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env, start_new_session=True
+    )
     try:
         stdout, stderr = proc.communicate(timeout=180)  # ~25 s normally
     except subprocess.TimeoutExpired:
@@ -71,7 +91,7 @@ def test_ddp_strategies_get_the_collective_timeout(name, options):
 # script that patches the trainer and then runs the CLI; Fabric re-runs the same script (and so the same patch) for
 # rank 1, and the patch picks its rank from the trainer's fabric.
 
-FAULTY_CLI = '''
+FAULTY_CLI = """
 import os, sys, time
 import torch
 from cls2det.cli import main
@@ -101,7 +121,7 @@ def other_teacher(*args, **kwargs):
 fit._Trainer._train_step = faulty_train_step
 cls2det.teacher.load_teacher = other_teacher
 sys.exit(main())
-'''
+"""
 
 
 def run_faulty_ddp(tmp_path, fault: str, args: list[str], env: dict, limit: float = 120):
@@ -110,10 +130,27 @@ def run_faulty_ddp(tmp_path, fault: str, args: list[str], env: dict, limit: floa
     Returns (exit code, stderr, seconds from the fault to the end of the last rank or None without a fault)."""
     script = tmp_path / "faulty_cli.py"
     script.write_text(FAULTY_CLI)
-    command = [sys.executable, str(script), "train", *args, "--devices", "2", "--accelerator", "cpu",
-               "--strategy", "ddp", "--no-progress"]
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**env, "FAULT": fault}, start_new_session=True)
+    command = [
+        sys.executable,
+        str(script),
+        "train",
+        *args,
+        "--devices",
+        "2",
+        "--accelerator",
+        "cpu",
+        "--strategy",
+        "ddp",
+        "--no-progress",
+    ]
+    proc = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**env, "FAULT": fault},
+        start_new_session=True,
+    )
     try:
         # both ranks hold the pipes: communicate() returns once every rank has exited
         _, stderr = proc.communicate(timeout=limit)
@@ -139,16 +176,25 @@ def test_a_failing_rank_ends_every_rank_with_its_error(rank, demo_data, tiny_ove
     assert "Traceback" not in stderr  # the other rank is killed, or says in one line whose error to read
     assert seconds < 20  # gloo sees the closed connection at once; a failing rank 0 kills rank 1 itself
     if rank == 1 and code == 2:  # rank 0 lost its peer in the gradient all-reduce and was not killed first
-        assert any(line.startswith("error: rank 1 failed (exit code 2, its error is above); rank 0 stopped")
-                   for line in lines), stderr[-3000:]
+        assert any(
+            line.startswith("error: rank 1 failed (exit code 2, its error is above); rank 0 stopped") for line in lines
+        ), stderr[-3000:]
     print(f"rank {rank} failed: every rank ended {seconds:.1f} s later")
 
 
 @pytest.mark.slow
 def test_a_hanging_rank_ends_at_the_collective_timeout(demo_data, tiny_overrides, cli_env, tmp_path):
     # the timeout also bounds the start-up rendezvous: 5 s was too short for rank 1 to import torch on a busy CI box
-    args = [str(demo_data), "--out", str(tmp_path / "run"), "--kd", "none", *tiny_overrides(), "batch_size=2",
-            "dist_timeout_s=15"]
+    args = [
+        str(demo_data),
+        "--out",
+        str(tmp_path / "run"),
+        "--kd",
+        "none",
+        *tiny_overrides(),
+        "batch_size=2",
+        "dist_timeout_s=15",
+    ]
     code, stderr, seconds = run_faulty_ddp(tmp_path, "hang:1:1", args, cli_env)
     # rank 0 waits 15 s in the all-reduce, fails, gives rank 1 (asleep) 10 s to exit, then kills it
     assert code != 0
@@ -160,10 +206,20 @@ def test_a_hanging_rank_ends_at_the_collective_timeout(demo_data, tiny_overrides
 @pytest.mark.slow
 def test_ranks_with_different_teachers_refuse_to_train(demo_data, teacher_run, tiny_overrides, cli_env, tmp_path):
     out = tmp_path / "run"
-    args = [str(demo_data), "--out", str(out), "--teacher", str(teacher_run), "--kd", "cls,kd_loc",
-            *tiny_overrides(), "batch_size=2"]
+    args = [
+        str(demo_data),
+        "--out",
+        str(out),
+        "--teacher",
+        str(teacher_run),
+        "--kd",
+        "cls,kd_loc",
+        *tiny_overrides(),
+        "batch_size=2",
+    ]
     code, stderr, _ = run_faulty_ddp(tmp_path, "teacher:1:0", args, cli_env)
     assert code in (2, -signal.SIGKILL), stderr[-3000:]  # every rank raises; rank 0 kills rank 1 (see above)
-    assert (f"error: the teacher differs across ranks: rank 1 loaded other weights from {teacher_run} than rank 0"
-            in stderr), stderr[-3000:]
+    assert (
+        f"error: the teacher differs across ranks: rank 1 loaded other weights from {teacher_run} than rank 0" in stderr
+    ), stderr[-3000:]
     assert not (out / "config.yaml").exists() and not (out / SOFT_LABELS).exists()  # checked before any work

@@ -1,4 +1,5 @@
 """Export: the ONNX / TorchScript files reproduce the PyTorch detector, and a run folder exports with its sidecar."""
+
 from __future__ import annotations
 
 import json
@@ -10,7 +11,13 @@ import torch
 from cls2det.config import ConfigError, StudentConfig, TrainConfig, save_config
 from cls2det.engine.checkpoint import CheckpointError, save_checkpoint
 from cls2det.engine.export import (
-    ONNX_INPUT, ONNX_OUTPUTS, SIDECAR, ExportError, export_detector, export_student, write_sidecar,
+    ONNX_INPUT,
+    ONNX_OUTPUTS,
+    SIDECAR,
+    ExportError,
+    export_detector,
+    export_student,
+    write_sidecar,
 )
 from cls2det.students import create_student
 
@@ -78,8 +85,13 @@ def assert_same_detections(boxes, labels, scores, ref: dict[str, torch.Tensor]) 
     free = list(range(len(labels)))
     worst = 0.0
     for box, label, score in zip(ref["boxes"], ref["labels"], ref["scores"]):
-        match = [j for j in free if labels[j] == label and abs(scores[j] - score) <= 1e-5
-                 and torch.allclose(boxes[j], box, rtol=1e-3, atol=1e-3)]
+        match = [
+            j
+            for j in free
+            if labels[j] == label
+            and abs(scores[j] - score) <= 1e-5
+            and torch.allclose(boxes[j], box, rtol=1e-3, atol=1e-3)
+        ]
         assert match, f"no exported detection matches label {int(label)} score {float(score):.6f} box {box.tolist()}"
         free.remove(match[0])
         worst = max(worst, float((boxes[match[0]] - box).abs().max()))

@@ -1,6 +1,7 @@
 """End-to-end training with :func:`cls2det.engine.fit` on the tiny demo dataset: every detector with every KD term,
 the baseline, determinism, the soft-label and GT-feature caches against the online teacher, and the guards
 (non-finite losses, run folder, teacher classes)."""
+
 from __future__ import annotations
 
 import importlib
@@ -11,9 +12,9 @@ import shutil
 import pytest
 import torch
 
+from cls2det.distill.cache import read_key
 from cls2det.engine import RunDirError, TrainingError
 from cls2det.engine.fit import fit
-from cls2det.distill.cache import read_key
 from cls2det.engine.run_dir import CONFIG, GT_FEATURES, LAST, RESULTS, SOFT_LABELS
 from cls2det.students import list_students
 
@@ -22,8 +23,15 @@ fit_module = importlib.import_module("cls2det.engine.fit")  # the package export
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 KD_COLUMNS = ("kd_cls", "loc", "kd_loc")
-NOT_DETECTOR_LOSSES = {"step", "epoch", "lr", "loss", "positives", "negatives",
-                       *(c for term in (*KD_COLUMNS, "kd_cls_neg") for c in (term, f"w_{term}"))}
+NOT_DETECTOR_LOSSES = {
+    "step",
+    "epoch",
+    "lr",
+    "loss",
+    "positives",
+    "negatives",
+    *(c for term in (*KD_COLUMNS, "kd_cls_neg") for c in (term, f"w_{term}")),
+}
 METRIC_KEYS = ("mAP", "AP50", "AP75", "APs", "APm", "APl", "mAR", "AP_per_iou")
 SLOW_DETECTORS = ("ssd300_vgg16", "fasterrcnn_resnet50")  # 4-9 s for one step + eval here; the others 1-3 s
 
@@ -39,11 +47,11 @@ def row_sum_is_loss(row: dict[str, float], columns: list[str]) -> bool:
     return row["loss"] == pytest.approx(sum(row[c] for c in columns if c not in NOT_DETECTOR_LOSSES), rel=1e-4)
 
 
-@pytest.mark.parametrize("detector", [
-    pytest.param(name, marks=pytest.mark.slow) if name in SLOW_DETECTORS else name for name in list_students()
-])
-def test_fit_every_detector_with_all_terms(detector, make_train_config, tmp_path, spy_fit, read_metrics,
-                                           load_weights):
+@pytest.mark.parametrize(
+    "detector",
+    [pytest.param(name, marks=pytest.mark.slow) if name in SLOW_DETECTORS else name for name in list_students()],
+)
+def test_fit_every_detector_with_all_terms(detector, make_train_config, tmp_path, spy_fit, read_metrics, load_weights):
     out = tmp_path / "run"
     config = make_train_config(out, detector, ["distill.kd=[cls,loc,kd_loc]", "max_steps=1"])
     results = fit(config, progress=False)
@@ -63,8 +71,11 @@ def test_fit_every_detector_with_all_terms(detector, make_train_config, tmp_path
     assert all(math.isfinite(v) for v in row.values()), row
     assert row["positives"] > 0 and all(row[c] > 0 for c in KD_COLUMNS), row
     # the weighted columns are lambda * term, and the logged loss is eq. (12): detector losses + weighted terms
-    for term, weight in (("kd_cls", config.distill.lambda_kd_cls), ("loc", config.distill.lambda_loc),
-                         ("kd_loc", config.distill.lambda_kd_loc)):
+    for term, weight in (
+        ("kd_cls", config.distill.lambda_kd_cls),
+        ("loc", config.distill.lambda_loc),
+        ("kd_loc", config.distill.lambda_kd_loc),
+    ):
         assert row[f"w_{term}"] == pytest.approx(weight * row[term], rel=1e-4)
     detector_losses = [row[c] for c in columns if c not in NOT_DETECTOR_LOSSES]
     assert len(detector_losses) >= 2
@@ -82,8 +93,9 @@ def test_fit_every_detector_with_all_terms(detector, make_train_config, tmp_path
     assert changed, "one optimizer step left every student weight as initialised"
 
 
-@pytest.mark.parametrize("detector", ["fasterrcnn_mobilenet_v3", "ssdlite320_mobilenet_v3", "retinanet_resnet50",
-                                      "fcos_resnet50"])
+@pytest.mark.parametrize(
+    "detector", ["fasterrcnn_mobilenet_v3", "ssdlite320_mobilenet_v3", "retinanet_resnet50", "fcos_resnet50"]
+)
 def test_fit_kd_cls_on_negatives(detector, make_train_config, tmp_path, read_metrics, monkeypatch):
     """One step with KD_cls also on 16 negatives per batch: a finite kd_cls_neg, logged and weighted by lambda_kd_cls,
     whose gradient reaches the student's weights."""
@@ -165,8 +177,9 @@ def test_soft_label_cache_gives_the_online_teacher_logits(make_train_config, tmp
         rows[cache] = read_metrics(out / "metrics.csv")[1]
     cached, online = rows[True], rows[False]
     # step 1: same batch, flips and positives, so the detector's own losses match exactly
-    assert {k: v for k, v in cached[0].items() if k not in ("kd_cls", "w_kd_cls", "loss")} == \
-        {k: v for k, v in online[0].items() if k not in ("kd_cls", "w_kd_cls", "loss")}
+    assert {k: v for k, v in cached[0].items() if k not in ("kd_cls", "w_kd_cls", "loss")} == {
+        k: v for k, v in online[0].items() if k not in ("kd_cls", "w_kd_cls", "loss")
+    }
     for step in range(2):  # step 2's weights differ by step 1's (tiny) KD difference only
         assert cached[step]["kd_cls"] > 0
         # float16 logits in the cache: ~3e-5 relative measured; a cache that swapped the flipped / plain entries
@@ -185,8 +198,9 @@ def test_gt_feature_cache_gives_the_online_kd_loc(make_train_config, tmp_path, r
         assert (out / GT_FEATURES).is_file() == cache and not (out / SOFT_LABELS).exists()
         rows[cache] = read_metrics(out / "metrics.csv")[1]
     cached, online = rows[True], rows[False]
-    assert {k: v for k, v in cached[0].items() if k not in ("kd_loc", "w_kd_loc", "loss")} == \
-        {k: v for k, v in online[0].items() if k not in ("kd_loc", "w_kd_loc", "loss")}
+    assert {k: v for k, v in cached[0].items() if k not in ("kd_loc", "w_kd_loc", "loss")} == {
+        k: v for k, v in online[0].items() if k not in ("kd_loc", "w_kd_loc", "loss")
+    }
     for step in range(2):
         assert cached[step]["kd_loc"] > 0
         # ~2e-6 relative measured; with the flipped / plain entries swapped the cached value was 23% off
@@ -204,8 +218,12 @@ def test_channels_last_and_a_bf16_teacher_train_like_the_defaults(make_train_con
             overrides += ["channels_last=true", "distill.teacher_precision=bf16-mixed"]
         fit(make_train_config(out, "ssdlite320_mobilenet_v3", overrides), progress=False)
         rows[fast] = read_metrics(out / "metrics.csv")[1]
-        convs = [m.weight for net in (spy_fit["student"], spy_fit["teacher"]) for m in net.modules()
-                 if isinstance(m, torch.nn.Conv2d) and m.kernel_size != (1, 1) and m.weight.shape[1] > 1]
+        convs = [
+            m.weight
+            for net in (spy_fit["student"], spy_fit["teacher"])
+            for m in net.modules()
+            if isinstance(m, torch.nn.Conv2d) and m.kernel_size != (1, 1) and m.weight.shape[1] > 1
+        ]
         # (1x1 and depthwise weights are contiguous in both formats)
         assert convs and all(w.is_contiguous(memory_format=torch.channels_last) == fast for w in convs)
     exact, fast = rows[False][0], rows[True][0]
@@ -217,8 +235,9 @@ def test_channels_last_and_a_bf16_teacher_train_like_the_defaults(make_train_con
     assert fast["kd_cls"] == pytest.approx(exact["kd_cls"], rel=5e-2)
 
 
-def test_gt_feature_cache_is_kept_on_resume_and_rebuilt_for_other_settings(make_train_config, tmp_path, monkeypatch,
-                                                                          capsys):
+def test_gt_feature_cache_is_kept_on_resume_and_rebuilt_for_other_settings(
+    make_train_config, tmp_path, monkeypatch, capsys
+):
     builds = []
     real = fit_module.build_gt_feature_cache
 
@@ -234,8 +253,11 @@ def test_gt_feature_cache_is_kept_on_resume_and_rebuilt_for_other_settings(make_
     fit(make_train_config(out, "ssdlite320_mobilenet_v3", [*base, "max_steps=2"]), resume=True, progress=False)
     assert builds == [8]  # same settings: the run folder's cache is reused
     capsys.readouterr()
-    fit(make_train_config(out, "ssdlite320_mobilenet_v3", [*base, "distill.pool=4", "max_steps=3"]), resume=True,
-        progress=False)
+    fit(
+        make_train_config(out, "ssdlite320_mobilenet_v3", [*base, "distill.pool=4", "max_steps=3"]),
+        resume=True,
+        progress=False,
+    )
     assert builds == [8, 4] and read_key(out / GT_FEATURES)["pool"] == "4"
     assert "gt_features.safetensors was computed with" in capsys.readouterr().out
 
@@ -255,12 +277,14 @@ def nan_on_calls(calls: set[int]):
     return patched
 
 
-def test_nonfinite_losses_in_a_row_stop_training_naming_the_term(make_train_config, tmp_path, monkeypatch,
-                                                                 read_metrics):
+def test_nonfinite_losses_in_a_row_stop_training_naming_the_term(
+    make_train_config, tmp_path, monkeypatch, read_metrics
+):
     monkeypatch.setattr(fit_module, "distillation_losses", nan_on_calls({2, 3}))
     out = tmp_path / "nan"
-    config = make_train_config(out, "ssdlite320_mobilenet_v3", ["distill.kd=[cls,loc]", "max_nonfinite_steps=2",
-                                                                 "epochs=2"])
+    config = make_train_config(
+        out, "ssdlite320_mobilenet_v3", ["distill.kd=[cls,loc]", "max_nonfinite_steps=2", "epochs=2"]
+    )
     with pytest.raises(TrainingError, match=r"2 non-finite losses in a row \(last in: kd_cls\)"):
         fit(config, progress=False)
     _, rows = read_metrics(out / "metrics.csv")
@@ -268,8 +292,9 @@ def test_nonfinite_losses_in_a_row_stop_training_naming_the_term(make_train_conf
     assert all(math.isfinite(v) for r in rows for v in r.values())
 
 
-def test_one_nonfinite_step_is_skipped_and_training_goes_on(make_train_config, tmp_path, monkeypatch, read_metrics,
-                                                            load_weights):
+def test_one_nonfinite_step_is_skipped_and_training_goes_on(
+    make_train_config, tmp_path, monkeypatch, read_metrics, load_weights
+):
     monkeypatch.setattr(fit_module, "distillation_losses", nan_on_calls({2}))
     out = tmp_path / "nan_once"
     config = make_train_config(out, "ssdlite320_mobilenet_v3", ["distill.kd=[cls,loc]", "max_nonfinite_steps=2"])

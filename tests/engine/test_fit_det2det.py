@@ -1,6 +1,7 @@
 """Training with a detector teacher (``--kd ...,det:<method> --det-teacher RUN``) on the tiny demo dataset: every
 det2det term end to end for SSDlite and Faster R-CNN MobileNetV3, the combination with the classifier teacher,
 and the guards (no det teacher, other classes, other input size)."""
+
 from __future__ import annotations
 
 import importlib
@@ -32,8 +33,10 @@ def det_teachers(make_train_config, tmp_path_factory):
     try:
         for detector in ("ssdlite320_mobilenet_v3", "fasterrcnn_mobilenet_v3"):
             out = tmp_path_factory.mktemp("det_teacher") / detector
-            fit(make_train_config(out, detector, ["distill.kd=[]", "teacher=null", "max_steps=1", "seed=5"]),
-                progress=False)
+            fit(
+                make_train_config(out, detector, ["distill.kd=[]", "teacher=null", "max_steps=1", "seed=5"]),
+                progress=False,
+            )
             runs[detector] = out
     finally:
         torch.set_num_threads(threads)
@@ -56,8 +59,9 @@ def spy_det_teacher(monkeypatch):
 
 
 @pytest.mark.parametrize("detector", ["ssdlite320_mobilenet_v3", "fasterrcnn_mobilenet_v3"])
-def test_every_det_term_one_step(detector, det_teachers, make_train_config, tmp_path, spy_det_teacher, spy_fit,
-                                 read_metrics, load_weights):
+def test_every_det_term_one_step(
+    detector, det_teachers, make_train_config, tmp_path, spy_det_teacher, spy_fit, read_metrics, load_weights
+):
     out = tmp_path / "run"
     kd = "distill.kd=[det:logit,det:fgfi,det:pkd]"
     config = make_train_config(out, detector, [kd, f"distill.det_teacher={det_teachers[detector]}", "max_steps=1"])
@@ -69,8 +73,11 @@ def test_every_det_term_one_step(detector, det_teachers, make_train_config, tmp_
     row = rows[0]
     assert {*DET_TERMS, *(f"w_{t}" for t in DET_TERMS)} <= set(columns)
     assert all(math.isfinite(v) for v in row.values()) and all(row[t] > 0 for t in DET_TERMS), row
-    weights = {"det_logit": config.distill.lambda_det_logit, "det_fgfi": config.distill.lambda_det_fgfi,
-               "det_pkd": config.distill.lambda_det_pkd}
+    weights = {
+        "det_logit": config.distill.lambda_det_logit,
+        "det_fgfi": config.distill.lambda_det_fgfi,
+        "det_pkd": config.distill.lambda_det_pkd,
+    }
     for term, weight in weights.items():
         assert row[f"w_{term}"] == pytest.approx(weight * row[term], rel=1e-4)
     skip = {"step", "epoch", "lr", "loss", "positives", *DET_TERMS, *(f"w_{t}" for t in DET_TERMS)}
@@ -89,8 +96,11 @@ def test_classifier_and_detector_teachers_together(det_teachers, make_train_conf
     """Table 2's combination: --kd cls,loc,kd_loc,det:pkd."""
     out = tmp_path / "both"
     detector = "ssdlite320_mobilenet_v3"
-    config = make_train_config(out, detector, ["distill.kd=[cls,loc,kd_loc,det:pkd]", "max_steps=2",
-                                               f"distill.det_teacher={det_teachers[detector]}"])
+    config = make_train_config(
+        out,
+        detector,
+        ["distill.kd=[cls,loc,kd_loc,det:pkd]", "max_steps=2", f"distill.det_teacher={det_teachers[detector]}"],
+    )
     fit(config, progress=False)
     columns, rows = read_metrics(out / "metrics.csv")
     assert [r["step"] for r in rows] == [1, 2]
@@ -111,8 +121,9 @@ def test_det_teacher_with_other_classes_is_refused(det_teachers, make_train_conf
     classes = json.loads((other / CLASSES).read_text())
     classes["class_names"] = [f"c{name}" for name in classes["class_names"]]
     (other / CLASSES).write_text(json.dumps(classes))
-    config = make_train_config(tmp_path / "r", "ssdlite320_mobilenet_v3",
-                               ["distill.kd=[det:logit]", f"distill.det_teacher={other}"])
+    config = make_train_config(
+        tmp_path / "r", "ssdlite320_mobilenet_v3", ["distill.kd=[det:logit]", f"distill.det_teacher={other}"]
+    )
     with pytest.raises(TrainingError, match="det teacher .* was trained on classes") as err:
         fit(config, progress=False)
     assert str(classes["class_names"]) in str(err.value) and "\n" not in str(err.value)
@@ -121,15 +132,22 @@ def test_det_teacher_with_other_classes_is_refused(det_teachers, make_train_conf
 
 def test_det_teacher_of_another_size_or_family_is_refused(det_teachers, make_train_config, tmp_path):
     teacher = det_teachers["ssdlite320_mobilenet_v3"]
-    bigger = make_train_config(tmp_path / "a", "ssdlite320_mobilenet_v3",
-                               ["distill.kd=[det:pkd]", f"distill.det_teacher={teacher}", "student.image_size=128"])
+    bigger = make_train_config(
+        tmp_path / "a",
+        "ssdlite320_mobilenet_v3",
+        ["distill.kd=[det:pkd]", f"distill.det_teacher={teacher}", "student.image_size=128"],
+    )
     with pytest.raises(TrainingError, match="resizes images with .* train the teacher with the student's"):
         fit(bigger, progress=False)
-    family = make_train_config(tmp_path / "b", "fasterrcnn_mobilenet_v3",
-                               ["distill.kd=[det:logit]", f"distill.det_teacher={teacher}"])
+    family = make_train_config(
+        tmp_path / "b", "fasterrcnn_mobilenet_v3", ["distill.kd=[det:logit]", f"distill.det_teacher={teacher}"]
+    )
     with pytest.raises(TrainingError, match="the det teacher is a SSDAdapter, the student a FasterRCNNAdapter"):
         fit(family, progress=False)
-    missing = make_train_config(tmp_path / "c", "ssdlite320_mobilenet_v3",
-                                ["distill.kd=[det:pkd]", f"distill.det_teacher={tmp_path / 'nothing'}"])
+    missing = make_train_config(
+        tmp_path / "c",
+        "ssdlite320_mobilenet_v3",
+        ["distill.kd=[det:pkd]", f"distill.det_teacher={tmp_path / 'nothing'}"],
+    )
     with pytest.raises(ConfigError, match="nothing is not a training run: config.yaml not found"):
         fit(missing, progress=False)

@@ -5,6 +5,7 @@ metrics.csv rows as a run that was never interrupted.
 Faster R-CNN is the student: its RPN / RoI samplers draw from the global RNG, on top of the flips and the positives'
 subsample, so every source of randomness has to be restored. 12 train images, batch 4: 3 steps per epoch, 2 epochs.
 """
+
 from __future__ import annotations
 
 import signal
@@ -52,8 +53,10 @@ def run_a(recipe, demo_data, teacher_run) -> Path:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        results = fit(load_config(TrainConfig, recipe, [], data=str(demo_data), teacher=str(teacher_run),
-                                  out=str(out)), progress=False)
+        results = fit(
+            load_config(TrainConfig, recipe, [], data=str(demo_data), teacher=str(teacher_run), out=str(out)),
+            progress=False,
+        )
     finally:
         torch.set_num_threads(threads)
     assert results["steps"] == STEPS and results["epochs"] == 2
@@ -61,8 +64,20 @@ def run_a(recipe, demo_data, teacher_run) -> Path:
 
 
 def start_train(out: Path, recipe: Path, demo_data: Path, teacher_run: Path, env: dict) -> subprocess.Popen:
-    command = [sys.executable, "-m", "cls2det", "train", str(demo_data), "--out", str(out), "--config", str(recipe),
-               "--teacher", str(teacher_run), "--no-progress"]
+    command = [
+        sys.executable,
+        "-m",
+        "cls2det",
+        "train",
+        str(demo_data),
+        "--out",
+        str(out),
+        "--config",
+        str(recipe),
+        "--teacher",
+        str(teacher_run),
+        "--no-progress",
+    ]
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
@@ -99,14 +114,18 @@ def assert_same_run(run: Path, reference: Path, load_weights) -> None:
 
 
 @pytest.mark.slow
-def test_sigkill_after_the_first_checkpoint_then_resume(run_a, recipe, demo_data, teacher_run, cli_env, tmp_path,
-                                                        load_weights, one_thread):
+def test_sigkill_after_the_first_checkpoint_then_resume(
+    run_a, recipe, demo_data, teacher_run, cli_env, tmp_path, load_weights, one_thread
+):
     out = tmp_path / "B"
     proc = start_train(out, recipe, demo_data, teacher_run, cli_env)
     # the epoch-1 checkpoint is in place and step 4 is logged: the kill lands between checkpoints, so the resumed
     # run must also drop the rows logged after its checkpoint
-    wait_until(proc, lambda: (out / LAST / "model.safetensors").is_file() and logged_steps(out) >= 4,
-               "the epoch-1 checkpoint and step 4")
+    wait_until(
+        proc,
+        lambda: (out / LAST / "model.safetensors").is_file() and logged_steps(out) >= 4,
+        "the epoch-1 checkpoint and step 4",
+    )
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=60)
     assert proc.returncode == -signal.SIGKILL
@@ -118,8 +137,9 @@ def test_sigkill_after_the_first_checkpoint_then_resume(run_a, recipe, demo_data
 
 
 @pytest.mark.slow
-def test_sigterm_mid_epoch_saves_then_resume_from_the_cli(run_a, recipe, demo_data, teacher_run, cli_env, run_cli,
-                                                          tmp_path, load_weights):
+def test_sigterm_mid_epoch_saves_then_resume_from_the_cli(
+    run_a, recipe, demo_data, teacher_run, cli_env, run_cli, tmp_path, load_weights
+):
     out = tmp_path / "C"
     proc = start_train(out, recipe, demo_data, teacher_run, cli_env)
     wait_until(proc, lambda: logged_steps(out) >= 1, "step 1")

@@ -1,5 +1,6 @@
 """`cls2det study`: a tiny grid end to end (data, teacher, backbone pre-training, detector teacher, rows, report),
 then resumed; the det2det study's rows and detector teacher."""
+
 import json
 from pathlib import Path
 
@@ -13,17 +14,29 @@ from cls2det.engine.study import check_study, det_teacher_config, packaged_confi
 @pytest.mark.slow
 def test_tiny_study_end_to_end_and_resumable(tmp_path):
     config = {
-        "name": "tiny", "out": str(tmp_path / "study"),
+        "name": "tiny",
+        "out": str(tmp_path / "study"),
         "demo_data": {"train_images": 8, "val_images": 4, "image_size": 96},
         "teacher": {"arch": "resnet18", "input_size": 32, "epochs": 1, "batch_size": 32},
         "backbone_pretrain": {"input_size": 32, "epochs": 1, "batch_size": 32},
-        "train": {"epochs": 1, "batch_size": 4, "max_steps": 1, "eval_every": 100, "accelerator": "cpu",
-                  "student": {"image_size": 96}, "optim": {"warmup_steps": 1},
-                  "distill": {"sample_size": 32, "max_positives": 16}},
-        "detectors": ["ssdlite320_mobilenet_v3"], "seeds": [0],
+        "train": {
+            "epochs": 1,
+            "batch_size": 4,
+            "max_steps": 1,
+            "eval_every": 100,
+            "accelerator": "cpu",
+            "student": {"image_size": 96},
+            "optim": {"warmup_steps": 1},
+            "distill": {"sample_size": 32, "max_positives": 16},
+        },
+        "detectors": ["ssdlite320_mobilenet_v3"],
+        "seeds": [0],
         "det_teacher": ["max_steps=2", "seed=7"],
-        "rows": {"baseline": ["distill.kd=[]"], "all": ["distill.kd=[cls,loc,kd_loc]"],
-                 "all+det_pkd": ["distill.kd=[cls,loc,kd_loc,det:pkd]"]},
+        "rows": {
+            "baseline": ["distill.kd=[]"],
+            "all": ["distill.kd=[cls,loc,kd_loc]"],
+            "all+det_pkd": ["distill.kd=[cls,loc,kd_loc,det:pkd]"],
+        },
     }
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -31,8 +44,14 @@ def test_tiny_study_end_to_end_and_resumable(tmp_path):
     out = tmp_path / "study"
     text = report.read_text()
     assert "`baseline`" in text and "`all`" in text and "![ap_vs_iou](ap_vs_iou.png)" in text
-    for name in ("report.csv", "ap_vs_iou.png", "loss_curves.png", "predictions.png", "teacher/teacher.json",
-                 "backbone/ssdlite320_mobilenet_v3.safetensors"):
+    for name in (
+        "report.csv",
+        "ap_vs_iou.png",
+        "loss_curves.png",
+        "predictions.png",
+        "teacher/teacher.json",
+        "backbone/ssdlite320_mobilenet_v3.safetensors",
+    ):
         assert (out / name).is_file(), name
     runs = {row: out / "ssdlite320_mobilenet_v3" / row / "seed0" for row in ("baseline", "all", "all+det_pkd")}
     saved = yaml.safe_load((runs["all"] / "config.yaml").read_text())
@@ -71,12 +90,21 @@ def test_det2det_study_shares_the_demo_recipe_and_trains_its_teacher_longer():
     demo = load_config(StudyConfig, packaged_config("demo.yaml"))
     check_study(study, Path("runs"))
     assert (study.demo_data, study.teacher, study.backbone_pretrain, study.train) == (
-        demo.demo_data, demo.teacher, demo.backbone_pretrain, demo.train)
+        demo.demo_data,
+        demo.teacher,
+        demo.backbone_pretrain,
+        demo.train,
+    )
     assert study.seeds == [0, 1, 2] and study.detectors == ["ssdlite320_mobilenet_v3"]
     kd = {row: row_config(study, row, "ssdlite320_mobilenet_v3", Path("runs"), 0).distill.kd for row in study.rows}
-    assert kd == {"baseline": [], "det_pkd": ["det:pkd"], "kd_cls+loc+kd_loc": ["cls", "loc", "kd_loc"],
-                  "kd_cls+loc+kd_loc+det_pkd": ["cls", "loc", "kd_loc", "det:pkd"], "det_logit": ["det:logit"],
-                  "kd_cls+loc+kd_loc+det_logit": ["cls", "loc", "kd_loc", "det:logit"]}
+    assert kd == {
+        "baseline": [],
+        "det_pkd": ["det:pkd"],
+        "kd_cls+loc+kd_loc": ["cls", "loc", "kd_loc"],
+        "kd_cls+loc+kd_loc+det_pkd": ["cls", "loc", "kd_loc", "det:pkd"],
+        "det_logit": ["det:logit"],
+        "kd_cls+loc+kd_loc+det_logit": ["cls", "loc", "kd_loc", "det:logit"],
+    }
     teacher = det_teacher_config(study, "ssdlite320_mobilenet_v3", Path("runs"))
     assert (teacher.epochs, teacher.seed, teacher.distill.kd) == (2 * study.train.epochs, 100, [])
     assert teacher.out == str(Path("runs") / "ssdlite320_mobilenet_v3" / "det_teacher")
@@ -97,8 +125,14 @@ def test_det_rows_need_a_detector_teacher(tmp_path):
 
 def test_det_teacher_drops_kd_cls_on_negatives_with_the_kd_terms():
     """A study whose train block distills KD_cls on negatives still trains its detector teacher without any KD."""
-    study = from_dict(StudyConfig, {"train": {"distill": {"kd": ["cls"], "kd_cls_negatives": 8}},
-                                    "det_teacher": ["epochs=2"], "rows": {"pkd": ["distill.kd=[cls,det:pkd]"]}})
+    study = from_dict(
+        StudyConfig,
+        {
+            "train": {"distill": {"kd": ["cls"], "kd_cls_negatives": 8}},
+            "det_teacher": ["epochs=2"],
+            "rows": {"pkd": ["distill.kd=[cls,det:pkd]"]},
+        },
+    )
     teacher = det_teacher_config(study, "ssdlite320_mobilenet_v3", Path("runs"))
     assert (teacher.distill.kd, teacher.distill.kd_cls_negatives, teacher.epochs) == ([], 0, 2)
     assert row_config(study, "pkd", "ssdlite320_mobilenet_v3", Path("runs"), 0).distill.kd_cls_negatives == 8

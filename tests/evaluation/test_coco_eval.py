@@ -25,8 +25,16 @@ def make_gt(boxes_per_image, categories=((1, "a"),), size=(200, 200)):
         images.append({"id": image_id, "file_name": f"{image_id}.jpg", "width": size[0], "height": size[1]})
         for box in boxes:
             xywh, cat = box[0], box[1]
-            anns.append({"id": len(anns) + 1, "image_id": image_id, "category_id": cat, "bbox": list(xywh),
-                         "area": xywh[2] * xywh[3], "iscrowd": box[2] if len(box) > 2 else 0})
+            anns.append(
+                {
+                    "id": len(anns) + 1,
+                    "image_id": image_id,
+                    "category_id": cat,
+                    "bbox": list(xywh),
+                    "area": xywh[2] * xywh[3],
+                    "iscrowd": box[2] if len(box) > 2 else 0,
+                }
+            )
     return {"images": images, "annotations": anns, "categories": [{"id": i, "name": n} for i, n in categories]}
 
 
@@ -48,8 +56,9 @@ def pycocotools_stats(gt, dets):
 
 
 # one object of each COCO size class: small (< 32²), medium, large (> 96²)
-SIZED_GT = make_gt({1: [((10, 10, 20, 20), 1), ((50, 50, 60, 40), 2)], 2: [((0, 0, 150, 120), 1)]},
-                   categories=((1, "a"), (2, "b")))
+SIZED_GT = make_gt(
+    {1: [((10, 10, 20, 20), 1), ((50, 50, 60, 40), 2)], 2: [((0, 0, 150, 120), 1)]}, categories=((1, "a"), (2, "b"))
+)
 
 
 def test_perfect_detections_give_100():
@@ -145,11 +154,23 @@ def random_case(seed):
             x, y, w, h = a["bbox"]
             jitter = [rng.gauss(0, 0.1 * w), rng.gauss(0, 0.1 * h), rng.gauss(0, 0.1 * w), rng.gauss(0, 0.1 * h)]
             cat = a["category_id"] if rng.random() < 0.85 else rng.choice(cats)[0]
-            dets.append(det(a["image_id"], (x + jitter[0], y + jitter[1], max(1, w + jitter[2]), max(1, h + jitter[3])),
-                            rng.random(), cat))
+            dets.append(
+                det(
+                    a["image_id"],
+                    (x + jitter[0], y + jitter[1], max(1, w + jitter[2]), max(1, h + jitter[3])),
+                    rng.random(),
+                    cat,
+                )
+            )
     for _ in range(15):  # false positives
-        dets.append(det(rng.randint(1, 8), (rng.uniform(0, 150), rng.uniform(0, 150), rng.uniform(3, 50),
-                                            rng.uniform(3, 50)), rng.random() * 0.6, rng.choice(cats)[0]))
+        dets.append(
+            det(
+                rng.randint(1, 8),
+                (rng.uniform(0, 150), rng.uniform(0, 150), rng.uniform(3, 50), rng.uniform(3, 50)),
+                rng.random() * 0.6,
+                rng.choice(cats)[0],
+            )
+        )
     return gt, dets
 
 
@@ -172,13 +193,18 @@ def test_parity_with_raw_pycocotools_and_per_iou_consistency(seed):
     assert sum(per_class.values()) / 3 == pytest.approx(m["mAP"], abs=1e-9)
 
 
-NONCONTIG_GT = make_gt({1: [((10, 10, 30, 30), 3), ((60, 60, 50, 40), 7)], 2: [((5, 5, 100, 120), 90)]},
-                       categories=((90, "zebra"), (3, "cat"), (7, "dog")))
+NONCONTIG_GT = make_gt(
+    {1: [((10, 10, 30, 30), 3), ((60, 60, 50, 40), 7)], 2: [((5, 5, 100, 120), 90)]},
+    categories=((90, "zebra"), (3, "cat"), (7, "dog")),
+)
 
 
 def outputs(boxes_xyxy, labels, scores=None):
-    return {"boxes": torch.as_tensor(boxes_xyxy, dtype=torch.float32), "labels": torch.tensor(labels),
-            "scores": torch.tensor(scores if scores is not None else [0.9] * len(labels))}
+    return {
+        "boxes": torch.as_tensor(boxes_xyxy, dtype=torch.float32),
+        "labels": torch.tensor(labels),
+        "scores": torch.tensor(scores if scores is not None else [0.9] * len(labels)),
+    }
 
 
 def test_evaluator_maps_labels_to_noncontiguous_category_ids():
@@ -186,7 +212,10 @@ def test_evaluator_maps_labels_to_noncontiguous_category_ids():
     ev.process([torch.tensor(1)], [outputs([[10, 10, 40, 40], [60, 60, 110, 100]], [0, 1])])  # 0-dim tensor ids
     ev.process([2], [outputs([[5, 5, 105, 125]], [2])])
     assert [(r["category_id"], r["bbox"]) for r in ev.results] == [
-        (3, [10, 10, 30, 30]), (7, [60, 60, 50, 40]), (90, [5, 5, 100, 120])]  # xyxy -> xywh
+        (3, [10, 10, 30, 30]),
+        (7, [60, 60, 50, 40]),
+        (90, [5, 5, 100, 120]),
+    ]  # xyxy -> xywh
     assert ev.evaluate()["mAP"] == pytest.approx(100.0)
     assert ev.per_class_ap() == pytest.approx({"cat": 100.0, "dog": 100.0, "zebra": 100.0})
     # a wrong mapping (cat <-> dog swapped) makes those two classes pure false positives: mAP = (0 + 0 + 100) / 3

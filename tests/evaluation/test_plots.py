@@ -26,8 +26,9 @@ def results():
             m = 20.0 + gain + seed
             metrics = {key: m for key in METRIC_KEYS}
             metrics["AP_per_iou"] = {t: m + 20 - 40 * (t - 0.5) + gain * t for t in IOU_THRESHOLDS}
-            out.append({"row": row, "seed": seed, "detector": "ssd", "metrics": metrics, "wall_s": 1.0,
-                        "peak_mem_mb": 1.0})
+            out.append(
+                {"row": row, "seed": seed, "detector": "ssd", "metrics": metrics, "wall_s": 1.0, "peak_mem_mb": 1.0}
+            )
     return out
 
 
@@ -56,8 +57,9 @@ def write_log(path, columns, steps=30, seed=0):
 def test_plot_loss_curves_one_panel_per_term(tmp_path):
     logs = {
         "baseline": write_log(tmp_path / "base.csv", ["loss", "loss_classifier", "loss_box_reg"]),
-        "kd_all": write_log(tmp_path / "kd.csv", ["loss", "loss_classifier", "loss_box_reg", "kd_cls", "w_kd_cls"],
-                            seed=1),
+        "kd_all": write_log(
+            tmp_path / "kd.csv", ["loss", "loss_classifier", "loss_box_reg", "kd_cls", "w_kd_cls"], seed=1
+        ),
     }
     w, h = png_size(plot_loss_curves(logs, tmp_path / "loss.png"))
     # 5 terms (step/epoch/lr skipped) -> 2 x 3 grid of 4 x 3 inch panels at dpi 150: about 1800 x 900 px
@@ -87,20 +89,33 @@ def test_plot_prediction_grid(tmp_path):
         {"boxes": torch.tensor([[10.0, 10.0, 50.0, 50.0]]), "labels": torch.tensor([1]), "image_id": torch.tensor(9)},
     ]
     preds = {
-        "baseline": [{"boxes": torch.tensor([[6.0, 4.0, 28.0, 41.0], [0.0, 0.0, 10.0, 10.0]]),
-                      "scores": torch.tensor([0.9, 0.1]), "labels": torch.tensor([0, 1])},
-                     {"boxes": torch.zeros(0, 4), "scores": torch.zeros(0),
-                      "labels": torch.zeros(0, dtype=torch.int64)}],
-        "distilled": [{"boxes": torch.tensor([[5.0, 5.0, 30.0, 40.0]]), "scores": torch.tensor([0.95]),
-                       "labels": torch.tensor([0])},
-                      {"boxes": torch.tensor([[11.0, 9.0, 50.0, 52.0]]), "scores": torch.tensor([0.7]),
-                       "labels": torch.tensor([1])}],
+        "baseline": [
+            {
+                "boxes": torch.tensor([[6.0, 4.0, 28.0, 41.0], [0.0, 0.0, 10.0, 10.0]]),
+                "scores": torch.tensor([0.9, 0.1]),
+                "labels": torch.tensor([0, 1]),
+            },
+            {"boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.int64)},
+        ],
+        "distilled": [
+            {
+                "boxes": torch.tensor([[5.0, 5.0, 30.0, 40.0]]),
+                "scores": torch.tensor([0.95]),
+                "labels": torch.tensor([0]),
+            },
+            {
+                "boxes": torch.tensor([[11.0, 9.0, 50.0, 52.0]]),
+                "scores": torch.tensor([0.7]),
+                "labels": torch.tensor([1]),
+            },
+        ],
     }
     w, h = png_size(plot_prediction_grid(images, preds, targets, ["cat", "dog"], tmp_path / "grid.png"))
     # 2 rows x 2 columns of 3 inch cells at dpi 150: about 900 x 900 px
     assert 700 < w < 1000 and 700 < h < 1000
     with pytest.raises(ValueError, match="row 'distilled' has 1 predictions for 2 images"):
-        plot_prediction_grid(images, {**preds, "distilled": preds["distilled"][:1]}, targets, ["cat", "dog"],
-                             tmp_path / "x.png")
+        plot_prediction_grid(
+            images, {**preds, "distilled": preds["distilled"][:1]}, targets, ["cat", "dog"], tmp_path / "x.png"
+        )
     with pytest.raises(ValueError, match="label 1 outside"):
         plot_prediction_grid(images, preds, targets, ["cat"], tmp_path / "x.png")

@@ -21,13 +21,22 @@ def metrics(m):
 
 
 def run(row, seed, m, detector="frcnn", wall_s=100.0, peak_mem_mb=512.0):
-    return {"row": row, "seed": seed, "detector": detector, "metrics": metrics(m), "wall_s": wall_s,
-            "peak_mem_mb": peak_mem_mb}
+    return {
+        "row": row,
+        "seed": seed,
+        "detector": detector,
+        "metrics": metrics(m),
+        "wall_s": wall_s,
+        "peak_mem_mb": peak_mem_mb,
+    }
 
 
 RESULTS = [
-    run("kd", 0, 21.0), run("kd", 1, 24.0), run("kd", 2, 24.0),  # listed before the baseline on purpose
-    run("baseline", 0, 20.0, wall_s=90.0), run("baseline", 1, 22.0, wall_s=100.0),
+    run("kd", 0, 21.0),
+    run("kd", 1, 24.0),
+    run("kd", 2, 24.0),  # listed before the baseline on purpose
+    run("baseline", 0, 20.0, wall_s=90.0),
+    run("baseline", 1, 22.0, wall_s=100.0),
     run("baseline", 2, 24.0, wall_s=110.0),
     run("loc", 0, 25.0),  # a single seed
     run("extra", 7, 30.0),  # no seed in common with the baseline
@@ -42,7 +51,12 @@ def by_row(summary, detector="frcnn"):
 def test_summarize_means_cis_and_paired_deltas():
     summary = summarize(RESULTS)
     assert [(e["detector"], e["row"]) for e in summary] == [
-        ("frcnn", "baseline"), ("frcnn", "kd"), ("frcnn", "loc"), ("frcnn", "extra"), ("retina", "baseline")]
+        ("frcnn", "baseline"),
+        ("frcnn", "kd"),
+        ("frcnn", "loc"),
+        ("frcnn", "extra"),
+        ("retina", "baseline"),
+    ]
     rows = by_row(summary)
 
     base = rows["baseline"]
@@ -96,15 +110,16 @@ def test_write_report_markdown_and_csv(tmp_path):
     plot = tmp_path / "out" / "ap_vs_iou.png"
     plot.parent.mkdir()
     plot.write_bytes(b"png")
-    path = write_report(RESULTS, tmp_path / "out", title="Demo study", teacher_top1=80.34,
-                        notes=["3 seeds per row"], plots=[plot])
+    path = write_report(
+        RESULTS, tmp_path / "out", title="Demo study", teacher_top1=80.34, notes=["3 seeds per row"], plots=[plot]
+    )
     assert path == tmp_path / "out" / "report.md"
     md = path.read_text()
     assert md.startswith("# Demo study\n")
     lines = md.splitlines()
     header = next(line for line in lines if line.startswith("| row"))
     assert header.split(" | ")[1:4] == ["mAP ± CI", "Δ mAP", "AP50"]
-    frcnn = lines[lines.index("## frcnn"):lines.index("## retina")]
+    frcnn = lines[lines.index("## frcnn") : lines.index("## retina")]
     cells = {line.split(" | ")[0][2:].strip("`"): line.split(" | ") for line in frcnn if line.startswith("| `")}
     assert list(cells) == ["baseline", "kd", "loc", "extra"]
     # baseline: 22.0 ± 5.0 (4.3027 * 2 / sqrt 3 = 4.968), no delta, AP50 42.0, APl nan -> "—", 3 seeds, 100 s, 512 MB

@@ -1,4 +1,5 @@
 """Shared fixtures for the student adapter tests: a tiny detection batch in torchvision's contract."""
+
 from __future__ import annotations
 
 import pytest
@@ -12,10 +13,11 @@ def make_batch(seed: int = 0) -> tuple[list[torch.Tensor], list[dict[str, torch.
     g = torch.Generator().manual_seed(seed)
     images = [torch.rand(3, 96, 128, generator=g), torch.rand(3, 128, 112, generator=g)]
     targets = [
-        {"boxes": torch.tensor([[10.0, 8.0, 58.0, 70.0], [64.0, 30.0, 120.0, 90.0]]),
-         "labels": torch.tensor([0, 2])},
-        {"boxes": torch.tensor([[4.0, 10.0, 40.0, 50.0], [50.0, 60.0, 104.0, 124.0], [20.0, 70.0, 44.0, 100.0]]),
-         "labels": torch.tensor([1, 2, 1])},
+        {"boxes": torch.tensor([[10.0, 8.0, 58.0, 70.0], [64.0, 30.0, 120.0, 90.0]]), "labels": torch.tensor([0, 2])},
+        {
+            "boxes": torch.tensor([[4.0, 10.0, 40.0, 50.0], [50.0, 60.0, 104.0, 124.0], [20.0, 70.0, 44.0, 100.0]]),
+            "labels": torch.tensor([1, 2, 1]),
+        },
     ]
     return images, targets
 

@@ -1,5 +1,6 @@
 """Adapters as det2det teachers: ``StudentAdapter.teach`` (features and class logits of a frozen detector on a
 student's batch), the det2det fields of ``StudentOutput`` and ``check_det_teacher``."""
+
 from __future__ import annotations
 
 import copy
@@ -11,12 +12,16 @@ from cls2det.config import StudentConfig
 from cls2det.students import create_student
 
 DENSE = ["ssdlite320_mobilenet_v3", "retinanet_resnet50", "fcos_resnet50"]
-SIZES = {"ssdlite320_mobilenet_v3": 128, "fasterrcnn_mobilenet_v3": 128, "retinanet_resnet50": 96,
-         "fcos_resnet50": 96}
+SIZES = {"ssdlite320_mobilenet_v3": 128, "fasterrcnn_mobilenet_v3": 128, "retinanet_resnet50": 96, "fcos_resnet50": 96}
 
 
-FAST_RCNN = {"rpn_pre_nms_top_n_train": 200, "rpn_post_nms_top_n_train": 100, "rpn_pre_nms_top_n_test": 200,
-             "rpn_post_nms_top_n_test": 100, "box_batch_size_per_image": 64}
+FAST_RCNN = {
+    "rpn_pre_nms_top_n_train": 200,
+    "rpn_post_nms_top_n_train": 100,
+    "rpn_pre_nms_top_n_test": 200,
+    "rpn_post_nms_top_n_test": 100,
+    "box_batch_size_per_image": 64,
+}
 
 
 def build(name: str, num_classes: int, seed: int = 0, **config):
@@ -72,8 +77,10 @@ def test_teacher_logits_are_its_own_head_at_the_students_anchors(name, num_class
 
 
 def test_faster_rcnn_teacher_runs_its_box_head_on_the_students_proposals(num_classes, tiny_batch):
-    student, teacher = build("fasterrcnn_mobilenet_v3", num_classes).train(), frozen(
-        build("fasterrcnn_mobilenet_v3", num_classes, seed=1))
+    student, teacher = (
+        build("fasterrcnn_mobilenet_v3", num_classes).train(),
+        frozen(build("fasterrcnn_mobilenet_v3", num_classes, seed=1)),
+    )
     output = student(*tiny_batch)
     positives = output.positives
     taught = teacher.teach(output, positives)
@@ -120,7 +127,8 @@ def test_outputs_carry_features_anchors_and_gt_boxes(name, num_classes, tiny_bat
         anchors = flat[output.positives.anchor_index]  # [K, 4]
         regression = student.detector.head(output.features)["bbox_regression"]
         decoded = student.detector.box_coder.decode_single(
-            regression[output.positives.image_index, output.positives.anchor_index], anchors)
+            regression[output.positives.image_index, output.positives.anchor_index], anchors
+        )
         assert torch.allclose(decoded, output.positives.pred_boxes, atol=1e-4)
 
 
@@ -150,8 +158,11 @@ def test_a_bigger_faster_rcnn_teaches_logits_but_not_features(num_classes, tiny_
     """Chen et al.'s case: a ResNet-50 Faster R-CNN teaching a MobileNetV3 one. Its box head runs on the student's
     proposals whatever its maps; its 5 FPN maps do not match the student's 3, so PKD / FGFI are refused."""
     student = build("fasterrcnn_mobilenet_v3", num_classes)
-    teacher = frozen(create_student("fasterrcnn_resnet50", num_classes,
-                                    StudentConfig(detector="fasterrcnn_resnet50", image_size=128)))
+    teacher = frozen(
+        create_student(
+            "fasterrcnn_resnet50", num_classes, StudentConfig(detector="fasterrcnn_resnet50", image_size=128)
+        )
+    )
     student.check_det_teacher(teacher, ["logit"])
     with pytest.raises(ValueError, match="need equal feature maps"):
         student.check_det_teacher(teacher, ["pkd"])

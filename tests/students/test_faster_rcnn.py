@@ -1,4 +1,5 @@
 """Faster R-CNN adapter: torchvision's own losses, positives = the RoI sampler's foreground proposals."""
+
 from __future__ import annotations
 
 import math
@@ -12,12 +13,20 @@ from torchvision.ops import FrozenBatchNorm2d, box_iou
 
 from cls2det.config import StudentConfig
 from cls2det.students.faster_rcnn import (
-    backbone_classifier, fasterrcnn_mobilenet_v3, fasterrcnn_resnet50, rpn_anchor_sizes,
+    backbone_classifier,
+    fasterrcnn_mobilenet_v3,
+    fasterrcnn_resnet50,
+    rpn_anchor_sizes,
 )
 
 # Fewer RPN proposals / sampled RoIs than torchvision's defaults keep the tests fast; stock and adapter share them.
-SMALL = {"rpn_pre_nms_top_n_train": 300, "rpn_post_nms_top_n_train": 150, "box_batch_size_per_image": 64,
-         "rpn_pre_nms_top_n_test": 100, "rpn_post_nms_top_n_test": 50}
+SMALL = {
+    "rpn_pre_nms_top_n_train": 300,
+    "rpn_post_nms_top_n_train": 150,
+    "box_batch_size_per_image": 64,
+    "rpn_pre_nms_top_n_test": 100,
+    "rpn_post_nms_top_n_test": 50,
+}
 BUILDERS = {"mv3": fasterrcnn_mobilenet_v3, "r50": fasterrcnn_resnet50}
 
 
@@ -55,7 +64,8 @@ def run_stock_rcnn(detector, images, targets) -> tuple[dict, dict]:
 
     heads.select_training_samples = spy  # instance attribute shadows the method for this call only
     hook = heads.box_predictor.register_forward_hook(
-        lambda module, inputs, out: seen.update(class_logits=out[0], box_regression=out[1]))
+        lambda module, inputs, out: seen.update(class_logits=out[0], box_regression=out[1])
+    )
     try:
         losses = detector(images, targets)
     finally:
@@ -191,6 +201,7 @@ def test_image_size_and_anchor_sizes_reach_the_detector(tiny_batch):
 
 def _patch_download(monkeypatch, state_or_error):
     """torchvision's pretrained-backbone path fetches through ``torchvision.models._api.load_state_dict_from_url``."""
+
     def fake(url, *args, **kwargs):
         if isinstance(state_or_error, Exception):
             raise state_or_error
@@ -211,8 +222,9 @@ def test_local_backbone_weights_equal_torchvisions_pretrained_path(tmp_path, mon
     assert body.state_dict().keys() == ref.state_dict().keys()
     for key, value in ref.state_dict().items():
         torch.testing.assert_close(body.state_dict()[key], value, rtol=0, atol=0, msg=key)
-    assert {n: p.requires_grad for n, p in body.named_parameters()} == \
-        {n: p.requires_grad for n, p in ref.named_parameters()}
+    assert {n: p.requires_grad for n, p in body.named_parameters()} == {
+        n: p.requires_grad for n, p in ref.named_parameters()
+    }
     assert any(not p.requires_grad for p in body.parameters())  # some stages really are frozen
     assert [type(m) for m in body.modules()] == [type(m) for m in ref.modules()]
     assert any(isinstance(m, FrozenBatchNorm2d) for m in body.modules())

@@ -1,4 +1,5 @@
 """FCOS adapter: torchvision's own losses and assignment, differentiable positives, builder options."""
+
 from __future__ import annotations
 
 import copy
@@ -79,8 +80,11 @@ def test_assignment_equals_torchvision_on_random_boxes(model):
         boxes = torch.cat([xy, (xy + wh).clamp(max=512)], dim=1)
         targets.append({"boxes": boxes, "labels": torch.randint(0, 3, (20,), generator=g)})
     num = sum(num_per_level)
-    head_outputs = {"cls_logits": torch.zeros(2, num, 3), "bbox_regression": torch.zeros(2, num, 4),
-                    "bbox_ctrness": torch.zeros(2, num, 1)}
+    head_outputs = {
+        "cls_logits": torch.zeros(2, num, 3),
+        "bbox_regression": torch.zeros(2, num, 4),
+        "bbox_ctrness": torch.zeros(2, num, 1),
+    }
     seen = []
     compute_loss = det.head.compute_loss
     det.head.compute_loss = lambda t, h, a, matched: seen.append(matched) or compute_loss(t, h, a, matched)
@@ -172,14 +176,15 @@ def test_builder_options():
         fcos_resnet50(4, StudentConfig(anchor_sizes=[8, 16, 32, 64, 0]))
 
 
-
 def test_bf16_autocast_decodes_pred_boxes_in_float32(model, tiny_batch):
     """Under bf16 autocast the head's regression is bf16; decoding it in bf16 would round the boxes (0.25 px at
     128 px, 2 px at 800 px). Every positive's box must be the float32 decode of its location's bf16 output."""
     det = model.detector
     seen = {}
-    hooks = [det.head.register_forward_hook(lambda m, i, o: seen.update(head=o)),
-             det.anchor_generator.register_forward_hook(lambda m, i, o: seen.update(anchors=o))]
+    hooks = [
+        det.head.register_forward_hook(lambda m, i, o: seen.update(head=o)),
+        det.anchor_generator.register_forward_hook(lambda m, i, o: seen.update(anchors=o)),
+    ]
     try:
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
             out = model(*tiny_batch)

@@ -1,6 +1,7 @@
 """Negatives (for KD_cls on negatives): every family returns, only when asked, a capped uniform sample of exactly the
 anchors / proposals its stock torchvision detector labels background, with differentiable logits, drawn
 deterministically from the seeded RNG and without changing what the detector computes."""
+
 from __future__ import annotations
 
 import pytest
@@ -13,8 +14,13 @@ from cls2det.students import create_student
 from cls2det.students._common import sample_rows
 
 SIZES = {"ssdlite320_mobilenet_v3": 128, "retinanet_resnet50": 96, "fcos_resnet50": 96, "fasterrcnn_mobilenet_v3": 128}
-OPTIONS = {"fasterrcnn_mobilenet_v3": {"rpn_pre_nms_top_n_train": 300, "rpn_post_nms_top_n_train": 150,
-                                       "box_batch_size_per_image": 64}}
+OPTIONS = {
+    "fasterrcnn_mobilenet_v3": {
+        "rpn_pre_nms_top_n_train": 300,
+        "rpn_post_nms_top_n_train": 150,
+        "box_batch_size_per_image": 64,
+    }
+}
 ALL = 10**9  # a cap above any count: every negative
 
 
@@ -56,9 +62,12 @@ def stock_background(student, images, targets, seed: int) -> dict[str, torch.Ten
         finally:
             del owner.compute_loss
         image_index, anchor_index = torch.where(torch.stack(seen["matched"]) == -1)
-        return {"image_index": image_index, "anchor_index": anchor_index,
-                "boxes": torch.stack(seen["anchors"])[image_index, anchor_index],
-                "logits": seen["logits"][image_index, anchor_index]}
+        return {
+            "image_index": image_index,
+            "anchor_index": anchor_index,
+            "boxes": torch.stack(seen["anchors"])[image_index, anchor_index],
+            "logits": seen["logits"][image_index, anchor_index],
+        }
     heads = det.roi_heads
     select = heads.select_training_samples
 

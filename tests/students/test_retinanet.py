@@ -1,4 +1,5 @@
 """RetinaNet adapter: torchvision's own losses and matches, differentiable positives, builder options."""
+
 from __future__ import annotations
 
 import copy

@@ -1,4 +1,5 @@
 """SSD / SSDlite adapter: torchvision's own losses, positives = the default boxes the matcher assigns to a GT."""
+
 from __future__ import annotations
 
 import math
@@ -7,18 +8,21 @@ import pytest
 import torch
 from safetensors.torch import save_file
 from torchvision.models import mobilenet_v3_large
-from torchvision.models.vgg import cfgs, make_layers
 from torchvision.models.detection import ssd as tv_ssd
 from torchvision.models.detection import ssdlite as tv_ssdlite
 from torchvision.models.detection.anchor_utils import DefaultBoxGenerator
 from torchvision.models.detection.image_list import ImageList
+from torchvision.models.vgg import cfgs, make_layers
 from torchvision.ops import box_iou
 
 from cls2det.config import StudentConfig
 from cls2det.students.ssd import backbone_classifier, ssd300_vgg16, ssd_box_generator, ssdlite320_mobilenet_v3
 
-SSD300_BOXES = DefaultBoxGenerator([[2], [2, 3], [2, 3], [2, 3], [2], [2]],
-                                   scales=[0.07, 0.15, 0.33, 0.51, 0.69, 0.87, 1.05], steps=[8, 16, 32, 64, 100, 300])
+SSD300_BOXES = DefaultBoxGenerator(
+    [[2], [2, 3], [2, 3], [2, 3], [2], [2]],
+    scales=[0.07, 0.15, 0.33, 0.51, 0.69, 0.87, 1.05],
+    steps=[8, 16, 32, 64, 100, 300],
+)
 
 
 @pytest.fixture(scope="module")
@@ -210,8 +214,10 @@ def test_ssdlite_local_backbone_weights_equal_torchvisions_extractor(tmp_path):
     torch.manual_seed(0)
     classifier = backbone_classifier("ssdlite320_mobilenet_v3")
     save_file(classifier.state_dict(), tmp_path / "mv3.safetensors")
-    adapter = ssdlite320_mobilenet_v3(3, StudentConfig(backbone_weights=str(tmp_path / "mv3.safetensors"),
-                                                       trainable_backbone_layers=3, image_size=128))
+    adapter = ssdlite320_mobilenet_v3(
+        3,
+        StudentConfig(backbone_weights=str(tmp_path / "mv3.safetensors"), trainable_backbone_layers=3, image_size=128),
+    )
     # reference: torchvision's own SSDlite extractor built around the same (loaded) classifier
     ref = tv_ssdlite._mobilenet_extractor(classifier, 3, torch.nn.BatchNorm2d)
     body = adapter.detector.backbone
@@ -231,21 +237,28 @@ def test_ssdlite_local_backbone_weights_equal_torchvisions_extractor(tmp_path):
 def test_ssd300_local_backbone_weights_equal_torchvisions_extractor(ssd300_loaded):
     adapter, ref = ssd300_loaded
     body = adapter.detector.backbone
-    loaded = [k for k in ref.state_dict()
-              if k.startswith("features.") or k.startswith("extra.0.") and int(k.split(".")[2]) < 7]
+    loaded = [
+        k
+        for k in ref.state_dict()
+        if k.startswith("features.") or k.startswith("extra.0.") and int(k.split(".")[2]) < 7
+    ]
     assert len(loaded) == 26  # 13 convs x (weight, bias)
     for key in loaded:
         torch.testing.assert_close(body.state_dict()[key], ref.state_dict()[key], rtol=0, atol=0, msg=key)
-    assert {n: p.requires_grad for n, p in body.named_parameters()} == \
-        {n: p.requires_grad for n, p in ref.named_parameters()}
+    assert {n: p.requires_grad for n, p in body.named_parameters()} == {
+        n: p.requires_grad for n, p in ref.named_parameters()
+    }
     assert not body.features[0].weight.requires_grad and body.features[5].weight.requires_grad
 
 
 def test_backbone_weight_errors(tmp_path):
     # the full-tail MobileNetV3 (ImageNet layout) does not fit the untrained SSDlite's reduced tail
     torch.save(mobilenet_v3_large().state_dict(), tmp_path / "full.pt")
-    with pytest.raises(ValueError, match=r"full.pt: features.13.block.3.0.weight has shape \(160, 672, 1, 1\), "
-                                         r"expected \(80, 672, 1, 1\) for mobilenet_v3_large\(reduced_tail=True\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"full.pt: features.13.block.3.0.weight has shape \(160, 672, 1, 1\), "
+        r"expected \(80, 672, 1, 1\) for mobilenet_v3_large\(reduced_tail=True\)",
+    ):
         ssdlite320_mobilenet_v3(3, StudentConfig(backbone_weights=str(tmp_path / "full.pt")))
     torch.save({"conv1.weight": torch.zeros(1)}, tmp_path / "resnet.pt")
     with pytest.raises(ValueError, match="resnet.pt: no features.0.0.weight among its 1 keys"):

@@ -1,4 +1,5 @@
 """cls2det.teacher.io: save/load round trip, atomic files, and clear errors for broken checkpoints."""
+
 from __future__ import annotations
 
 import json
@@ -14,8 +15,9 @@ from cls2det.teacher import TeacherError, build_teacher, load_teacher, read_teac
 def saved(tmp_path):
     """A trained-looking teacher (non-default BN statistics) saved in tmp_path/run; returns (teacher, run_dir)."""
     torch.manual_seed(0)
-    teacher = build_teacher("test_resnet", 3, class_names=["zero", "one", "two"], input_size=32, mean=(0.5, 0.4, 0.3),
-                            std=(0.2, 0.25, 0.3))
+    teacher = build_teacher(
+        "test_resnet", 3, class_names=["zero", "one", "two"], input_size=32, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3)
+    )
     teacher.train()
     with torch.no_grad():  # move the BatchNorm running statistics away from their init, so loading must restore them
         teacher(torch.rand(8, 3, 32, 32))
@@ -115,10 +117,12 @@ def test_bad_json_values_are_refused(saved):
     _, run = saved
     path = run / "teacher.json"
     good = json.loads(path.read_text())
-    for change, message in [({"class_names": ["a"]}, "class_names must be a list of num_classes \\(3\\)"),
-                            ({"std": [1, 2]}, "std must be a list of 3 numbers"),
-                            ({"format": 99}, "unsupported format 99"),
-                            ({"arch": "resnet19"}, "teacher.json: unknown teacher arch 'resnet19'")]:
+    for change, message in [
+        ({"class_names": ["a"]}, "class_names must be a list of num_classes \\(3\\)"),
+        ({"std": [1, 2]}, "std must be a list of 3 numbers"),
+        ({"format": 99}, "unsupported format 99"),
+        ({"arch": "resnet19"}, "teacher.json: unknown teacher arch 'resnet19'"),
+    ]:
         path.write_text(json.dumps({**good, **change}))
         with pytest.raises(TeacherError, match=message):
             load_teacher(run)

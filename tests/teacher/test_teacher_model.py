@@ -1,4 +1,5 @@
 """cls2det.teacher.model: building, normalisation, feature taps (shapes, truncation, consistency), pretrained files."""
+
 from __future__ import annotations
 
 import urllib.error
@@ -38,8 +39,14 @@ def test_torchvision_resnet18_taps_shapes():
     assert (teacher.mean, teacher.std) == (IMAGENET_MEAN, IMAGENET_STD)
     feats = teacher.forward_taps(_pixels(3), TAPS)
     shapes = [tuple(f.shape) for f in feats]
-    assert shapes == [(3, 3, S, S), (3, 64, S // 4, S // 4), (3, 64, S // 4, S // 4), (3, 128, S // 8, S // 8),
-                      (3, 256, S // 16, S // 16), (3, 512, S // 32, S // 32)]
+    assert shapes == [
+        (3, 3, S, S),
+        (3, 64, S // 4, S // 4),
+        (3, 64, S // 4, S // 4),
+        (3, 128, S // 8, S // 8),
+        (3, 256, S // 16, S // 16),
+        (3, 512, S // 32, S // 32),
+    ]
 
 
 def test_timm_resnet_taps_shapes_and_mean_from_pretrained_cfg():

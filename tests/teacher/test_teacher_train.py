@@ -1,4 +1,5 @@
 """cls2det.teacher.train: augmentation, losses, LR schedule, and training that demonstrably learns."""
+
 from __future__ import annotations
 
 import json
@@ -13,6 +14,7 @@ from torch.utils.data import TensorDataset
 from cls2det.config import TeacherConfig
 from cls2det.teacher import Augment, TeacherError, build_teacher, classification_loss, evaluate_top1, fit_teacher
 from cls2det.teacher.train import _lr_factor
+
 
 @pytest.fixture(autouse=True)
 def one_thread():
@@ -103,8 +105,10 @@ def test_classification_losses_by_hand():
     torch.testing.assert_close(classification_loss(logits, labels, "bce"), bce)
     torch.testing.assert_close(classification_loss(logits, labels, "ce+bce"), ce + bce)
     smoothed = target * 0.9 + 0.1 / 3
-    torch.testing.assert_close(classification_loss(logits, labels, "bce", 0.1),
-                               F.binary_cross_entropy_with_logits(logits, smoothed, reduction="sum") / 2)
+    torch.testing.assert_close(
+        classification_loss(logits, labels, "bce", 0.1),
+        F.binary_cross_entropy_with_logits(logits, smoothed, reduction="sum") / 2,
+    )
     with pytest.raises(TeacherError, match="unknown teacher loss 'focal'"):
         classification_loss(logits, labels, "focal")
 

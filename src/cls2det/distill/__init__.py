@@ -2,6 +2,7 @@
 
 ``kd_cls_loss`` (eq. 1-7), ``crop_boxes`` (eq. 8-9), ``kd_loc_loss`` (eq. 10), ``loc_loss`` (eq. 11).
 """
+
 from .crops import box_affine_grids, box_grids, crop_boxes, crop_boxes_naive, sanitize_boxes
 from .det2det import fgfi_level_masks, fgfi_loss, fgfi_mask, logit_kd_loss, pkd_loss
 from .losses import kd_cls_loss, kd_loc_loss, loc_loss

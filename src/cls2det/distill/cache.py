@@ -16,6 +16,7 @@ online crop from the detector's resized batch up to the resampling of the resize
 Each cache stores its ``key`` (the settings it was computed with) in the file's metadata, so a run resumed with
 other settings finds it stale (:class:`StaleCacheError`) instead of silently reusing it.
 """
+
 from __future__ import annotations
 
 import os
@@ -60,7 +61,7 @@ class GTBoxCache:
         rows = self.rows(image_ids, gt_index).to(table.device)
         return table[rows, flipped.long().to(table.device)].float()
 
-    def to(self, device: str | torch.device) -> "GTBoxCache":
+    def to(self, device: str | torch.device) -> GTBoxCache:
         """The tables on ``device`` (e.g. the GPU, so that a lookup copies nothing from the host)."""
         self.tables = {name: table.to(device) for name, table in self.tables.items()}
         return self
@@ -97,8 +98,11 @@ def check_key(path: str | Path, key: dict[str, str]) -> None:
     if stored is None:
         raise FileNotFoundError(f"cache file not found: {path}")
     if stored != key:
-        diff = ", ".join(f"{k}={stored.get(k)!r} (asked {key.get(k)!r})" for k in sorted(set(stored) | set(key))
-                         if stored.get(k) != key.get(k))
+        diff = ", ".join(
+            f"{k}={stored.get(k)!r} (asked {key.get(k)!r})"
+            for k in sorted(set(stored) | set(key))
+            if stored.get(k) != key.get(k)
+        )
         raise StaleCacheError(f"{path} was computed with other settings: {diff}")
 
 
@@ -162,7 +166,11 @@ def build_gt_feature_cache(
 
 
 def _per_gt_box(
-    dataset, compute: Callable[[Tensor], dict[str, Tensor]], *, size: int, device: str | torch.device,
+    dataset,
+    compute: Callable[[Tensor], dict[str, Tensor]],
+    *,
+    size: int,
+    device: str | torch.device,
     batch_boxes: int = 128,
 ) -> tuple[dict[str, Tensor], Tensor, Tensor]:
     """``compute(crops [n, 3, s, s]) -> {name: [n, ...]}`` on every GT crop of ``dataset`` and on its flip.

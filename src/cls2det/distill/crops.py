@@ -5,6 +5,7 @@ an image have their sampling grids stacked along the height axis, so the image i
 ``crop_boxes_naive`` is the textbook version (replicate the image per box, ``F.affine_grid`` on eq. (8)'s theta, one
 ``grid_sample``); it is kept as the reference for tests and ``benchmarks/bench_crops.py``.
 """
+
 from __future__ import annotations
 
 import torch

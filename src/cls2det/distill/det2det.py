@@ -9,6 +9,7 @@
 
 Teacher tensors are detached everywhere: gradients reach the student only.
 """
+
 from __future__ import annotations
 
 import torch

@@ -8,6 +8,7 @@
 Every function returns a 0-dim tensor in the inputs' dtype and device, and accepts K == 0 positives: it then returns
 a zero still attached to the differentiable input's graph, so ``loss.backward()`` works and nothing is NaN.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -215,6 +216,8 @@ def kd_loc_loss(
         gt = [g.detach() for g in ([gt_features] if isinstance(gt_features, Tensor) else gt_features)]
         shapes = [list(p.shape) for p in pred]
         if [list(g.shape) for g in gt] != shapes:
-            raise ValueError(f"gt_features must be {len(shapes)} tensors of shapes {shapes} (the pooled taps of the "
-                             f"predicted crops), got {[list(g.shape) for g in gt]}")
+            raise ValueError(
+                f"gt_features must be {len(shapes)} tensors of shapes {shapes} (the pooled taps of the "
+                f"predicted crops), got {[list(g.shape) for g in gt]}"
+            )
     return (sum(_mean_abs_diff(p, g) for p, g in zip(pred, gt)) / len(pools)).to(images.dtype)

@@ -4,10 +4,11 @@ This is the glue between a student adapter's :class:`~cls2det.students.StudentOu
 (the classifier, and for the det2det baselines a detector of the student's family); the losses themselves are the
 pure functions of :mod:`cls2det.distill.losses` and :mod:`cls2det.distill.det2det`.
 """
+
 from __future__ import annotations
 
 import contextlib
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -41,9 +42,14 @@ def precision_autocast(precision: str, device: torch.device) -> contextlib.Abstr
 
 
 def distillation_losses(
-    output: StudentOutput, teacher, config: DistillConfig, *, generator: torch.Generator | None = None,
+    output: StudentOutput,
+    teacher,
+    config: DistillConfig,
+    *,
+    generator: torch.Generator | None = None,
     soft_labels: Callable[[Positives], Tensor] | None = None,
-    gt_features: Callable[[Positives], list[Tensor]] | None = None, det_teacher: StudentAdapter | None = None,
+    gt_features: Callable[[Positives], list[Tensor]] | None = None,
+    det_teacher: StudentAdapter | None = None,
 ) -> dict[str, Tensor]:
     """Unweighted KD terms ``{"kd_cls", "loc", "kd_loc", "det_logit", "det_fgfi", "det_pkd"}`` (those in
     ``config.kd``) for one batch, on at most ``config.max_positives`` positives.
@@ -60,7 +66,11 @@ def distillation_losses(
 
 
 def classifier_losses(
-    output: StudentOutput, positives: Positives, teacher, config: DistillConfig, *,
+    output: StudentOutput,
+    positives: Positives,
+    teacher,
+    config: DistillConfig,
+    *,
     soft_labels: Callable[[Positives], Tensor] | None = None,
     gt_features: Callable[[Positives], list[Tensor]] | None = None,
 ) -> dict[str, Tensor]:
@@ -97,7 +107,10 @@ def classifier_losses(
                 with precision_autocast(precision, pixels.device):
                     teacher_logits = teacher(gt_crops).float()  # [K, C]
         losses["kd_cls"] = kd_cls_loss(
-            positives.logits.float(), teacher_logits, positives.labels, head=positives.head,
+            positives.logits.float(),
+            teacher_logits,
+            positives.labels,
+            head=positives.head,
             temperature=config.temperature,
         )
         if config.kd_cls_negatives:
@@ -114,8 +127,14 @@ def classifier_losses(
 
         cached = None if gt_features is None else [f.to(pixels.device) for f in gt_features(positives)]
         losses["kd_loc"] = kd_loc_loss(
-            teacher_taps, pixels, pred_boxes, gt_boxes, index,
-            size=config.sample_size, pools=[config.pool] * len(taps), gt_features=cached,
+            teacher_taps,
+            pixels,
+            pred_boxes,
+            gt_boxes,
+            index,
+            size=config.sample_size,
+            pools=[config.pool] * len(taps),
+            gt_features=cached,
         )
     return losses
 
@@ -136,8 +155,9 @@ def kd_cls_negatives_loss(output: StudentOutput, pixels: Tensor, teacher, temper
     """
     negatives: Negatives | None = output.negatives
     if negatives is None:
-        raise ValueError("distill.kd_cls_negatives > 0 but the student returned no negatives: set the adapter's "
-                         "max_negatives to it")
+        raise ValueError(
+            "distill.kd_cls_negatives > 0 but the student returned no negatives: set the adapter's max_negatives to it"
+        )
     student_logits = negatives.logits.float()  # [M, C+1] (softmax) or [M, C] (sigmoid)
     if negatives.head == "softmax":
         student_logits = student_logits[:, 1:]  # [M, C]: drop background, the teacher has no such class
@@ -151,8 +171,9 @@ def kd_cls_negatives_loss(output: StudentOutput, pixels: Tensor, teacher, temper
     return logit_kd_loss(student_logits, teacher_logits, head=negatives.head, temperature=temperature)
 
 
-def det2det_losses(output: StudentOutput, positives: Positives, det_teacher: StudentAdapter | None,
-                   config: DistillConfig) -> dict[str, Tensor]:
+def det2det_losses(
+    output: StudentOutput, positives: Positives, det_teacher: StudentAdapter | None, config: DistillConfig
+) -> dict[str, Tensor]:
     """The ``det:*`` terms of ``config.kd``: ``det_logit`` (Chen et al. 2017), ``det_fgfi`` (Wang et al. 2019),
     ``det_pkd`` (Cao et al. 2022), unweighted; ``{}`` when none is asked.
 
@@ -171,13 +192,15 @@ def det2det_losses(output: StudentOutput, positives: Positives, det_teacher: Stu
     taught = det_teacher.teach(output, positives if "logit" in methods else None)
     losses: dict[str, Tensor] = {}
     if "logit" in methods:
-        losses["det_logit"] = logit_kd_loss(positives.logits.float(), taught.logits.float(), head=positives.head,
-                                            temperature=config.det_temperature)
+        losses["det_logit"] = logit_kd_loss(
+            positives.logits.float(), taught.logits.float(), head=positives.head, temperature=config.det_temperature
+        )
     if {"fgfi", "pkd"} & set(methods):
         mine, theirs = [tuple(f.shape) for f in output.features], [tuple(f.shape) for f in taught.features]
         if mine != theirs:
-            raise ValueError(f"det:fgfi / det:pkd need equal feature maps: the student's are {mine}, the det "
-                             f"teacher's {theirs}")
+            raise ValueError(
+                f"det:fgfi / det:pkd need equal feature maps: the student's are {mine}, the det teacher's {theirs}"
+            )
     if "fgfi" in methods:
         if not output.level_anchors:
             raise ValueError("det:fgfi needs the student's anchors; its family is anchor-free (use det:pkd)")
@@ -187,14 +210,24 @@ def det2det_losses(output: StudentOutput, positives: Positives, det_teacher: Stu
         imitation = [fgfi_loss(s, t, m) * n for s, t, m, n in zip(output.features, taught.features, masks, counts)]
         losses["det_fgfi"] = torch.stack(imitation).sum() / torch.stack(counts).sum().clamp(min=1)
     if "pkd" in methods:
-        losses["det_pkd"] = torch.stack([pkd_loss(s, t) for s, t in zip(output.features, taught.features)
-                                         if s.shape[0] * s.shape[2] * s.shape[3] >= 2]).sum()
+        losses["det_pkd"] = torch.stack(
+            [
+                pkd_loss(s, t)
+                for s, t in zip(output.features, taught.features)
+                if s.shape[0] * s.shape[2] * s.shape[3] >= 2
+            ]
+        ).sum()
     return losses
 
 
 LOSS_WEIGHTS = {
-    "kd_cls": "lambda_kd_cls", "kd_cls_neg": "lambda_kd_cls", "loc": "lambda_loc", "kd_loc": "lambda_kd_loc",
-    "det_logit": "lambda_det_logit", "det_fgfi": "lambda_det_fgfi", "det_pkd": "lambda_det_pkd",
+    "kd_cls": "lambda_kd_cls",
+    "kd_cls_neg": "lambda_kd_cls",
+    "loc": "lambda_loc",
+    "kd_loc": "lambda_kd_loc",
+    "det_logit": "lambda_det_logit",
+    "det_fgfi": "lambda_det_fgfi",
+    "det_pkd": "lambda_det_pkd",
 }
 
 

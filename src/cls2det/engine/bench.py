@@ -9,14 +9,16 @@ ones that still run the teacher, on the predicted crops) are timed once more wit
 Variants are timed round-robin so that machine noise hits them alike, each round in a new (seeded) random order: a
 step right after a heavier variant runs on colder caches and freshly faulted pages, and a fixed order gave that
 penalty to the same variant every round (the baseline, always right after the other format's "+all cached", measured
-8-16% slower than "+kd_cls cached", which does strictly more work). The table reports medians, ratios to the baseline step, peak memory and the teacher's forward passes per
-step (0 for the GT branch of a cached mode: the cache really is used).
+8-16% slower than "+kd_cls cached", which does strictly more work). The table reports medians, ratios to the
+baseline step, peak memory and the teacher's forward passes per step (0 for the GT branch of a cached mode: the
+cache really is used).
 
 Peak memory is that of one training step above what was held before it: on CUDA ``torch.cuda.max_memory_allocated``
 reset per variant; on CPU the resident set's high-water mark (VmHWM, reset per variant) in one fresh subprocess with
 glibc's mmap threshold fixed so that freed tensors leave the resident set (as in :mod:`cls2det.engine.bench_crops`),
 so that neither the timing nor one variant's freed memory hides another's peak.
 """
+
 from __future__ import annotations
 
 import copy
@@ -78,9 +80,13 @@ def synthetic_batch(batch_size: int, image_size: int, num_classes: int, boxes_pe
         images.append(torch.rand(3, image_size, image_size, generator=g))
         wh = (0.1 + 0.4 * torch.rand(boxes_per_image, 2, generator=g)) * image_size
         xy = torch.rand(boxes_per_image, 2, generator=g) * (image_size - wh)
-        targets.append({"boxes": torch.cat([xy, xy + wh], 1),
-                        "labels": torch.randint(0, num_classes, (boxes_per_image,), generator=g),
-                        "image_id": torch.tensor(i)})
+        targets.append(
+            {
+                "boxes": torch.cat([xy, xy + wh], 1),
+                "labels": torch.randint(0, num_classes, (boxes_per_image,), generator=g),
+                "image_id": torch.tensor(i),
+            }
+        )
     return images, targets
 
 
@@ -107,8 +113,17 @@ class StepBench:
     (forward + backward + SGD step) of a :class:`Variant`."""
 
     def __init__(
-        self, detector: str, *, batch_size: int, image_size: int, device: str, teacher_arch: str = "resnet18",
-        teacher_size: int = 112, sample_size: int = 112, num_classes: int = 10, channels_last: bool = False,
+        self,
+        detector: str,
+        *,
+        batch_size: int,
+        image_size: int,
+        device: str,
+        teacher_arch: str = "resnet18",
+        teacher_size: int = 112,
+        sample_size: int = 112,
+        num_classes: int = 10,
+        channels_last: bool = False,
         precision: str = "32-true",
     ) -> None:
         from cls2det.teacher import build_teacher
@@ -132,8 +147,9 @@ class StepBench:
         self.nets = {False: self._with_optimizer(student, teacher)}
         if channels_last:  # a copy with the same weights, so that both formats are timed in this run
             cl = torch.channels_last
-            self.nets[True] = self._with_optimizer(copy.deepcopy(student).to(memory_format=cl),
-                                                   copy.deepcopy(teacher).to(memory_format=cl))
+            self.nets[True] = self._with_optimizer(
+                copy.deepcopy(student).to(memory_format=cl), copy.deepcopy(teacher).to(memory_format=cl)
+            )
 
     @staticmethod
     def _with_optimizer(student, teacher):
@@ -144,8 +160,9 @@ class StepBench:
         return self.nets[variant.channels_last][1].calls
 
     def config(self, variant: Variant) -> DistillConfig:
-        return DistillConfig(kd=MODES[variant.mode], sample_size=self.sample_size,
-                             teacher_precision=variant.teacher_precision)
+        return DistillConfig(
+            kd=MODES[variant.mode], sample_size=self.sample_size, teacher_precision=variant.teacher_precision
+        )
 
     def lookups(self, variant: Variant) -> dict:
         """The cache lookups ``distillation_losses`` takes (``soft_labels``, ``gt_features``) for a cached variant."""
@@ -157,8 +174,10 @@ class StepBench:
             index = positives.image_index.cpu()
             return image_ids[index], positives.gt_index, flipped[index]
 
-        return {"soft_labels": lambda p: self.soft_labels.lookup(*rows(p)),
-                "gt_features": lambda p: self.gt_features.lookup(*rows(p))}
+        return {
+            "soft_labels": lambda p: self.soft_labels.lookup(*rows(p)),
+            "gt_features": lambda p: self.gt_features.lookup(*rows(p)),
+        }
 
     def step(self, variant: Variant) -> float:
         """Seconds of one training step of ``variant`` (the caches' lookups included, their building not)."""
@@ -192,16 +211,34 @@ class StepBench:
 
 
 def time_train_steps(
-    detector: str = "fasterrcnn_mobilenet_v3", *, batch_size: int = 4, image_size: int = 256, repeats: int = 5,
-    device: str = "cpu", teacher_arch: str = "resnet18", teacher_size: int = 112, sample_size: int = 112,
-    num_classes: int = 10, channels_last: bool = False, teacher_precision: str | None = None,
-    precision: str = "32-true", memory: bool = True,
+    detector: str = "fasterrcnn_mobilenet_v3",
+    *,
+    batch_size: int = 4,
+    image_size: int = 256,
+    repeats: int = 5,
+    device: str = "cpu",
+    teacher_arch: str = "resnet18",
+    teacher_size: int = 112,
+    sample_size: int = 112,
+    num_classes: int = 10,
+    channels_last: bool = False,
+    teacher_precision: str | None = None,
+    precision: str = "32-true",
+    memory: bool = True,
 ) -> dict[str, dict]:
     """Per variant name: ``{"time_s": median seconds per step, "teacher_calls": teacher forward passes per step,
     "peak_mib": peak memory of a step (None without ``memory``)}``, in :func:`variants` order."""
-    setup = dict(batch_size=batch_size, image_size=image_size, device=device, teacher_arch=teacher_arch,
-                 teacher_size=teacher_size, sample_size=sample_size, num_classes=num_classes,
-                 channels_last=channels_last, precision=precision)
+    setup = dict(
+        batch_size=batch_size,
+        image_size=image_size,
+        device=device,
+        teacher_arch=teacher_arch,
+        teacher_size=teacher_size,
+        sample_size=sample_size,
+        num_classes=num_classes,
+        channels_last=channels_last,
+        precision=precision,
+    )
     rows = variants(channels_last, teacher_precision)
     bench = StepBench(detector, **setup)
     for variant in rows:  # warm-up
@@ -222,8 +259,10 @@ def time_train_steps(
     elif memory:
         del bench
         peaks = dict(zip(rows, _peaks_in_subprocess(detector, setup, teacher_precision)))
-    return {v.name: {"time_s": statistics.median(times[v]), "teacher_calls": calls[v] / repeats,
-                     "peak_mib": peaks[v]} for v in rows}
+    return {
+        v.name: {"time_s": statistics.median(times[v]), "teacher_calls": calls[v] / repeats, "peak_mib": peaks[v]}
+        for v in rows
+    }
 
 
 def _peaks_in_subprocess(detector: str, setup: dict, teacher_precision: str | None) -> list[float]:
@@ -257,8 +296,10 @@ def format_step_table(steps: dict[str, dict], title: str) -> str:
     for name, row in steps.items():
         peak = row["peak_mib"]
         memory = f"{'-':>10}{'-':>9}" if peak is None else f"{peak:>10.1f}{peak / max(base['peak_mib'], 1e-6):>9.2f}"
-        lines.append(f"{name:<52}{row['time_s']:>9.3f}{row['time_s'] / base['time_s']:>9.2f}{memory}"
-                     f"{row['teacher_calls']:>14.0f}")
+        lines.append(
+            f"{name:<52}{row['time_s']:>9.3f}{row['time_s'] / base['time_s']:>9.2f}{memory}"
+            f"{row['teacher_calls']:>14.0f}"
+        )
     pairs = [(name, name + " channels_last") for name in steps if name + " channels_last" in steps]
     if pairs:
         ratios = ", ".join(f"{a} {steps[b]['time_s'] / steps[a]['time_s']:.2f}" for a, b in pairs)
@@ -267,17 +308,38 @@ def format_step_table(steps: dict[str, dict], title: str) -> str:
 
 
 def run_benchmarks(
-    *, detector: str, batch_size: int, image_size: int, repeats: int, device: str, teacher_size: int = 112,
-    sample_size: int = 112, channels_last: bool = False, teacher_precision: str | None = None,
-    precision: str = "32-true", memory: bool = True,
+    *,
+    detector: str,
+    batch_size: int,
+    image_size: int,
+    repeats: int,
+    device: str,
+    teacher_size: int = 112,
+    sample_size: int = 112,
+    channels_last: bool = False,
+    teacher_precision: str | None = None,
+    precision: str = "32-true",
+    memory: bool = True,
 ) -> dict:
     """Print the step-time table, the crop benchmark and the teacher's throughput; return the three as a dict."""
-    steps = time_train_steps(detector, batch_size=batch_size, image_size=image_size, repeats=repeats, device=device,
-                             teacher_size=teacher_size, sample_size=sample_size, channels_last=channels_last,
-                             teacher_precision=teacher_precision, precision=precision, memory=memory)
-    title = (f"train step, {detector}, batch {batch_size}, {image_size}px, precision {precision}, teacher resnet18 at "
-             f"{teacher_size}px, s={sample_size}, {device} ({torch.get_num_threads()} threads), median of {repeats}; "
-             "x base: / the baseline row")
+    steps = time_train_steps(
+        detector,
+        batch_size=batch_size,
+        image_size=image_size,
+        repeats=repeats,
+        device=device,
+        teacher_size=teacher_size,
+        sample_size=sample_size,
+        channels_last=channels_last,
+        teacher_precision=teacher_precision,
+        precision=precision,
+        memory=memory,
+    )
+    title = (
+        f"train step, {detector}, batch {batch_size}, {image_size}px, precision {precision}, teacher resnet18 at "
+        f"{teacher_size}px, s={sample_size}, {device} ({torch.get_num_threads()} threads), median of {repeats}; "
+        "x base: / the baseline row"
+    )
     print(format_step_table(steps, title), flush=True)
     from cls2det.engine.bench_crops import format_table, run_crop_benchmark
     from cls2det.engine.bench_teacher import format_throughput, teacher_throughput

@@ -10,6 +10,7 @@ a fresh subprocess that reports its peak resident set size (VmHWM, reset after a
 call; ``ru_maxrss`` where that is unavailable) above its RSS at that point, with glibc's mmap threshold fixed so that
 freed tensors leave the RSS. Separate processes keep one variant's allocator caches from hiding the other's peak.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -64,11 +65,11 @@ def forward_backward(fn, images, boxes, index, crop: int):
 def time_variants(images, boxes, index, crop: int, repeats: int, device: str) -> dict[str, float]:
     """Median seconds of forward + backward per variant, interleaved so both see the same machine load."""
     times: dict[str, list[float]] = {name: [] for name in VARIANTS}
-    for name, fn in VARIANTS.items():  # warm-up
+    for fn in VARIANTS.values():  # warm-up
         forward_backward(fn, images, boxes, index, crop)
     for _ in range(repeats):
         for name, fn in VARIANTS.items():
-            times[name].append(seconds(lambda: forward_backward(fn, images, boxes, index, crop), device))
+            times[name].append(seconds(lambda fn=fn: forward_backward(fn, images, boxes, index, crop), device))
     return {name: statistics.median(t) for name, t in times.items()}
 
 
@@ -112,8 +113,26 @@ def peak_memory_mib(
         forward_backward(VARIANTS[variant], *inputs, crop)
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - base) / 2**20
-    cmd = [sys.executable, __file__, "--worker", variant, "--boxes", str(boxes), "--images", str(images),
-           "--size", str(size), "--crop", str(crop), "--seed", str(seed), "--device", device, "--threads", str(threads)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        variant,
+        "--boxes",
+        str(boxes),
+        "--images",
+        str(images),
+        "--size",
+        str(size),
+        "--crop",
+        str(crop),
+        "--seed",
+        str(seed),
+        "--device",
+        device,
+        "--threads",
+        str(threads),
+    ]
     # a fixed mmap threshold: glibc returns every large block to the OS on free, so RSS follows the live tensors
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     result = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -140,8 +159,16 @@ def _worker(args: argparse.Namespace) -> None:
 
 
 def run_crop_benchmark(
-    *, boxes: int = 256, images: int = 2, size: int = 1024, crop: int = 112, repeats: int = 5, device: str = "cpu",
-    memory: bool = True, seed: int = 0, threads: int = 0,
+    *,
+    boxes: int = 256,
+    images: int = 2,
+    size: int = 1024,
+    crop: int = 112,
+    repeats: int = 5,
+    device: str = "cpu",
+    memory: bool = True,
+    seed: int = 0,
+    threads: int = 0,
 ) -> dict:
     """Run the benchmark; returns {"config", "ours", "naive", "speedup", "memory_ratio", "max_abs_diff"}.
 
@@ -157,9 +184,18 @@ def run_crop_benchmark(
     del out_a, out_b
     times = time_variants(*inputs, crop, repeats, device)
     del inputs
-    result = {"config": dict(boxes=boxes, images=images, size=size, crop=crop, repeats=repeats, device=device,
-                                threads=torch.get_num_threads()),
-              "max_abs_diff": max_abs_diff}
+    result = {
+        "config": dict(
+            boxes=boxes,
+            images=images,
+            size=size,
+            crop=crop,
+            repeats=repeats,
+            device=device,
+            threads=torch.get_num_threads(),
+        ),
+        "max_abs_diff": max_abs_diff,
+    }
     for name in VARIANTS:
         peak = peak_memory_mib(name, boxes, images, size, crop, device, seed, threads) if memory else None
         result[name] = {"time_s": times[name], "peak_mib": peak}
@@ -180,8 +216,10 @@ def format_table(result: dict) -> str:
         peak = result[name]["peak_mib"]
         lines.append(f"{name:<8} {result[name]['time_s']:>10.4f} {'-' if peak is None else f'{peak:.1f}':>12}")
     ratio = f"{result['memory_ratio']:.1f}x less memory" if "memory_ratio" in result else "memory not measured"
-    lines.append(f"ours vs naive: {result['speedup']:.2f}x faster, {ratio}; max |diff| crops "
-                 f"{result['max_abs_diff']['crops']:.2e}, box grads {result['max_abs_diff']['box_grad']:.2e}")
+    lines.append(
+        f"ours vs naive: {result['speedup']:.2f}x faster, {ratio}; max |diff| crops "
+        f"{result['max_abs_diff']['crops']:.2e}, box grads {result['max_abs_diff']['box_grad']:.2e}"
+    )
     return "\n".join(lines)
 
 
@@ -204,9 +242,17 @@ def main(argv: list[str] | None = None) -> None:
     if args.worker:
         _worker(args)
         return
-    result = run_crop_benchmark(boxes=args.boxes, images=args.images, size=args.size, crop=args.crop,
-                                repeats=args.repeats, device=args.device, memory=not args.no_memory, seed=args.seed,
-                                threads=args.threads)
+    result = run_crop_benchmark(
+        boxes=args.boxes,
+        images=args.images,
+        size=args.size,
+        crop=args.crop,
+        repeats=args.repeats,
+        device=args.device,
+        memory=not args.no_memory,
+        seed=args.seed,
+        threads=args.threads,
+    )
     print(format_table(result))
     if args.json:
         print(json.dumps(result))

@@ -6,6 +6,7 @@ beforehand, as a torchvision transform would, with ``F.cross_entropy``. Both inf
 (forward + loss + backward + SGD step) on the same crops, interleaved so that machine noise hits them alike; the
 report is crops per second and the ratio ours / bare (the target: at least 0.9).
 """
+
 from __future__ import annotations
 
 import copy
@@ -20,8 +21,14 @@ MODES = ("infer", "train")
 
 
 def teacher_throughput(
-    arch: str = "resnet18", *, input_size: int = 112, batch_size: int = 64, num_classes: int = 10, repeats: int = 5,
-    device: str = "cpu", label_smoothing: float = 0.1,
+    arch: str = "resnet18",
+    *,
+    input_size: int = 112,
+    batch_size: int = 64,
+    num_classes: int = 10,
+    repeats: int = 5,
+    device: str = "cpu",
+    label_smoothing: float = 0.1,
 ) -> dict[str, dict[str, float]]:
     """``{mode: {"ours": crops/s, "bare": crops/s}}`` for ``mode`` in ("infer", "train"): medians of ``repeats``."""
     from cls2det.teacher import build_teacher
@@ -57,8 +64,8 @@ def teacher_throughput(
         for name in times:  # warm-up
             run(name)
         for i in range(repeats):
-            for name in (("ours", "bare") if i % 2 == 0 else ("bare", "ours")):
-                times[name].append(seconds(lambda: run(name), device))
+            for name in ("ours", "bare") if i % 2 == 0 else ("bare", "ours"):
+                times[name].append(seconds(lambda run=run, name=name: run(name), device))
         result[mode] = {name: batch_size / statistics.median(t) for name, t in times.items()}
     return result
 

@@ -5,6 +5,7 @@ counters, RNG: tensors and plain containers only, loaded with ``weights_only=Tru
 name, fsynced and renamed; the folder itself is swapped in with one rename, so the previous checkpoint stays intact
 until the new one is complete.
 """
+
 from __future__ import annotations
 
 import os

@@ -1,4 +1,5 @@
 """Run a student over a split and score it with COCO mAP."""
+
 from __future__ import annotations
 
 import torch
@@ -19,7 +20,12 @@ def predict(model: nn.Module, images: list[torch.Tensor], device: torch.device |
 
 
 def evaluate_student(
-    model: nn.Module, split: DetectionSplit, *, device: torch.device | str = "cpu", batch_size: int = 8, workers: int = 0
+    model: nn.Module,
+    split: DetectionSplit,
+    *,
+    device: torch.device | str = "cpu",
+    batch_size: int = 8,
+    workers: int = 0,
 ) -> dict:
     """COCO metrics of ``model`` on ``split`` (see :func:`cls2det.evaluation.evaluate_coco`)."""
     loader = torch.utils.data.DataLoader(

@@ -11,6 +11,7 @@ label_offset``, ``category_id = category_ids[class]``.
 * TorchScript: ``torch.jit.script(detector)``; the scripted detector takes ``list[Tensor[3, H, W]]`` and, as every
   scripted torchvision detector, returns the tuple ``(losses, detections)`` (losses empty in eval mode).
 """
+
 from __future__ import annotations
 
 import json
@@ -37,8 +38,9 @@ class ExportError(RuntimeError):
     """An export that cannot be done (missing package, unsupported operator in this torch version)."""
 
 
-def export_detector(detector: nn.Module, path: str | Path, fmt: str, *, image_size: int | tuple[int, int],
-                    example: Tensor | None = None) -> Path:
+def export_detector(
+    detector: nn.Module, path: str | Path, fmt: str, *, image_size: int | tuple[int, int], example: Tensor | None = None
+) -> Path:
     """Write torchvision ``detector`` (switched to eval mode) to ``path`` as ``fmt`` ("onnx" or "torchscript").
 
     image_size: H = W (or (H, W)) of the example image the ONNX exporter traces with; any size runs afterwards.
@@ -65,8 +67,9 @@ def export_detector(detector: nn.Module, path: str | Path, fmt: str, *, image_si
     return path
 
 
-def export_student(run: str | Path, *, fmt: str = "onnx", out: str | Path | None = None,
-                   checkpoint: str = "last") -> Path:
+def export_student(
+    run: str | Path, *, fmt: str = "onnx", out: str | Path | None = None, checkpoint: str = "last"
+) -> Path:
     """Export the student of training run folder ``run`` (weights of ``run/checkpoint``) and its sidecar.
 
     out: the model file; default ``run/export/student.onnx`` or ``run/export/student.torchscript.pt``. The sidecar
@@ -104,8 +107,11 @@ def write_sidecar(path: Path, header: dict[str, Any], fmt: str, entry: dict[str,
         except (OSError, ValueError):
             old = {}
         if isinstance(old, dict) and all(old.get(k) == v for k, v in header.items()):
-            exports = {k: v for k, v in old.get("exports", {}).items()
-                       if k != fmt and isinstance(v, dict) and (path.parent / str(v.get("file"))).is_file()}
+            exports = {
+                k: v
+                for k, v in old.get("exports", {}).items()
+                if k != fmt and isinstance(v, dict) and (path.parent / str(v.get("file"))).is_file()
+            }
     payload = {**header, "exports": {**exports, fmt: entry}}
     write_json(path, payload)
     return payload
@@ -127,8 +133,14 @@ def _export_onnx(detector: nn.Module, example: Tensor, path: Path) -> None:
         warnings.simplefilter("ignore")
         try:
             torch.onnx.export(
-                model, (example,), str(path), dynamo=False, opset_version=ONNX_OPSET,
-                input_names=[ONNX_INPUT], output_names=list(ONNX_OUTPUTS), dynamic_axes=dynamic,
+                model,
+                (example,),
+                str(path),
+                dynamo=False,
+                opset_version=ONNX_OPSET,
+                input_names=[ONNX_INPUT],
+                output_names=list(ONNX_OUTPUTS),
+                dynamic_axes=dynamic,
             )
         except Exception as err:  # the exporter raises many kinds; the user needs one line saying which op failed
             raise ExportError(f"ONNX export of {type(detector).__name__} failed: {_first_line(err)}") from err
@@ -168,8 +180,11 @@ def _format_card(detector: nn.Module, fmt: str, image_size: int) -> dict[str, An
             "layout": "[3, H, W] float32, RGB, values in 0..1, one image per call",
             "note": "resizing and mean/std normalisation happen inside the model; do not normalise",
             "image_size": image_size,
-            "resize": {"min_size": list(transform.min_size), "max_size": transform.max_size,
-                       "fixed_size": list(transform.fixed_size) if transform.fixed_size else None},
+            "resize": {
+                "min_size": list(transform.min_size),
+                "max_size": transform.max_size,
+                "fixed_size": list(transform.fixed_size) if transform.fixed_size else None,
+            },
             "image_mean": [float(v) for v in transform.image_mean],
             "image_std": [float(v) for v in transform.image_std],
         },
@@ -185,8 +200,10 @@ def _format_card(detector: nn.Module, fmt: str, image_size: int) -> dict[str, An
         card["output_names"] = list(ONNX_OUTPUTS)
         card["dynamic_axes"] = {ONNX_INPUT: ["height", "width"], "outputs": "detections"}
     else:
-        card["call"] = ("model([image]) -> (losses, detections); detections[0] = {'boxes', 'labels', 'scores'} "
-                        "(torch.jit.load, no cls2det needed)")
+        card["call"] = (
+            "model([image]) -> (losses, detections); detections[0] = {'boxes', 'labels', 'scores'} "
+            "(torch.jit.load, no cls2det needed)"
+        )
     return card
 
 

@@ -4,6 +4,7 @@ Every step's randomness (flips, the detector's samplers, the positives' and nega
 seeded by ``(seed, step, rank)``, and the epoch's image order from ``(seed, epoch)``: a run stopped at a step
 boundary and resumed reproduces the uninterrupted run exactly on CPU.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -22,7 +23,12 @@ from lightning_fabric import Fabric
 from cls2det.config import TrainConfig, det_methods, save_config
 from cls2det.data import CocoDetection, collate, load_split
 from cls2det.distill.cache import (
-    GTFeatureCache, SoftLabelCache, build_gt_feature_cache, build_soft_label_cache, gt_feature_key, read_key,
+    GTFeatureCache,
+    SoftLabelCache,
+    build_gt_feature_cache,
+    build_soft_label_cache,
+    gt_feature_key,
+    read_key,
     soft_label_key,
 )
 from cls2det.distill.objective import LOSS_WEIGHTS, distillation_losses, total_loss
@@ -31,12 +37,23 @@ from cls2det.engine.evaluate import evaluate_student
 from cls2det.engine.loading import load_det_teacher
 from cls2det.engine.logger import MetricsLogger
 from cls2det.engine.run_dir import (
-    BEST, CLASSES, CONFIG, GT_FEATURES, LAST, METRICS_CSV, RESULTS, SOFT_LABELS, TrainingError, TrainingInterrupted,
-    discard_replaced, prepare_run_dir, restore, write_json,
+    BEST,
+    CLASSES,
+    CONFIG,
+    GT_FEATURES,
+    LAST,
+    METRICS_CSV,
+    RESULTS,
+    SOFT_LABELS,
+    TrainingError,
+    TrainingInterrupted,
+    discard_replaced,
+    prepare_run_dir,
+    restore,
+    write_json,
 )
 from cls2det.engine.schedule import build_optimizer, build_scheduler
 from cls2det.students import create_student
-
 
 
 def fit(config: TrainConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True) -> dict:
@@ -44,8 +61,11 @@ def fit(config: TrainConfig, *, resume: bool = False, overwrite: bool = False, p
     out = Path(config.out)
     replaced = prepare_run_dir(out, resume=resume, overwrite=overwrite)
     fabric = Fabric(
-        accelerator=config.accelerator, devices=config.devices, num_nodes=config.num_nodes,
-        strategy=fabric_strategy(config.strategy, config.dist_timeout_s), precision=config.precision,
+        accelerator=config.accelerator,
+        devices=config.devices,
+        num_nodes=config.num_nodes,
+        strategy=fabric_strategy(config.strategy, config.dist_timeout_s),
+        precision=config.precision,
     )
     fabric.launch()
     try:
@@ -64,7 +84,7 @@ def fit(config: TrainConfig, *, resume: bool = False, overwrite: bool = False, p
         raise
 
 
-def _start(fabric: Fabric, config: TrainConfig, out: Path, replaced, *, resume: bool, progress: bool) -> "_Trainer":
+def _start(fabric: Fabric, config: TrainConfig, out: Path, replaced, *, resume: bool, progress: bool) -> _Trainer:
     """Validate the inputs and build the trainer; an old run moved aside by --overwrite comes back on failure."""
     try:
         trainer = _Trainer(fabric, config, out, resume=resume, progress=progress)
@@ -165,15 +185,25 @@ class _Trainer:
         distill = config.distill
         if self.teacher is not None and "cls" in distill.kd and distill.soft_label_cache:
             self.soft_labels = self._gt_cache(
-                SOFT_LABELS, SoftLabelCache, soft_label_key(self.teacher),
+                SOFT_LABELS,
+                SoftLabelCache,
+                soft_label_key(self.teacher),
                 lambda: build_soft_label_cache(self.teacher, self.dataset, device=fabric.device),
             )
         if self.teacher is not None and "kd_loc" in distill.kd and distill.gt_feature_cache:
             key = gt_feature_key(self.teacher, distill.taps, distill.sample_size, distill.pool)
             self.gt_features = self._gt_cache(
-                GT_FEATURES, GTFeatureCache, key,
-                lambda: build_gt_feature_cache(self.teacher, self.dataset, taps=distill.taps, size=distill.sample_size,
-                                               pool=distill.pool, device=fabric.device),
+                GT_FEATURES,
+                GTFeatureCache,
+                key,
+                lambda: build_gt_feature_cache(
+                    self.teacher,
+                    self.dataset,
+                    taps=distill.taps,
+                    size=distill.sample_size,
+                    pool=distill.pool,
+                    device=fabric.device,
+                ),
             )
         student = create_student(config.student.detector, self.train_split.num_classes, config.student)
         student.max_negatives = distill.kd_cls_negatives  # 0: the adapter draws no negatives
@@ -242,10 +272,17 @@ class _Trainer:
             self.last_metrics = self._evaluate()
         metrics = self.last_metrics
         results = {
-            "metrics": metrics, "steps": self.step, "epochs": self.epoch, "nonfinite_steps": self.nonfinite_total,
-            "wall_s": time.perf_counter() - start, "peak_mem_mb": _peak_memory_mb(fabric.device),
-            "detector": config.student.detector, "kd": list(config.distill.kd), "seed": config.seed,
-            "world_size": fabric.world_size, "ranks_agree": ranks_agree,
+            "metrics": metrics,
+            "steps": self.step,
+            "epochs": self.epoch,
+            "nonfinite_steps": self.nonfinite_total,
+            "wall_s": time.perf_counter() - start,
+            "peak_mem_mb": _peak_memory_mb(fabric.device),
+            "detector": config.student.detector,
+            "kd": list(config.distill.kd),
+            "seed": config.seed,
+            "world_size": fabric.world_size,
+            "ranks_agree": ranks_agree,
         }
         if fabric.is_global_zero:
             write_json(self.out / RESULTS, results)
@@ -259,7 +296,10 @@ class _Trainer:
         batches = [order[i : i + config.batch_size] for i in range(0, len(order), config.batch_size)]
         batches = batches[: self.steps_per_epoch][self.batch_in_epoch :]
         loader = torch.utils.data.DataLoader(
-            self.dataset, batch_sampler=batches, collate_fn=collate, num_workers=config.workers,
+            self.dataset,
+            batch_sampler=batches,
+            collate_fn=collate,
+            num_workers=config.workers,
             pin_memory=fabric.device.type == "cuda",
         )
         yield from loader
@@ -279,9 +319,12 @@ class _Trainer:
                 return image_ids[index], positives.gt_index, flipped[index]
 
             if self.soft_labels is not None:
+
                 def soft_labels(positives):
                     return self.soft_labels.lookup(*cache_rows(positives))
+
             if self.gt_features is not None:
+
                 def gt_features(positives):
                     return self.gt_features.lookup(*cache_rows(positives))
 
@@ -290,8 +333,13 @@ class _Trainer:
 
         output = self.model(images, targets)
         kd_losses = distillation_losses(
-            output, self.teacher, config.distill, generator=generator, soft_labels=soft_labels,
-            gt_features=gt_features, det_teacher=self.det_teacher,
+            output,
+            self.teacher,
+            config.distill,
+            generator=generator,
+            soft_labels=soft_labels,
+            gt_features=gt_features,
+            det_teacher=self.det_teacher,
         )
         loss = total_loss(output.losses, kd_losses, config.distill)
         terms = {**output.losses, **kd_losses}
@@ -309,8 +357,13 @@ class _Trainer:
         self.scheduler.step()
         self.step += 1
         if self.logger is not None:
-            row = {"step": self.step, "epoch": self.epoch, "lr": lr,
-                   "loss": loss.item(), "positives": float(len(output.positives))}
+            row = {
+                "step": self.step,
+                "epoch": self.epoch,
+                "lr": lr,
+                "loss": loss.item(),
+                "positives": float(len(output.positives)),
+            }
             if output.negatives is not None:
                 row["negatives"] = float(len(output.negatives))
             row.update({name: value.item() for name, value in terms.items()})
@@ -357,10 +410,17 @@ class _Trainer:
         """The det2det teacher, loaded once, frozen, on this rank's device (never wrapped in DDP)."""
         config = self.config
         if not config.distill.det_teacher:
-            raise TrainingError(f"--kd {','.join(config.distill.kd)} needs a detector teacher: pass --det-teacher RUN "
-                                "(a run of the student's detector, trained with `cls2det train --kd none`)")
-        det_teacher = load_det_teacher(config.distill.det_teacher, student, self.train_split.class_names,
-                                       det_methods(config.distill.kd), device=self.fabric.device)
+            raise TrainingError(
+                f"--kd {','.join(config.distill.kd)} needs a detector teacher: pass --det-teacher RUN "
+                "(a run of the student's detector, trained with `cls2det train --kd none`)"
+            )
+        det_teacher = load_det_teacher(
+            config.distill.det_teacher,
+            student,
+            self.train_split.class_names,
+            det_methods(config.distill.kd),
+            device=self.fabric.device,
+        )
         self._check_same_weights(det_teacher, "det teacher", config.distill.det_teacher)
         return det_teacher
 
@@ -397,7 +457,10 @@ class _Trainer:
         # the unwrapped module: rank 0 evaluates alone, and a DDP forward would broadcast buffers to ranks that are
         # waiting in a barrier (a deadlock)
         return evaluate_student(
-            self.model.module, self.val_split, device=self.fabric.device, batch_size=self.config.batch_size,
+            self.model.module,
+            self.val_split,
+            device=self.fabric.device,
+            batch_size=self.config.batch_size,
         )
 
     def _evaluate_and_keep_best(self) -> None:
@@ -416,9 +479,13 @@ class _Trainer:
     def _save(self, name: str) -> None:
         if self.fabric.is_global_zero:
             state = {
-                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-                "best_map": self.best_map, "nonfinite_total": self.nonfinite_total,
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "step": self.step,
+                "epoch": self.epoch,
+                "batch_in_epoch": self.batch_in_epoch,
+                "best_map": self.best_map,
+                "nonfinite_total": self.nonfinite_total,
             }
             save_checkpoint(self.out / name, self.model.state_dict(), state)
         self.fabric.barrier()
@@ -484,8 +551,12 @@ class _progress:
         from rich import progress
 
         self.bar = progress.Progress(
-            progress.TextColumn("{task.description}"), progress.BarColumn(), progress.MofNCompleteColumn(),
-            progress.TimeElapsedColumn(), progress.TimeRemainingColumn(), transient=True,
+            progress.TextColumn("{task.description}"),
+            progress.BarColumn(),
+            progress.MofNCompleteColumn(),
+            progress.TimeElapsedColumn(),
+            progress.TimeRemainingColumn(),
+            transient=True,
         )
         self.bar.start()
         task = self.bar.add_task("train", total=self.total, completed=self.completed)

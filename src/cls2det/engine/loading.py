@@ -1,9 +1,10 @@
 """Rebuild a trained student from its run folder (config.yaml + classes.json + a checkpoint)."""
+
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from torch import nn
@@ -32,8 +33,13 @@ def load_student(run: str | Path, *, checkpoint: str = "last") -> tuple[nn.Modul
     return model.eval(), config
 
 
-def load_det_teacher(run: str | Path, student: StudentAdapter, class_names: Sequence[str], methods: Sequence[str],
-                     device: torch.device | str = "cpu") -> StudentAdapter:
+def load_det_teacher(
+    run: str | Path,
+    student: StudentAdapter,
+    class_names: Sequence[str],
+    methods: Sequence[str],
+    device: torch.device | str = "cpu",
+) -> StudentAdapter:
     """The detector of run folder ``run`` (its last checkpoint) as the frozen det2det teacher of ``student``.
 
     Frozen: eval mode (BatchNorm uses its running statistics, dropout is off), ``requires_grad=False``, on

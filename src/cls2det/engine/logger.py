@@ -1,4 +1,5 @@
 """Per-step loss logging to a CSV file and TensorBoard (rank 0 only)."""
+
 from __future__ import annotations
 
 import csv

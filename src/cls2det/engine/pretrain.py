@@ -4,6 +4,7 @@ Detectors trained from scratch learn slowly; every practical student starts from
 Offline, and on a small dataset, the closest analogue is to train that backbone once as a classifier on the
 train split's object crops (D_cls) and give the same weights to every row of a study.
 """
+
 from __future__ import annotations
 
 import os
@@ -16,8 +17,9 @@ from cls2det.students import create_student
 from cls2det.students.registry import backbone_classifier
 
 
-def pretrain_backbone(data: str | Path, detector: str, out_file: str | Path, config: TeacherConfig,
-                      *, progress: bool = True) -> dict:
+def pretrain_backbone(
+    data: str | Path, detector: str, out_file: str | Path, config: TeacherConfig, *, progress: bool = True
+) -> dict:
     """Train ``detector``'s backbone classifier on ``data``'s train crops; save its state dict to ``out_file``.
 
     The crops are normalised with the detector's own transform mean/std, so the backbone sees what it will see
@@ -31,8 +33,13 @@ def pretrain_backbone(data: str | Path, detector: str, out_file: str | Path, con
     transform = create_student(detector, split.num_classes, StudentConfig(detector=detector)).detector.transform
     net = backbone_classifier(detector, split.num_classes)
     classifier = Teacher(
-        net, arch=f"{detector}-backbone", library="torchvision", class_names=split.class_names,
-        input_size=config.input_size, mean=transform.image_mean, std=transform.image_std,
+        net,
+        arch=f"{detector}-backbone",
+        library="torchvision",
+        class_names=split.class_names,
+        input_size=config.input_size,
+        mean=transform.image_mean,
+        std=transform.image_std,
     )
     crops = ClassificationCrops(split, size=config.input_size, context=config.context)
     metrics = fit_teacher(classifier, crops, None, config, progress=progress)

@@ -1,4 +1,5 @@
 """The run folder: what it holds, refusing to overwrite another run by accident, and how a run ends badly."""
+
 from __future__ import annotations
 
 import json

@@ -1,4 +1,5 @@
 """Optimizers and learning-rate schedules for student training."""
+
 from __future__ import annotations
 
 import math
@@ -12,7 +13,7 @@ from cls2det.config import OptimConfig
 def build_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.Optimizer:
     """SGD (momentum) or AdamW over trainable parameters; no weight decay on norms and biases (as timm does)."""
     decay, no_decay = [], []
-    for name, param in model.named_parameters():
+    for param in model.parameters():
         if param.requires_grad:
             (no_decay if param.ndim <= 1 else decay).append(param)
     groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]

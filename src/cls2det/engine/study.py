@@ -5,6 +5,7 @@ Each run is a ``cls2det train`` subprocess (clean peak-memory figures, a crash e
 Rows with det2det terms (``distill.kd`` with ``det:*``) get a detector teacher trained once per detector
 (``study.det_teacher``) in ``out/<detector>/det_teacher``, skipped the same way.
 """
+
 from __future__ import annotations
 
 import copy
@@ -17,7 +18,15 @@ from importlib import resources
 from pathlib import Path
 
 from cls2det.config import (
-    ConfigError, StudyConfig, TrainConfig, apply_overrides, det_methods, from_dict, load_config, save_config, to_dict,
+    ConfigError,
+    StudyConfig,
+    TrainConfig,
+    apply_overrides,
+    det_methods,
+    from_dict,
+    load_config,
+    save_config,
+    to_dict,
 )
 from cls2det.engine.run_dir import LAST, METRICS_CSV, RESULTS
 
@@ -72,8 +81,10 @@ def check_study(study: StudyConfig, out: Path) -> None:
     for row in study.rows:
         config = row_config(study, row, study.detectors[0], out, 0)
         if needs_study_det_teacher(config) and study.det_teacher is None:
-            raise ConfigError(f"row {row!r} uses {','.join(config.distill.kd)} but the study has no det_teacher "
-                              "block and the row sets no distill.det_teacher")
+            raise ConfigError(
+                f"row {row!r} uses {','.join(config.distill.kd)} but the study has no det_teacher "
+                "block and the row sets no distill.det_teacher"
+            )
     if study.det_teacher is not None:
         det_teacher_config(study, study.detectors[0], out)
 
@@ -115,8 +126,9 @@ def _demo_data(study: StudyConfig, out: Path) -> Path:
     if not (data / "annotations" / "val.json").is_file():
         demo = study.demo_data
         _say(f"generating the demo dataset in {data}")
-        generate_demo(data, seed=demo.seed, train_images=demo.train_images, val_images=demo.val_images,
-                      image_size=demo.image_size)
+        generate_demo(
+            data, seed=demo.seed, train_images=demo.train_images, val_images=demo.val_images, image_size=demo.image_size
+        )
     return data
 
 
@@ -159,8 +171,10 @@ def _det_teacher(study: StudyConfig, data: Path, out: Path, detector: str, backb
 
 def _det_teacher_note(results: dict) -> str:
     metrics = results["metrics"]
-    return (f"Detector teacher of the det:* rows ({results['detector']}, {results['epochs']} epochs, seed "
-            f"{results['seed']}, no KD): mAP {metrics['mAP']:.2f}, AP50 {metrics['AP50']:.2f} ({results['run']})")
+    return (
+        f"Detector teacher of the det:* rows ({results['detector']}, {results['epochs']} epochs, seed "
+        f"{results['seed']}, no KD): mAP {metrics['mAP']:.2f}, AP50 {metrics['AP50']:.2f} ({results['run']})"
+    )
 
 
 def _train(config: TrainConfig, row: str) -> dict:
@@ -170,8 +184,19 @@ def _train(config: TrainConfig, row: str) -> dict:
         recipe = run.with_name(f"{run.name}.yaml")  # <row>/seed<k>.yaml, <detector>/det_teacher.yaml
         save_config(config, recipe)
         flag = "--resume" if (run / LAST).is_dir() else "--overwrite"
-        cmd = [sys.executable, "-m", "cls2det", "train", config.data, "--out", str(run), "--config", str(recipe),
-               flag, "--no-progress"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "cls2det",
+            "train",
+            config.data,
+            "--out",
+            str(run),
+            "--config",
+            str(recipe),
+            flag,
+            "--no-progress",
+        ]
         _say(f"{config.student.detector} / {row} / seed {config.seed}: training")
         start = time.perf_counter()
         proc = subprocess.run(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"}, capture_output=True, text=True)
@@ -183,15 +208,19 @@ def _train(config: TrainConfig, row: str) -> dict:
     return {**results, "row": row, "seed": config.seed, "detector": config.student.detector, "run": str(run)}
 
 
-def _report(study: StudyConfig, results: list[dict], teacher_top1: float | None, out: Path, data: Path,
-            notes: list[str]) -> Path:
+def _report(
+    study: StudyConfig, results: list[dict], teacher_top1: float | None, out: Path, data: Path, notes: list[str]
+) -> Path:
     from cls2det.evaluation.plots import plot_ap_vs_iou, plot_loss_curves
     from cls2det.evaluation.report import write_report
 
     plots = [plot_ap_vs_iou(results, out / "ap_vs_iou.png")]
     first_seed = study.seeds[0]
-    curves = {r["row"]: Path(r["run"]) / METRICS_CSV for r in results
-              if r["seed"] == first_seed and r["detector"] == study.detectors[0]}
+    curves = {
+        r["row"]: Path(r["run"]) / METRICS_CSV
+        for r in results
+        if r["seed"] == first_seed and r["detector"] == study.detectors[0]
+    }
     plots.append(plot_loss_curves(curves, out / "loss_curves.png"))
     if _prediction_grid(study, results, out, data):
         plots.append(out / "predictions.png")
@@ -209,8 +238,11 @@ def _prediction_grid(study: StudyConfig, results: list[dict], out: Path, data: P
     if study.baseline_row not in study.rows or not others:
         return False
     rows = [study.baseline_row, others[-1]]
-    runs = {r["row"]: r["run"] for r in results
-            if r["seed"] == study.seeds[0] and r["detector"] == study.detectors[0] and r["row"] in rows}
+    runs = {
+        r["row"]: r["run"]
+        for r in results
+        if r["seed"] == study.seeds[0] and r["detector"] == study.detectors[0] and r["row"] in rows
+    }
     split = load_split(data, "val")
     dataset = CocoDetection(split)
     samples = [dataset[i] for i in range(min(count, len(dataset)))]

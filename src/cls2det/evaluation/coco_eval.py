@@ -27,7 +27,6 @@ import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
@@ -76,8 +75,12 @@ def _load_gt(gt: str | Path | dict) -> COCO:
         if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
             raise ValueError(f"{where}: annotation id {ann.get('id', f'#{i}')} has no 4-number 'bbox'")
         annotations.append(
-            {**ann, "id": i + 1, "iscrowd": int(ann.get("iscrowd", 0)),
-             "area": float(ann.get("area", bbox[2] * bbox[3]))}
+            {
+                **ann,
+                "id": i + 1,
+                "iscrowd": int(ann.get("iscrowd", 0)),
+                "area": float(ann.get("area", bbox[2] * bbox[3])),
+            }
         )
     dataset = {
         "info": data.get("info", {}),
@@ -126,8 +129,11 @@ def _run_cocoeval(coco_gt: COCO, detections: Sequence[dict], image_ids: Iterable
         else:
             # loadRes([]) raises (it reads anns[0]); an empty result set is a valid, all-miss evaluation.
             coco_dt = COCO()
-            coco_dt.dataset = {"images": list(coco_gt.dataset["images"]), "annotations": [],
-                               "categories": list(coco_gt.dataset["categories"])}
+            coco_dt.dataset = {
+                "images": list(coco_gt.dataset["images"]),
+                "annotations": [],
+                "categories": list(coco_gt.dataset["categories"]),
+            }
             coco_dt.createIndex()
         ev = COCOeval(coco_gt, coco_dt, iouType="bbox")
         if image_ids is not None:
@@ -182,8 +188,9 @@ def evaluate_coco(gt: str | Path | dict, detections: list[dict], *, image_ids: I
     return _metrics(_run_cocoeval(_load_gt(gt), detections, image_ids))
 
 
-def per_class_ap(gt: str | Path | dict, detections: list[dict], *, image_ids: Iterable[int] | None = None
-                 ) -> dict[str, float]:
+def per_class_ap(
+    gt: str | Path | dict, detections: list[dict], *, image_ids: Iterable[int] | None = None
+) -> dict[str, float]:
     """AP@[.5:.95] per category name, in percent (nan for a category without ground truth in the images)."""
     coco_gt = _load_gt(gt)
     return _per_class(_run_cocoeval(coco_gt, detections, image_ids), coco_gt)
@@ -241,8 +248,9 @@ class CocoEvaluator:
                 raise ValueError(f"process: image id {image_id}: label {bad} outside [0, {num_classes})")
             xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1)  # [N, 4]
             for box, score, label in zip(xywh.tolist(), scores.tolist(), labels.tolist()):
-                self._results.append({"image_id": image_id, "category_id": self.label_to_cat_id[label],
-                                      "bbox": box, "score": score})
+                self._results.append(
+                    {"image_id": image_id, "category_id": self.label_to_cat_id[label], "bbox": box, "score": score}
+                )
             self._image_ids.add(image_id)
 
     @property

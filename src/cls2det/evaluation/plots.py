@@ -69,8 +69,9 @@ def plot_ap_vs_iou(summary_or_results: Sequence[dict], path: str | Path, *, base
     axes[0].legend(fontsize=8)
     if has_delta:
         axes[1].axhline(0.0, color="black", linewidth=0.8)
-        axes[1].set(xlabel="IoU threshold", ylabel=f"ΔAP vs {baseline_row} (points)", title="Gain over baseline",
-                    xticks=x[::2])
+        axes[1].set(
+            xlabel="IoU threshold", ylabel=f"ΔAP vs {baseline_row} (points)", title="Gain over baseline", xticks=x[::2]
+        )
         axes[1].grid(alpha=0.3)
         axes[1].legend(fontsize=8)
     return _save(fig, path)
@@ -135,12 +136,18 @@ def plot_loss_curves(csv_paths: Mapping[str, str | Path], path: str | Path, *, s
             keep = np.isfinite(log[term])
             step, y = log["step"][keep], log[term][keep]
             ax.plot(step, y, color=colors[row], alpha=0.25, linewidth=0.8)
-            ax.plot(step, smooth(y, smoothing), color=colors[row], linewidth=1.5, label=row,
-                    marker="o" if len(y) == 1 else None)  # a one-point log would be invisible as a line
+            ax.plot(
+                step,
+                smooth(y, smoothing),
+                color=colors[row],
+                linewidth=1.5,
+                label=row,
+                marker="o" if len(y) == 1 else None,
+            )  # a one-point log would be invisible as a line
         ax.set(xlabel="step", ylabel=term, title=term)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    for ax in axes[len(terms):]:
+    for ax in axes[len(terms) :]:
         ax.set_visible(False)
     fig.tight_layout()
     return _save(fig, path)
@@ -152,8 +159,14 @@ def _class_color(label: int) -> tuple:
     return colormaps["tab10" if label < 10 else "tab20"](label % 20)
 
 
-def plot_prediction_grid(images: Sequence, predictions: Mapping[str, Sequence[dict]], targets: Sequence[dict],
-                         class_names: Sequence[str], path: str | Path, score_thresh: float = 0.3) -> Path:
+def plot_prediction_grid(
+    images: Sequence,
+    predictions: Mapping[str, Sequence[dict]],
+    targets: Sequence[dict],
+    class_names: Sequence[str],
+    path: str | Path,
+    score_thresh: float = 0.3,
+) -> Path:
     """Grid of detections: one grid row per study row (e.g. baseline vs distilled), one column per image.
 
     Args:
@@ -187,8 +200,9 @@ def plot_prediction_grid(images: Sequence, predictions: Mapping[str, Sequence[di
             ax = axes[i, j]
             ax.imshow(pixels)
             for x1, y1, x2, y2 in gt_boxes:
-                ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor="lime", linestyle="--",
-                                       linewidth=1.2))
+                ax.add_patch(
+                    Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor="lime", linestyle="--", linewidth=1.2)
+                )
             out = predictions[row][j]
             boxes = out["boxes"].detach().cpu().reshape(-1, 4).tolist()
             for (x1, y1, x2, y2), score, label in zip(boxes, out["scores"].tolist(), out["labels"].tolist()):
@@ -197,9 +211,16 @@ def plot_prediction_grid(images: Sequence, predictions: Mapping[str, Sequence[di
                 color = _class_color(int(label))
                 ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=color, linewidth=1.5))
                 # label above the box, or just inside it when the box touches the image top
-                ax.text(x1, y1, f"{name(int(label))} {score:.2f}", color="white", fontsize=6, clip_on=True,
-                        va="bottom" if y1 > 0.1 * pixels.shape[0] else "top",
-                        bbox={"facecolor": color, "alpha": 0.8, "pad": 1, "linewidth": 0})
+                ax.text(
+                    x1,
+                    y1,
+                    f"{name(int(label))} {score:.2f}",
+                    color="white",
+                    fontsize=6,
+                    clip_on=True,
+                    va="bottom" if y1 > 0.1 * pixels.shape[0] else "top",
+                    bbox={"facecolor": color, "alpha": 0.8, "pad": 1, "linewidth": 0},
+                )
             ax.set_xticks([])
             ax.set_yticks([])
             if j == 0:

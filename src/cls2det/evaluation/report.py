@@ -95,9 +95,18 @@ def summarize(results: Sequence[dict], baseline_row: str = "baseline") -> list[d
         seeds = sorted(runs)
         base = groups.get((detector, baseline_row), {}) if row != baseline_row else {}
         paired = [s for s in seeds if s in base]
-        entry: dict = {"detector": detector, "row": row, "seeds": seeds, "n": len(seeds),
-                       "is_baseline": row == baseline_row, "mean": {}, "ci": {}, "delta": {}, "delta_ci": {},
-                       "delta_n": len(paired)}
+        entry: dict = {
+            "detector": detector,
+            "row": row,
+            "seeds": seeds,
+            "n": len(seeds),
+            "is_baseline": row == baseline_row,
+            "mean": {},
+            "ci": {},
+            "delta": {},
+            "delta_ci": {},
+            "delta_n": len(paired),
+        }
         for key in METRIC_KEYS:
             entry["mean"][key], entry["ci"][key] = mean_ci([runs[s]["metrics"][key] for s in seeds])
             diffs = [runs[s]["metrics"][key] - base[s]["metrics"][key] for s in paired]
@@ -147,8 +156,22 @@ def _memory(mb: float) -> str:
     return f"{mb:.1f} MB" if mb < 1024 else f"{mb / 1024:.1f} GB"
 
 
-_COLUMNS = ["row", "mAP ± CI", "Δ mAP", "AP50", "Δ AP50", "AP75", "Δ AP75", "APs", "APm", "APl", "mAR", "seeds",
-            "wall time", "peak memory"]
+_COLUMNS = [
+    "row",
+    "mAP ± CI",
+    "Δ mAP",
+    "AP50",
+    "Δ AP50",
+    "AP75",
+    "Δ AP75",
+    "APs",
+    "APm",
+    "APl",
+    "mAR",
+    "seeds",
+    "wall time",
+    "peak memory",
+]
 
 
 def _table_row(e: dict) -> list[str]:
@@ -156,9 +179,22 @@ def _table_row(e: dict) -> list[str]:
         return _NA if e["is_baseline"] else _with_ci(e["delta"][key], e["delta_ci"][key], e["delta_n"], signed=True)
 
     m = e["mean"]
-    return [f"`{e['row']}`", _with_ci(m["mAP"], e["ci"]["mAP"], e["n"]), delta("mAP"), _num(m["AP50"]),
-            delta("AP50"), _num(m["AP75"]), delta("AP75"), _num(m["APs"]), _num(m["APm"]), _num(m["APl"]),
-            _num(m["mAR"]), str(e["n"]), _duration(e["wall_s"]), _memory(e["peak_mem_mb"])]
+    return [
+        f"`{e['row']}`",
+        _with_ci(m["mAP"], e["ci"]["mAP"], e["n"]),
+        delta("mAP"),
+        _num(m["AP50"]),
+        delta("AP50"),
+        _num(m["AP75"]),
+        delta("AP75"),
+        _num(m["APs"]),
+        _num(m["APm"]),
+        _num(m["APl"]),
+        _num(m["mAR"]),
+        str(e["n"]),
+        _duration(e["wall_s"]),
+        _memory(e["peak_mem_mb"]),
+    ]
 
 
 def _markdown_table(entries: list[dict]) -> list[str]:
@@ -173,8 +209,16 @@ def _csv_value(x) -> str:
     return str(x)
 
 
-def write_report(results: Sequence[dict], out_dir: str | Path, *, title: str, teacher_top1: float | None = None,
-                 notes: Sequence[str] = (), plots: Sequence[str | Path] = (), baseline_row: str = "baseline") -> Path:
+def write_report(
+    results: Sequence[dict],
+    out_dir: str | Path,
+    *,
+    title: str,
+    teacher_top1: float | None = None,
+    notes: Sequence[str] = (),
+    plots: Sequence[str | Path] = (),
+    baseline_row: str = "baseline",
+) -> Path:
     """Write ``out_dir/report.md`` (summary table per detector, teacher top-1, notes, plots) and ``out_dir/report.csv``
     (one line per row x seed with every metric). Returns the path of report.md.
 
@@ -186,12 +230,16 @@ def write_report(results: Sequence[dict], out_dir: str | Path, *, title: str, te
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
-    md = [f"# {title}", "",
-          "COCO box metrics in percent: mean over seeds ± 95% CI half-width (Student t; `n=1`: a single seed, no CI). "
-          f"Δ = mean of the paired same-seed differences to the `{baseline_row}` row of the same detector "
-          "± its 95% CI. "
-          f"{_NA} = not applicable (the baseline itself, no paired seed, or no ground truth of that size). "
-          "Wall time and peak memory are means over seeds.", ""]
+    md = [
+        f"# {title}",
+        "",
+        "COCO box metrics in percent: mean over seeds ± 95% CI half-width (Student t; `n=1`: a single seed, no CI). "
+        f"Δ = mean of the paired same-seed differences to the `{baseline_row}` row of the same detector "
+        "± its 95% CI. "
+        f"{_NA} = not applicable (the baseline itself, no paired seed, or no ground truth of that size). "
+        "Wall time and peak memory are means over seeds.",
+        "",
+    ]
     for detector in dict.fromkeys(e["detector"] for e in summary):
         md += [f"## {detector}", ""]
         md += _markdown_table([e for e in summary if e["detector"] == detector]) + [""]
@@ -213,15 +261,28 @@ def write_report(results: Sequence[dict], out_dir: str | Path, *, title: str, te
     report_md = out / "report.md"
     report_md.write_text("\n".join(md))
 
-    header = ["detector", "row", "seed", *METRIC_KEYS, *(f"AP@{iou:.2f}" for iou in IOU_THRESHOLDS), "wall_s",
-              "peak_mem_mb"]
+    header = [
+        "detector",
+        "row",
+        "seed",
+        *METRIC_KEYS,
+        *(f"AP@{iou:.2f}" for iou in IOU_THRESHOLDS),
+        "wall_s",
+        "peak_mem_mb",
+    ]
     with open(out / "report.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(header)
         for r in results:
             per_iou = _ap_per_iou(r)
-            values = [r["detector"], r["row"], r["seed"], *(float(r["metrics"][k]) for k in METRIC_KEYS),
-                      *(per_iou[iou] for iou in IOU_THRESHOLDS), float(r.get("wall_s", float("nan"))),
-                      float(r.get("peak_mem_mb", float("nan")))]
+            values = [
+                r["detector"],
+                r["row"],
+                r["seed"],
+                *(float(r["metrics"][k]) for k in METRIC_KEYS),
+                *(per_iou[iou] for iou in IOU_THRESHOLDS),
+                float(r.get("wall_s", float("nan"))),
+                float(r.get("peak_mem_mb", float("nan"))),
+            ]
             writer.writerow([_csv_value(v) for v in values])
     return report_md

@@ -5,11 +5,12 @@ and turning per-anchor matches into a :class:`Positives` record.
 Nothing here changes what a detector computes; these are the steps of the stock ``forward`` made callable
 one by one, so an adapter can read the intermediate tensors (anchors, matches, head outputs) it needs.
 """
+
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -18,8 +19,8 @@ from torchvision.models.detection._utils import Matcher
 from torchvision.ops import FrozenBatchNorm2d, box_iou
 
 from cls2det.config import StudentConfig
-from cls2det.teacher.model import read_state_dict  # one safe reader for every local weights file
 from cls2det.students.base import Negatives, Positives, StudentOutput, empty_positives
+from cls2det.teacher.model import read_state_dict  # one safe reader for every local weights file
 
 # The order in which torchvision unfreezes ResNet stages (``backbone_utils._resnet_fpn_extractor``).
 _RESNET_TRAINABLE_ORDER = ("layer4", "layer3", "layer2", "layer1", "conv1")
@@ -40,8 +41,9 @@ def transform_kwargs(config: StudentConfig) -> dict[str, int]:
     return {"min_size": config.image_size, "max_size": config.image_size}
 
 
-def build_resnet_fpn_detector(builder: Callable[..., nn.Module], num_classes: int, config: StudentConfig,
-                              **kwargs) -> nn.Module:
+def build_resnet_fpn_detector(
+    builder: Callable[..., nn.Module], num_classes: int, config: StudentConfig, **kwargs
+) -> nn.Module:
     """Call a torchvision ``*_resnet50_fpn`` builder (``weights=None``) and set up its ResNet body per ``config``.
 
     ``config.backbone_weights``:
@@ -55,17 +57,25 @@ def build_resnet_fpn_detector(builder: Callable[..., nn.Module], num_classes: in
     weights = config.backbone_weights
     trainable = config.trainable_backbone_layers
     if weights == "imagenet":
-        return build_imagenet_detector(builder, ResNet50_Weights.IMAGENET1K_V1, num_classes=num_classes,
-                                       trainable_backbone_layers=trainable, **kwargs)
-    detector = builder(weights=None, weights_backbone=None, num_classes=num_classes,
-                       trainable_backbone_layers=trainable if weights is None else None, **kwargs)
+        return build_imagenet_detector(
+            builder,
+            ResNet50_Weights.IMAGENET1K_V1,
+            num_classes=num_classes,
+            trainable_backbone_layers=trainable,
+            **kwargs,
+        )
+    detector = builder(
+        weights=None,
+        weights_backbone=None,
+        num_classes=num_classes,
+        trainable_backbone_layers=trainable if weights is None else None,
+        **kwargs,
+    )
     if weights is not None:
         body = detector.backbone.body
         load_backbone_weights(body, weights)
         freeze_resnet_body(body, 3 if trainable is None else trainable)
     return detector
-
-
 
 
 def load_backbone_weights(body: nn.Module, path: str | Path) -> None:
@@ -82,7 +92,7 @@ def load_backbone_weights(body: nn.Module, path: str | Path) -> None:
     if not prefixes:
         raise ValueError(f"{path}: no ResNet weights (conv1.weight, layer1.0.conv1.weight) in its {len(state)} keys")
     prefix = prefixes[0]
-    state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
     own = body.state_dict()
     for key, value in state.items():
@@ -124,8 +134,9 @@ def fpn_level_sizes(sizes: list[int] | None, detector: str, levels: int = 5) -> 
     if sizes is None:
         return None
     if len(sizes) != levels or any(s <= 0 for s in sizes):
-        raise ValueError(f"student.anchor_sizes: {detector} needs {levels} positive sizes (one per FPN level), "
-                         f"got {list(sizes)}")
+        raise ValueError(
+            f"student.anchor_sizes: {detector} needs {levels} positive sizes (one per FPN level), got {list(sizes)}"
+        )
     return list(sizes)
 
 
@@ -171,19 +182,22 @@ def match_anchors(detector: nn.Module, anchors: list[Tensor], targets: list[dict
     The computation of ``RetinaNet.compute_loss`` and ``SSD.forward`` (torchvision 0.16-0.29): the detector's
     ``proposal_matcher`` on the [M, A] IoU matrix; an image without GT boxes is all background.
     """
-    return match_per_image(anchors, targets, lambda gt_boxes, anchors_i: detector.proposal_matcher(
-        box_iou(gt_boxes, anchors_i)))
+    return match_per_image(
+        anchors, targets, lambda gt_boxes, anchors_i: detector.proposal_matcher(box_iou(gt_boxes, anchors_i))
+    )
 
 
-def match_per_image(anchors: list[Tensor], targets: list[dict[str, Tensor]],
-                    match: Callable[[Tensor, Tensor], Tensor]) -> list[Tensor]:
+def match_per_image(
+    anchors: list[Tensor], targets: list[dict[str, Tensor]], match: Callable[[Tensor, Tensor], Tensor]
+) -> list[Tensor]:
     """Per image [A] int64 ``match(gt_boxes [M, 4], anchors [A, 4])``; an image without GT boxes is all background
     (-1) without calling ``match``."""
     matched_idxs = []
     for anchors_per_image, target in zip(anchors, targets):
         if target["boxes"].numel() == 0:
-            matched_idxs.append(torch.full((anchors_per_image.size(0),), -1, dtype=torch.int64,
-                                           device=anchors_per_image.device))
+            matched_idxs.append(
+                torch.full((anchors_per_image.size(0),), -1, dtype=torch.int64, device=anchors_per_image.device)
+            )
         else:
             matched_idxs.append(match(target["boxes"], anchors_per_image))
     return matched_idxs
@@ -209,10 +223,17 @@ def positives_from_matches(
     for i, (matched, target) in enumerate(zip(matched_idxs, targets)):
         fg = torch.where(matched >= 0)[0]  # [K_i]
         gt = matched[fg]  # [K_i]
-        parts.append((
-            torch.full_like(fg, i), target["boxes"][gt].detach(), target["labels"][gt] - label_offset,
-            cls_logits[i, fg], decode(i, fg), gt, fg,
-        ))
+        parts.append(
+            (
+                torch.full_like(fg, i),
+                target["boxes"][gt].detach(),
+                target["labels"][gt] - label_offset,
+                cls_logits[i, fg],
+                decode(i, fg),
+                gt,
+                fg,
+            )
+        )
     if not parts:
         return empty_positives(cls_logits.device, cls_logits.dtype, cls_logits.shape[-1], head)
     image_index, gt_boxes, labels, logits, pred_boxes, gt_index, anchor_index = (torch.cat(p) for p in zip(*parts))
@@ -229,8 +250,15 @@ def sample_rows(is_candidate: Tensor, max_count: int, generator: torch.Generator
     return rows
 
 
-def negatives_from_matches(matched_idxs: list[Tensor], anchors: list[Tensor], cls_logits: Tensor, max_count: int,
-                           *, head: str, generator: torch.Generator | None = None) -> Negatives | None:
+def negatives_from_matches(
+    matched_idxs: list[Tensor],
+    anchors: list[Tensor],
+    cls_logits: Tensor,
+    max_count: int,
+    *,
+    head: str,
+    generator: torch.Generator | None = None,
+) -> Negatives | None:
     """At most ``max_count`` of the batch's background anchors, drawn uniformly over all images; None when
     ``max_count`` is 0 (nothing is computed).
 
@@ -247,34 +275,63 @@ def negatives_from_matches(matched_idxs: list[Tensor], anchors: list[Tensor], cl
     return Negatives(rows // num_anchors, boxes, cls_logits.flatten(0, 1)[rows], head, rows % num_anchors)
 
 
-def student_output(detector: nn.Module, losses: dict[str, Tensor], positives: Positives, image_list,
-                   features: list[Tensor], targets: list[dict[str, Tensor]], anchors: Tensor | None = None,
-                   anchor_generator: nn.Module | None = None, negatives: Negatives | None = None) -> StudentOutput:
+def student_output(
+    detector: nn.Module,
+    losses: dict[str, Tensor],
+    positives: Positives,
+    image_list,
+    features: list[Tensor],
+    targets: list[dict[str, Tensor]],
+    anchors: Tensor | None = None,
+    anchor_generator: nn.Module | None = None,
+    negatives: Negatives | None = None,
+) -> StudentOutput:
     """The train-step record of an adapter. ``anchors``: one image's [A, 4] anchors (every image of a batch has the
     same), split per level with ``anchor_generator.num_anchors_per_location()``; None for anchor-free families."""
     mean, std = image_mean_std(detector.transform, image_list.tensors)
-    levels = [] if anchors is None else split_anchor_levels(
-        anchors, features, anchor_generator.num_anchors_per_location())
-    return StudentOutput(losses, positives, image_list.tensors, mean, std, features=list(features),
-                         level_anchors=levels, gt_boxes=[t["boxes"].detach() for t in targets],
-                         image_sizes=[tuple(s) for s in image_list.image_sizes], negatives=negatives)
+    levels = (
+        [] if anchors is None else split_anchor_levels(anchors, features, anchor_generator.num_anchors_per_location())
+    )
+    return StudentOutput(
+        losses,
+        positives,
+        image_list.tensors,
+        mean,
+        std,
+        features=list(features),
+        level_anchors=levels,
+        gt_boxes=[t["boxes"].detach() for t in targets],
+        image_sizes=[tuple(s) for s in image_list.image_sizes],
+        negatives=negatives,
+    )
 
 
-def dense_head_output(adapter, losses: dict[str, Tensor], image_list, features: list[Tensor],
-                      targets: list[dict[str, Tensor]], anchors: list[Tensor], matched_idxs: list[Tensor],
-                      cls_logits: Tensor, decode: Callable[[int, Tensor], Tensor], *,
-                      anchor_free: bool = False) -> StudentOutput:
+def dense_head_output(
+    adapter,
+    losses: dict[str, Tensor],
+    image_list,
+    features: list[Tensor],
+    targets: list[dict[str, Tensor]],
+    anchors: list[Tensor],
+    matched_idxs: list[Tensor],
+    cls_logits: Tensor,
+    decode: Callable[[int, Tensor], Tensor],
+    *,
+    anchor_free: bool = False,
+) -> StudentOutput:
     """The train-step record of a dense-head adapter (SSD, RetinaNet, FCOS): its positives, its negatives when asked
     (``adapter.max_negatives``) and :func:`student_output`. anchors: per image [A, 4]; cls_logits: [N, A, C'];
     ``anchor_free``: FCOS's square "anchors" are locations, not FGFI's anchors, so no level anchors are recorded."""
     det = adapter.detector
-    positives = positives_from_matches(matched_idxs, targets, cls_logits, decode, head=adapter.head,
-                                       label_offset=adapter.label_offset)
+    positives = positives_from_matches(
+        matched_idxs, targets, cls_logits, decode, head=adapter.head, label_offset=adapter.label_offset
+    )
     negatives = negatives_from_matches(matched_idxs, anchors, cls_logits, adapter.max_negatives, head=adapter.head)
     if anchor_free:
         return student_output(det, losses, positives, image_list, features, targets, negatives=negatives)
-    return student_output(det, losses, positives, image_list, features, targets, anchors[0], det.anchor_generator,
-                          negatives=negatives)
+    return student_output(
+        det, losses, positives, image_list, features, targets, anchors[0], det.anchor_generator, negatives=negatives
+    )
 
 
 def split_anchor_levels(anchors: Tensor, features: list[Tensor], anchors_per_location: list[int]) -> list[Tensor]:
@@ -283,8 +340,10 @@ def split_anchor_levels(anchors: Tensor, features: list[Tensor], anchors_per_loc
     sizes = [f.shape[-2] * f.shape[-1] * a for f, a in zip(features, anchors_per_location)]
     if sum(sizes) != anchors.shape[0]:
         raise ValueError(f"{anchors.shape[0]} anchors do not tile feature maps of {sizes} anchors")
-    return [level.view(f.shape[-2], f.shape[-1], a, 4)
-            for level, f, a in zip(anchors.split(sizes), features, anchors_per_location)]
+    return [
+        level.view(f.shape[-2], f.shape[-1], a, 4)
+        for level, f, a in zip(anchors.split(sizes), features, anchors_per_location)
+    ]
 
 
 # ------------------------------------------------------------------------------------ classifier-layout backbones
@@ -300,8 +359,10 @@ def build_imagenet_detector(builder: Callable[..., nn.Module], weights_backbone,
         return builder(weights=None, weights_backbone=weights_backbone, **kwargs)
     except (OSError, RuntimeError) as err:  # URLError is an OSError; a corrupt cache raises RuntimeError
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise RuntimeError(f"student.backbone_weights='imagenet': could not load torchvision's {weights_backbone} "
-                           f"weights ({reason}); pass a local state-dict file instead") from None
+        raise RuntimeError(
+            f"student.backbone_weights='imagenet': could not load torchvision's {weights_backbone} "
+            f"weights ({reason}); pass a local state-dict file instead"
+        ) from None
 
 
 def load_view_weights(view: nn.Module, path: str | Path, classifier: str) -> None:
@@ -318,12 +379,14 @@ def load_view_weights(view: nn.Module, path: str | Path, classifier: str) -> Non
     if not hits:
         raise ValueError(f"{path}: no {first} among its {len(state)} keys; expected a {classifier} state dict")
     prefix = min(hits, key=len)[: -len(first)]
-    state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     state = {k: v for k, v in state.items() if not k.startswith(("fc.", "classifier."))}
     for key, value in state.items():
         if key in own and own[key].shape != value.shape:
-            raise ValueError(f"{path}: {prefix}{key} has shape {tuple(value.shape)}, expected {tuple(own[key].shape)} "
-                             f"for {classifier}")
+            raise ValueError(
+                f"{path}: {prefix}{key} has shape {tuple(value.shape)}, expected {tuple(own[key].shape)} "
+                f"for {classifier}"
+            )
     missing, unexpected = view.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("num_batches_tracked")]
     if missing:

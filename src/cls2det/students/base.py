@@ -7,10 +7,11 @@ In eval mode it returns torchvision's detections, with labels mapped back to 0-b
 A trained, frozen adapter can also teach a student of its own family (det2det, :meth:`StudentAdapter.teach`): its
 feature maps and its class logits for the student's positives, computed on the student's own batch.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
-from typing import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -37,8 +38,9 @@ class Positives:
     def __len__(self) -> int:
         return int(self.labels.numel())
 
-    def subset(self, index: Tensor) -> "Positives":
+    def subset(self, index: Tensor) -> Positives:
         """The positives at ``index`` ([k] int64 or bool mask)."""
+
         def pick(value):
             return value if value is None or isinstance(value, str) else value[index]
 
@@ -192,7 +194,7 @@ class StudentAdapter(nn.Module):
             self.train(was_training)
         return [tuple(f.shape[1:]) for f in features], anchors
 
-    def check_det_teacher(self, teacher: "StudentAdapter", methods: Sequence[str]) -> None:
+    def check_det_teacher(self, teacher: StudentAdapter, methods: Sequence[str]) -> None:
         """Raise a one-line ``ValueError`` unless ``teacher`` can teach this student with det2det ``methods``
         (``logit``, ``fgfi``, ``pkd``): same family, same classes, same resizing; same anchors for logit KD on a
         dense head; the same feature-map shapes for the feature methods (no adaptation layer is added: with
@@ -205,30 +207,44 @@ class StudentAdapter(nn.Module):
         if "fgfi" in methods and not self.has_anchors:
             raise ValueError(f"det:fgfi needs anchors and {name} is anchor-free: use det:logit or det:pkd")
 
-        def resizing(adapter: "StudentAdapter"):
+        def resizing(adapter: StudentAdapter):
             t = adapter.detector.transform
-            return {"min_size": tuple(t.min_size), "max_size": t.max_size, "fixed_size": t.fixed_size,
-                    "size_divisible": t.size_divisible}
+            return {
+                "min_size": tuple(t.min_size),
+                "max_size": t.max_size,
+                "fixed_size": t.fixed_size,
+                "size_divisible": t.size_divisible,
+            }
 
         mine, theirs = resizing(self), resizing(teacher)
         if mine != theirs:
-            raise ValueError(f"the det teacher resizes images with {theirs}, the student with {mine}: train the "
-                             "teacher with the student's student.image_size")
+            raise ValueError(
+                f"the det teacher resizes images with {theirs}, the student with {mine}: train the "
+                "teacher with the student's student.image_size"
+            )
         my_shapes, my_anchors = self.geometry_probe()
         their_shapes, their_anchors = teacher.geometry_probe()
         if {"fgfi", "pkd"} & set(methods) and my_shapes != their_shapes:
-            raise ValueError(f"det:fgfi / det:pkd need equal feature maps: the student's are {my_shapes} ([D, H, W] "
-                             f"per level), the det teacher's {their_shapes}; use a teacher of the same detector")
+            raise ValueError(
+                f"det:fgfi / det:pkd need equal feature maps: the student's are {my_shapes} ([D, H, W] "
+                f"per level), the det teacher's {their_shapes}; use a teacher of the same detector"
+            )
         same_anchors = my_anchors.shape == their_anchors.shape and torch.equal(my_anchors, their_anchors)
         if "logit" in methods and self.dense_head and not same_anchors:
-            raise ValueError(f"det:logit needs the same anchors: the student has {len(my_anchors)}, the det teacher "
-                             f"{len(their_anchors)} (or at other places); set the same student.anchor_sizes")
+            raise ValueError(
+                f"det:logit needs the same anchors: the student has {len(my_anchors)}, the det teacher "
+                f"{len(their_anchors)} (or at other places); set the same student.anchor_sizes"
+            )
 
 
 def empty_positives(device: torch.device, dtype: torch.dtype, num_logits: int, head: str) -> Positives:
     return Positives(
-        torch.zeros(0, dtype=torch.int64, device=device), torch.zeros(0, 4, dtype=dtype, device=device),
-        torch.zeros(0, dtype=torch.int64, device=device), torch.zeros(0, num_logits, dtype=dtype, device=device),
-        torch.zeros(0, 4, dtype=dtype, device=device), head, torch.zeros(0, dtype=torch.int64, device=device),
+        torch.zeros(0, dtype=torch.int64, device=device),
+        torch.zeros(0, 4, dtype=dtype, device=device),
+        torch.zeros(0, dtype=torch.int64, device=device),
+        torch.zeros(0, num_logits, dtype=dtype, device=device),
+        torch.zeros(0, 4, dtype=dtype, device=device),
+        head,
+        torch.zeros(0, dtype=torch.int64, device=device),
         torch.zeros(0, dtype=torch.int64, device=device),
     )

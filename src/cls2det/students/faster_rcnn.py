@@ -5,6 +5,7 @@ The adapter runs the stock ``GeneralizedRCNN.forward`` / ``RoIHeads.forward`` tr
 predictor -> ``fastrcnn_loss``), so the loss numbers are torchvision's own, and reads off the positives: the
 proposals the RoI sampler drew with a foreground label (IoU >= 0.5 with a GT box, GT boxes themselves included).
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -19,8 +20,17 @@ from torchvision.models.detection.rpn import RPNHead
 
 from cls2det.config import StudentConfig
 from cls2det.students._common import (
-    build_imagenet_detector, build_resnet_fpn_detector, features_view, freeze_batchnorm,
-    freeze_stages, load_view_weights, sample_rows, stage_indices, student_output, transform_batch, transform_kwargs,
+    build_imagenet_detector,
+    build_resnet_fpn_detector,
+    features_view,
+    freeze_batchnorm,
+    freeze_stages,
+    load_view_weights,
+    sample_rows,
+    stage_indices,
+    student_output,
+    transform_batch,
+    transform_kwargs,
 )
 from cls2det.students.base import Negatives, Positives, StudentAdapter, StudentOutput
 
@@ -41,7 +51,7 @@ def rpn_anchor_sizes(sizes: list[int], levels: int) -> tuple[tuple[int, ...], ..
     if len(ordered) % levels:
         return (tuple(ordered),) * levels
     step = len(ordered) // levels
-    return tuple(tuple(ordered[i * step:(i + 1) * step]) for i in range(levels))
+    return tuple(tuple(ordered[i * step : (i + 1) * step]) for i in range(levels))
 
 
 def set_rpn_anchors(detector: FasterRCNN, sizes: list[int]) -> None:
@@ -89,8 +99,17 @@ class FasterRCNNAdapter(StudentAdapter):
         feature_maps = list(features.values())
         rpn_anchors = det.rpn.anchor_generator(image_list, feature_maps)[0]  # [A, 4]: FGFI's anchors, as in Wang et al.
         negatives = self._negatives(proposals, labels, class_logits)
-        return student_output(det, losses, positives, image_list, feature_maps, targets, rpn_anchors,
-                              det.rpn.anchor_generator, negatives=negatives)
+        return student_output(
+            det,
+            losses,
+            positives,
+            image_list,
+            feature_maps,
+            targets,
+            rpn_anchors,
+            det.rpn.anchor_generator,
+            negatives=negatives,
+        )
 
     def _negatives(self, proposals: list[Tensor], labels: list[Tensor], class_logits: Tensor) -> Negatives | None:
         """At most ``max_negatives`` of the sampled background proposals (label 0) of the batch; None when 0."""
@@ -100,8 +119,15 @@ class FasterRCNNAdapter(StudentAdapter):
         image_index = torch.cat([torch.full_like(label, i) for i, label in enumerate(labels)])[rows]  # [M]
         return Negatives(image_index, torch.cat(proposals)[rows].detach(), class_logits[rows], self.head)
 
-    def _positives(self, proposals: list[Tensor], matched_idxs: list[Tensor], labels: list[Tensor],
-                   targets: list[dict[str, Tensor]], class_logits: Tensor, box_regression: Tensor) -> Positives:
+    def _positives(
+        self,
+        proposals: list[Tensor],
+        matched_idxs: list[Tensor],
+        labels: list[Tensor],
+        targets: list[dict[str, Tensor]],
+        class_logits: Tensor,
+        box_regression: Tensor,
+    ) -> Positives:
         """The sampled foreground proposals; rows of ``class_logits`` follow the images' proposals in order."""
         gt_boxes, gt_index = [], []
         for matched, label, target in zip(matched_idxs, labels, targets):
@@ -115,8 +141,16 @@ class FasterRCNNAdapter(StudentAdapter):
         regression = box_regression.reshape(box_regression.shape[0], -1, 4)[fg, fg_labels]  # [K, 4]
         fg_proposals = torch.cat(proposals)[fg]  # [K, 4]
         pred_boxes = self.detector.roi_heads.box_coder.decode_single(regression, fg_proposals)  # [K, 4]
-        return Positives(image_index, torch.cat(gt_boxes), fg_labels - self.label_offset, class_logits[fg],
-                         pred_boxes, self.head, torch.cat(gt_index), proposals=fg_proposals.detach())
+        return Positives(
+            image_index,
+            torch.cat(gt_boxes),
+            fg_labels - self.label_offset,
+            class_logits[fg],
+            pred_boxes,
+            self.head,
+            torch.cat(gt_index),
+            proposals=fg_proposals.detach(),
+        )
 
     # ------------------------------------------------------------------------------------ det2det: as a teacher
 
@@ -161,11 +195,17 @@ def fasterrcnn_mobilenet_v3(num_classes: int, config: StudentConfig, **kwargs: A
     kwargs = {**kwargs, **transform_kwargs(config), "num_classes": num_classes + 1}
     weights, trainable = config.backbone_weights, config.trainable_backbone_layers
     if weights == "imagenet":
-        detector = build_imagenet_detector(fasterrcnn_mobilenet_v3_large_fpn, MobileNet_V3_Large_Weights.IMAGENET1K_V1,
-                                           trainable_backbone_layers=trainable, **kwargs)
+        detector = build_imagenet_detector(
+            fasterrcnn_mobilenet_v3_large_fpn,
+            MobileNet_V3_Large_Weights.IMAGENET1K_V1,
+            trainable_backbone_layers=trainable,
+            **kwargs,
+        )
     else:
         detector = fasterrcnn_mobilenet_v3_large_fpn(
-            weights=None, weights_backbone=None, trainable_backbone_layers=trainable if weights is None else None,
+            weights=None,
+            weights_backbone=None,
+            trainable_backbone_layers=trainable if weights is None else None,
             **kwargs,
         )
         if weights is not None:
@@ -189,8 +229,9 @@ def fasterrcnn_resnet50(num_classes: int, config: StudentConfig, **kwargs: Any) 
     kwargs go to torchvision's :class:`FasterRCNN`.
     """
     _check_num_classes(num_classes)
-    detector = build_resnet_fpn_detector(fasterrcnn_resnet50_fpn, num_classes + 1, config,
-                                         **{**kwargs, **transform_kwargs(config)})
+    detector = build_resnet_fpn_detector(
+        fasterrcnn_resnet50_fpn, num_classes + 1, config, **{**kwargs, **transform_kwargs(config)}
+    )
     if config.anchor_sizes is not None:
         set_rpn_anchors(detector, config.anchor_sizes)
     return FasterRCNNAdapter(detector, num_classes)

@@ -15,6 +15,7 @@ of side ``size_l`` per level (stock: the strides 8, 16, 32, 64, 128), and uses i
 shrink the sampling radius (fewer positives per object), larger sizes do the opposite. The locations stay on the
 stride grid (at ``(x * stride, y * stride)``), whatever the sizes.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -26,7 +27,12 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 
 from cls2det.config import StudentConfig
 from cls2det.students._common import (
-    backbone_features, build_resnet_fpn_detector, dense_head_output, fpn_level_sizes, match_per_image, transform_batch,
+    backbone_features,
+    build_resnet_fpn_detector,
+    dense_head_output,
+    fpn_level_sizes,
+    match_per_image,
+    transform_batch,
     transform_kwargs,
 )
 from cls2det.students.base import StudentAdapter, StudentOutput
@@ -38,7 +44,9 @@ def fcos_anchor_generator(sizes: list[int]) -> AnchorGenerator:
 
 
 def fcos_matched_idxs(
-    anchors: list[Tensor], targets: list[dict[str, Tensor]], num_anchors_per_level: list[int],
+    anchors: list[Tensor],
+    targets: list[dict[str, Tensor]],
+    num_anchors_per_level: list[int],
     center_sampling_radius: float,
 ) -> list[Tensor]:
     """Per image [A] int64: the GT index assigned to each location, -1 for background.
@@ -47,13 +55,15 @@ def fcos_matched_idxs(
     it: center sampling, inside-box, per-level scale range, then the smallest-area GT among the candidates.
     The tests check it against the ``matched_idxs`` torchvision passes to ``FCOSHead.compute_loss``.
     """
+
     def assign(gt_boxes: Tensor, anchors_per_image: Tensor) -> Tensor:  # [M, 4], [A, 4] -> [A]
         gt_centers = (gt_boxes[:, :2] + gt_boxes[:, 2:]) / 2  # [M, 2]
         anchor_centers = (anchors_per_image[:, :2] + anchors_per_image[:, 2:]) / 2  # [A, 2]
         anchor_sizes = anchors_per_image[:, 2] - anchors_per_image[:, 0]  # [A]
         # center sampling: the location is within radius * size of the GT centre (Chebyshev distance)
-        is_match = (anchor_centers[:, None, :] - gt_centers[None, :, :]).abs().max(dim=2).values \
-            < center_sampling_radius * anchor_sizes[:, None]  # [A, M]
+        is_match = (anchor_centers[:, None, :] - gt_centers[None, :, :]).abs().max(
+            dim=2
+        ).values < center_sampling_radius * anchor_sizes[:, None]  # [A, M]
         x, y = anchor_centers.unsqueeze(dim=2).unbind(dim=1)  # [A, 1] each
         x0, y0, x1, y1 = gt_boxes.unsqueeze(dim=0).unbind(dim=2)  # [1, M] each
         side_dist = torch.stack([x - x0, y - y0, x1 - x, y1 - y], dim=2)  # [A, M, 4]
@@ -61,7 +71,7 @@ def fcos_matched_idxs(
         lower_bound = anchor_sizes * 4
         lower_bound[: num_anchors_per_level[0]] = 0
         upper_bound = anchor_sizes * 8
-        upper_bound[-num_anchors_per_level[-1]:] = float("inf")
+        upper_bound[-num_anchors_per_level[-1] :] = float("inf")
         max_dist = side_dist.max(dim=2).values  # [A, M]
         is_match &= (max_dist > lower_bound[:, None]) & (max_dist < upper_bound[:, None])
         # several candidates: the GT with the smallest area wins
@@ -103,8 +113,18 @@ class FCOSAdapter(StudentAdapter):
             # float32: the coder casts anchors to the regression's dtype, which loses pixels under bf16 autocast
             return det.box_coder.decode(regression[i, fg].float(), anchors[i][fg])  # [K_i, 4]
 
-        return dense_head_output(self, losses, image_list, features, targets, anchors, matched_idxs,
-                                 head_outputs["cls_logits"], decode, anchor_free=True)
+        return dense_head_output(
+            self,
+            losses,
+            image_list,
+            features,
+            targets,
+            anchors,
+            matched_idxs,
+            head_outputs["cls_logits"],
+            decode,
+            anchor_free=True,
+        )
 
 
 def fcos_resnet50(num_classes: int, config: StudentConfig, **options: Any) -> FCOSAdapter:

@@ -3,6 +3,7 @@
 A builder is ``fn(num_classes: int, config: StudentConfig) -> StudentAdapter``. Adding a detector is one
 builder in its family's module and one line here.
 """
+
 from __future__ import annotations
 
 import importlib

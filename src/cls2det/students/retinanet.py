@@ -4,19 +4,24 @@ The adapter runs the stock ``RetinaNet.forward`` step by step (transform -> back
 matching -> ``head.compute_loss``), so the loss numbers are torchvision's own, and reads off the positives:
 every anchor the detector's ``proposal_matcher`` assigns to a GT box (IoU >= 0.5, plus each GT's best anchors).
 """
+
 from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import Tensor
 from torchvision.models.detection import RetinaNet, retinanet_resnet50_fpn
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 
 from cls2det.config import StudentConfig
 from cls2det.students._common import (
-    backbone_features, build_resnet_fpn_detector, dense_head_output, fpn_level_sizes, match_anchors,
-    transform_batch, transform_kwargs,
+    backbone_features,
+    build_resnet_fpn_detector,
+    dense_head_output,
+    fpn_level_sizes,
+    match_anchors,
+    transform_batch,
+    transform_kwargs,
 )
 from cls2det.students.base import StudentAdapter, StudentOutput
 
@@ -27,7 +32,6 @@ def retinanet_anchor_generator(sizes: list[int]) -> AnchorGenerator:
     Stock: ``sizes = [32, 64, 128, 256, 512]``."""
     anchor_sizes = tuple((s, int(s * 2 ** (1.0 / 3)), int(s * 2 ** (2.0 / 3))) for s in sizes)
     return AnchorGenerator(anchor_sizes, ((0.5, 1.0, 2.0),) * len(anchor_sizes))
-
 
 
 class RetinaNetAdapter(StudentAdapter):
@@ -57,8 +61,9 @@ class RetinaNetAdapter(StudentAdapter):
             # float32: the coder casts anchors to the regression's dtype, which loses pixels under bf16 autocast
             return det.box_coder.decode_single(regression[i, fg].float(), anchors[i][fg])  # [K_i, 4]
 
-        return dense_head_output(self, losses, image_list, features, targets, anchors, matched_idxs,
-                                 head_outputs["cls_logits"], decode)
+        return dense_head_output(
+            self, losses, image_list, features, targets, anchors, matched_idxs, head_outputs["cls_logits"], decode
+        )
 
 
 def retinanet_resnet50(num_classes: int, config: StudentConfig, **options: Any) -> RetinaNetAdapter:

@@ -5,29 +5,35 @@ boxes -> matching -> ``SSD.compute_loss``), so the loss numbers are torchvision'
 positives: every default box the detector's ``proposal_matcher`` assigns to a GT box (IoU >= 0.5, plus each
 GT's best box).
 """
+
 from __future__ import annotations
 
 from collections import OrderedDict
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 from torchvision.models import MobileNet_V3_Large_Weights, VGG16_Weights, mobilenet_v3_large, vgg16
-from torchvision.models.detection.ssd import SSD
 from torchvision.models.detection import ssd300_vgg16 as tv_ssd300_vgg16
 from torchvision.models.detection import ssdlite320_mobilenet_v3_large as tv_ssdlite320
 from torchvision.models.detection.anchor_utils import DefaultBoxGenerator
+from torchvision.models.detection.ssd import SSD
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from cls2det.config import StudentConfig
 from cls2det.students._common import (
-    backbone_features, build_imagenet_detector, dense_head_output, features_view, freeze_stages, load_view_weights,
-    match_anchors, stage_indices, transform_batch,
+    backbone_features,
+    build_imagenet_detector,
+    dense_head_output,
+    features_view,
+    freeze_stages,
+    load_view_weights,
+    match_anchors,
+    stage_indices,
+    transform_batch,
 )
 from cls2det.students.base import StudentAdapter, StudentOutput
 
 SSD300_MIN_SIZE = 268  # below this the VGG extra layers (3x3 convs without padding) run out of pixels
-
 
 
 class SSDAdapter(StudentAdapter):
@@ -58,12 +64,14 @@ class SSDAdapter(StudentAdapter):
         def decode(i: int, fg: Tensor) -> Tensor:
             return det.box_coder.decode_single(regression[i, fg], anchors[i][fg])  # [K_i, 4]
 
-        return dense_head_output(self, losses, image_list, features, targets, anchors, matched_idxs,
-                                 head_outputs["cls_logits"], decode)
+        return dense_head_output(
+            self, losses, image_list, features, targets, anchors, matched_idxs, head_outputs["cls_logits"], decode
+        )
 
 
-def ssd_box_generator(stock: DefaultBoxGenerator, image_size: int, stock_size: int,
-                      anchor_sizes: list[int] | None) -> DefaultBoxGenerator:
+def ssd_box_generator(
+    stock: DefaultBoxGenerator, image_size: int, stock_size: int, anchor_sizes: list[int] | None
+) -> DefaultBoxGenerator:
     """The default boxes for a square input of ``image_size`` px, from the detector's stock generator.
 
     ``anchor_sizes`` (pixels of the transformed image, divided by ``image_size`` into SSD's relative scales):
@@ -83,13 +91,16 @@ def ssd_box_generator(stock: DefaultBoxGenerator, image_size: int, stock_size: i
         raise ValueError(f"student.anchor_sizes must be positive, got {list(anchor_sizes)}")
     if len(anchor_sizes) == 2:
         low, high = sorted(anchor_sizes)
-        return DefaultBoxGenerator(stock.aspect_ratios, min_ratio=low / image_size, max_ratio=high / image_size,
-                                   steps=steps, clip=stock.clip)
+        return DefaultBoxGenerator(
+            stock.aspect_ratios, min_ratio=low / image_size, max_ratio=high / image_size, steps=steps, clip=stock.clip
+        )
     if len(anchor_sizes) == maps + 1:
         scales = [s / image_size for s in anchor_sizes]
         return DefaultBoxGenerator(stock.aspect_ratios, scales=scales, steps=steps, clip=stock.clip)
-    raise ValueError(f"student.anchor_sizes for SSD needs 2 sizes (min, max) or {maps + 1} (one per feature map "
-                     f"+ 1), got {len(anchor_sizes)}")
+    raise ValueError(
+        f"student.anchor_sizes for SSD needs 2 sizes (min, max) or {maps + 1} (one per feature map "
+        f"+ 1), got {len(anchor_sizes)}"
+    )
 
 
 def set_ssd_geometry(detector: SSD, config: StudentConfig, stock_size: int) -> None:
@@ -97,8 +108,9 @@ def set_ssd_geometry(detector: SSD, config: StudentConfig, stock_size: int) -> N
     size = config.image_size or stock_size
     if size != stock_size:
         old = detector.transform
-        detector.transform = GeneralizedRCNNTransform(size, size, old.image_mean, old.image_std, size_divisible=1,
-                                                      fixed_size=(size, size))
+        detector.transform = GeneralizedRCNNTransform(
+            size, size, old.image_mean, old.image_std, size_divisible=1, fixed_size=(size, size)
+        )
     if size != stock_size or config.anchor_sizes is not None:
         detector.anchor_generator = ssd_box_generator(detector.anchor_generator, size, stock_size, config.anchor_sizes)
 
@@ -125,11 +137,16 @@ def ssd300_vgg16(num_classes: int, config: StudentConfig, **kwargs: Any) -> SSDA
     weights, trainable = config.backbone_weights, config.trainable_backbone_layers
     kwargs = {**kwargs, "num_classes": num_classes + 1}
     if weights == "imagenet":
-        detector = build_imagenet_detector(tv_ssd300_vgg16, VGG16_Weights.IMAGENET1K_FEATURES,
-                                           trainable_backbone_layers=trainable, **kwargs)
+        detector = build_imagenet_detector(
+            tv_ssd300_vgg16, VGG16_Weights.IMAGENET1K_FEATURES, trainable_backbone_layers=trainable, **kwargs
+        )
     else:
-        detector = tv_ssd300_vgg16(weights=None, weights_backbone=None,
-                                   trainable_backbone_layers=trainable if weights is None else None, **kwargs)
+        detector = tv_ssd300_vgg16(
+            weights=None,
+            weights_backbone=None,
+            trainable_backbone_layers=trainable if weights is None else None,
+            **kwargs,
+        )
         if weights is not None:
             body = detector.backbone
             # vgg16().features[0:23] = body.features, [23:30] = body.extra[0][:7]; [30] (pool5) is replaced by SSD.
@@ -157,11 +174,16 @@ def ssdlite320_mobilenet_v3(num_classes: int, config: StudentConfig, **kwargs: A
     weights, trainable = config.backbone_weights, config.trainable_backbone_layers
     kwargs = {**kwargs, "num_classes": num_classes + 1}
     if weights == "imagenet":
-        detector = build_imagenet_detector(tv_ssdlite320, MobileNet_V3_Large_Weights.IMAGENET1K_V1,
-                                           trainable_backbone_layers=trainable, **kwargs)
+        detector = build_imagenet_detector(
+            tv_ssdlite320, MobileNet_V3_Large_Weights.IMAGENET1K_V1, trainable_backbone_layers=trainable, **kwargs
+        )
     else:
-        detector = tv_ssdlite320(weights=None, weights_backbone=None,
-                                 trainable_backbone_layers=trainable if weights is None else None, **kwargs)
+        detector = tv_ssdlite320(
+            weights=None,
+            weights_backbone=None,
+            trainable_backbone_layers=trainable if weights is None else None,
+            **kwargs,
+        )
         if weights is not None:
             view = _ssdlite_view(detector.backbone)
             load_view_weights(view, weights, "mobilenet_v3_large(reduced_tail=True)")

@@ -3,6 +3,7 @@
 The weights file is an ordinary torchvision/timm state dict, so it doubles as a local ``pretrained`` file. The JSON
 records its SHA-256, so a truncated or modified weights file is caught before it is used. Never pickle.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -97,8 +98,13 @@ def load_teacher(run_dir: str | Path, *, device: str | torch.device = "cpu") -> 
         raise TeacherError(f"{weights}: not a valid safetensors file ({err})") from None
     try:
         teacher = build_teacher(
-            meta["arch"], meta["num_classes"], class_names=meta["class_names"], input_size=meta["input_size"],
-            library=meta["library"], mean=meta["mean"], std=meta["std"],
+            meta["arch"],
+            meta["num_classes"],
+            class_names=meta["class_names"],
+            input_size=meta["input_size"],
+            library=meta["library"],
+            mean=meta["mean"],
+            std=meta["std"],
         )
     except TeacherError as err:
         raise TeacherError(f"{weights.with_name(META_FILE)}: {err}") from None

@@ -4,13 +4,15 @@ Feature taps (``TAPS``) name the layers KD_loc compares (paper, sec. 3.2): ``"ob
 ``"l0"`` the stem (first conv block) and ``"l1"``..``"l4"`` the four stages. Where each tap comes from is written once,
 in :class:`TapLayout` (see ``_LAYOUTS`` and :func:`tap_layout`), never as string paths elsewhere.
 """
+
 from __future__ import annotations
 
 import difflib
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Literal
 
 import timm
 import torch
@@ -112,16 +114,22 @@ def _features_layout(features: nn.Sequential) -> TapLayout | None:
 
 def run_segment(modules: Sequence[nn.Module], x: Tensor, *, fuse: bool) -> Tensor:
     """Run ``modules`` in order on ``x``. With ``fuse`` (a frozen teacher in eval mode: BatchNorm on running statistics,
-    no weight gradients) a Conv2d followed by a BatchNorm2d runs as one convolution with the BN folded into its weights, and a ReLU
-    followed by a MaxPool2d runs after it (max and ReLU commute): the same values up to float rounding and the same
-    gradients, with two fewer passes over a stem's largest feature map (KD_loc's predicted crops go through the stem
-    forward and backward every step). Plain ``nn.Sequential`` s of leaf layers are opened, so deep stems fuse too."""
+    no weight gradients) a Conv2d followed by a BatchNorm2d runs as one convolution with the BN folded into its weights,
+    and a ReLU followed by a MaxPool2d runs after it (max and ReLU commute): the same values up to float rounding and
+    the same gradients, with two fewer passes over a stem's largest feature map (KD_loc's predicted crops go
+    through the stem forward and backward every step). Plain ``nn.Sequential`` s of leaf layers are opened, so deep
+    stems fuse too."""
     modules = list(_sequential_leaves(modules))
     i = 0
     while i < len(modules):
         module, after = modules[i], modules[i + 1] if i + 1 < len(modules) else None
-        if (fuse and isinstance(module, nn.Conv2d) and isinstance(after, nn.BatchNorm2d)
-                and module.padding_mode == "zeros" and after.running_mean is not None):
+        if (
+            fuse
+            and isinstance(module, nn.Conv2d)
+            and isinstance(after, nn.BatchNorm2d)
+            and module.padding_mode == "zeros"
+            and after.running_mean is not None
+        ):
             weight, bias = nn.utils.fuse_conv_bn_weights(
                 module.weight, module.bias, after.running_mean, after.running_var, after.eps, after.weight, after.bias
             )
@@ -139,8 +147,11 @@ def run_segment(modules: Sequence[nn.Module], x: Tensor, *, fuse: bool) -> Tenso
 def _sequential_leaves(modules: Sequence[nn.Module]):
     """``modules`` with each plain ``nn.Sequential`` of leaf layers (a deep stem, a conv-norm-act block) opened."""
     for module in modules:
-        if (isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward
-                and not any(any(True for _ in child.children()) for child in module)):
+        if (
+            isinstance(module, nn.Sequential)
+            and type(module).forward is nn.Sequential.forward
+            and not any(any(True for _ in child.children()) for child in module)
+        ):
             yield from module
         else:
             yield module
@@ -250,13 +261,13 @@ class Teacher(nn.Module):
             for handle in handles:
                 handle.remove()
 
-    def freeze(self) -> "Teacher":
+    def freeze(self) -> Teacher:
         """Eval mode for good (``train()`` is ignored afterwards) and no parameter gradients: a distillation teacher."""
         self.is_frozen = True
         self.requires_grad_(False)
         return super().train(False)
 
-    def train(self, mode: bool = True) -> "Teacher":
+    def train(self, mode: bool = True) -> Teacher:
         # A parent module's .train() must not switch a frozen teacher's BatchNorm back to batch statistics.
         return super().train(False if self.is_frozen else mode)
 
@@ -302,8 +313,13 @@ def build_teacher(
     elif pretrained is not None and not is_imagenet:
         report = load_matching_state_dict(net, read_state_dict(pretrained), str(pretrained))
     teacher = Teacher(
-        net, arch=arch, library=library, class_names=class_names, input_size=input_size,
-        mean=mean or default_mean, std=std or default_std,
+        net,
+        arch=arch,
+        library=library,
+        class_names=class_names,
+        input_size=input_size,
+        mean=mean or default_mean,
+        std=std or default_std,
     )
     teacher.pretrained_report = report
     return teacher

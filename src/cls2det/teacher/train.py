@@ -5,6 +5,7 @@ augmentation of the crop tensors (mild random resized crop + small translation, 
 off by default because digits and text are not flip-invariant). Top-1 on the val crops after every epoch; the best
 epoch's weights are kept.
 """
+
 from __future__ import annotations
 
 import math
@@ -114,7 +115,11 @@ def fit_teacher(
         torch.manual_seed(config.seed)
         generator = torch.Generator().manual_seed(config.seed)
         loader = DataLoader(
-            train_set, batch_size=config.batch_size, shuffle=True, generator=generator, num_workers=config.workers,
+            train_set,
+            batch_size=config.batch_size,
+            shuffle=True,
+            generator=generator,
+            num_workers=config.workers,
             drop_last=len(train_set) > config.batch_size,  # no 1-crop batch for BatchNorm; keep tiny sets whole
         )
         steps = config.epochs * len(loader)
@@ -124,8 +129,13 @@ def fit_teacher(
         teacher.to(device).train()
         history: list[dict[str, Any]] = []
         best_top1, best_state, best_epoch = -1.0, None, 0
-        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   TimeRemainingColumn())
+        columns = (
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+        )
         with Progress(*columns, disable=not progress) as bar:
             task = bar.add_task("teacher", total=steps)
             for epoch in range(1, config.epochs + 1):
@@ -186,7 +196,10 @@ def train_teacher(
     train_set = ClassificationCrops(train_split, size=config.input_size, context=config.context)
     val_set = ClassificationCrops(val_split, size=config.input_size, context=config.context)
     teacher = build_teacher(
-        config.arch, train_split.num_classes, class_names=train_split.class_names, input_size=config.input_size,
+        config.arch,
+        train_split.num_classes,
+        class_names=train_split.class_names,
+        input_size=config.input_size,
         pretrained=config.pretrained,
     )
     metrics = fit_teacher(teacher, train_set, val_set, config, progress=progress, device=device)
