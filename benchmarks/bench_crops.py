@@ -3,7 +3,7 @@
 python benchmarks/bench_crops.py --boxes 256 --images 2 --size 1024 --crop 112
 """
 
-from cls2det.engine.bench_crops import main
+from cls2det.bench.crops import main
 
 if __name__ == "__main__":
     main()

@@ -239,7 +239,7 @@ def same_number(a: float, b: float) -> bool:
 
 def test_export_failure_is_one_error_line(tmp_path, capsys, monkeypatch):
     """An export the environment cannot do (ExportError, e.g. onnx not installed) ends like any bad input."""
-    from cls2det.engine import export
+    from cls2det.deploy import export
 
     def fail(*args, **kwargs):
         raise export.ExportError("ONNX export needs the 'onnx' package: pip install 'cls2det[export]'")

@@ -100,7 +100,7 @@ def test_apply_overrides_nested():
 def test_every_shipped_config_parses(path):
     """Each recipe in configs/ loads into its typed config (studies, then every row of them and, for det2det
     rows, the detector teacher's run)."""
-    from cls2det.engine.study import check_study
+    from cls2det.study.runner import check_study
 
     if path.parent.name == "ablations" or path.name == "demo.yaml" or path.name.startswith("study_"):
         check_study(load_config(StudyConfig, path), Path("runs"))

@@ -38,8 +38,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return EXIT_BAD_INPUT
     from cls2det.data import DatasetError
+    from cls2det.deploy.export import ExportError  # e.g. onnx not installed: a one-line error, not a traceback
     from cls2det.engine import CheckpointError, RunDirError, TrainingError, TrainingInterrupted
-    from cls2det.engine.export import ExportError  # e.g. onnx not installed: a one-line error, not a traceback
 
     try:
         return args.func(args) or 0
@@ -264,8 +264,8 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from cls2det.engine.evaluate import evaluate_student
     from cls2det.engine.loading import load_student
+    from cls2det.evaluation.evaluate import evaluate_student
 
     model, config = load_student(args.run, checkpoint=args.checkpoint)
     from cls2det.data import load_split
@@ -278,7 +278,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_study(args) -> int:
-    from cls2det.engine.study import run_study
+    from cls2det.study.runner import run_study
 
     report = run_study(args.config, args.overrides)
     print(report.read_text())
@@ -286,7 +286,7 @@ def cmd_study(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from cls2det.engine.study import run_demo
+    from cls2det.study.runner import run_demo
 
     report = run_demo(args.out, args.overrides)
     print(report.read_text())
@@ -294,7 +294,7 @@ def cmd_demo(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from cls2det.engine.bench import run_benchmarks
+    from cls2det.bench.step import run_benchmarks
 
     run_benchmarks(
         detector=args.detector,
@@ -313,7 +313,7 @@ def cmd_bench(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from cls2det.engine.export import export_student
+    from cls2det.deploy.export import export_student
 
     out = export_student(args.run, fmt=args.format, out=args.out, checkpoint=args.checkpoint)
     print(f"exported to {out}")

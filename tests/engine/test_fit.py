@@ -12,10 +12,10 @@ import shutil
 import pytest
 import torch
 
-from cls2det.distill.cache import read_key
 from cls2det.engine import RunDirError, TrainingError
 from cls2det.engine.fit import fit
 from cls2det.engine.run_dir import CONFIG, GT_FEATURES, LAST, RESULTS, SOFT_LABELS
+from cls2det.engine.teacher_cache import read_key
 from cls2det.students import list_students
 
 fit_module = importlib.import_module("cls2det.engine.fit")  # the package exports a function named fit

@@ -175,7 +175,7 @@ def kd_loc_loss(
     the frozen teacher's taps F_l, and each tap is adaptive-average-pooled to P_l x P_l. The GT branch runs under
     ``torch.no_grad``; gradients reach ``pred_boxes`` only (through the teacher, whose weights should be frozen).
     The GT branch is a constant per (image, GT box, flip), so it can come precomputed (``gt_features``, e.g. from
-    :class:`~cls2det.distill.cache.GTFeatureCache`); ``features`` then runs on the predicted crops only.
+    :class:`~cls2det.engine.teacher_cache.GTFeatureCache`); ``features`` then runs on the predicted crops only.
 
     Args:
         features: callable, crops [K, 3, s, s] -> list of L feature maps [K, M_l, H_l, W_l] (e.g. the teacher's

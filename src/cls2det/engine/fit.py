@@ -22,20 +22,10 @@ from lightning_fabric import Fabric
 
 from cls2det.config import TrainConfig, det_methods, save_config
 from cls2det.data import CocoDetection, collate, load_split
-from cls2det.distill.cache import (
-    GTFeatureCache,
-    SoftLabelCache,
-    build_gt_feature_cache,
-    build_soft_label_cache,
-    gt_feature_key,
-    read_key,
-    soft_label_key,
-)
-from cls2det.distill.objective import LOSS_WEIGHTS, distillation_losses, total_loss
 from cls2det.engine.checkpoint import load_model_state, load_state, save_checkpoint
-from cls2det.engine.evaluate import evaluate_student
 from cls2det.engine.loading import load_det_teacher
 from cls2det.engine.logger import MetricsLogger
+from cls2det.engine.objective import LOSS_WEIGHTS, distillation_losses, total_loss
 from cls2det.engine.run_dir import (
     BEST,
     CLASSES,
@@ -53,6 +43,16 @@ from cls2det.engine.run_dir import (
     write_json,
 )
 from cls2det.engine.schedule import build_optimizer, build_scheduler
+from cls2det.engine.teacher_cache import (
+    GTFeatureCache,
+    SoftLabelCache,
+    build_gt_feature_cache,
+    build_soft_label_cache,
+    gt_feature_key,
+    read_key,
+    soft_label_key,
+)
+from cls2det.evaluation.evaluate import evaluate_student
 from cls2det.students import create_student
 
 

@@ -15,7 +15,7 @@ import statistics
 import torch
 import torch.nn.functional as F
 
-from cls2det.engine.bench_crops import seconds
+from cls2det.bench.crops import seconds
 
 MODES = ("infer", "train")
 

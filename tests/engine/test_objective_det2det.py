@@ -10,7 +10,7 @@ import torch
 
 from cls2det.config import DistillConfig, StudentConfig
 from cls2det.distill import fgfi_level_masks, logit_kd_loss, pkd_loss
-from cls2det.distill.objective import distillation_losses, total_loss
+from cls2det.engine.objective import distillation_losses, total_loss
 from cls2det.students import create_student
 
 NUM_CLASSES = 3

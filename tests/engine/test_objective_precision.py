@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from cls2det.config import ConfigError, DistillConfig
-from cls2det.distill.objective import classifier_losses, precision_autocast
+from cls2det.engine.objective import classifier_losses, precision_autocast
 from cls2det.students import Positives, StudentOutput
 from cls2det.teacher import build_teacher
 
@@ -97,7 +97,7 @@ def test_unknown_teacher_precision_is_refused_by_name():
 def test_subsampled_positives_keep_their_image_order():
     """max_positives draws a uniform subset and keeps the adapters' image-by-image order, so crop_boxes need not
     reorder its crops; the subset follows the generator (seeded) and is all of them when K <= max_count."""
-    from cls2det.distill.objective import subsample_positives
+    from cls2det.engine.objective import subsample_positives
 
     positives = make_output(k=40).positives  # image_index 0, 1, 0, 1, ...
     positives = positives.subset(torch.argsort(positives.image_index, stable=True))  # as adapters list them

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 from cls2det.data import CocoDetection, load_split
 from cls2det.distill import crop_boxes_naive, kd_loc_loss
-from cls2det.distill.cache import (
+from cls2det.engine.teacher_cache import (
     GTFeatureCache,
     SoftLabelCache,
     StaleCacheError,

@@ -11,7 +11,7 @@ import torch
 
 from cls2det.config import DistillConfig
 from cls2det.distill import crop_boxes
-from cls2det.distill.objective import classifier_losses, kd_cls_negatives_loss, total_loss
+from cls2det.engine.objective import classifier_losses, kd_cls_negatives_loss, total_loss
 from cls2det.students import Negatives, StudentOutput
 from cls2det.students.base import empty_positives
 

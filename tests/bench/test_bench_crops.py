@@ -2,7 +2,7 @@
 
 import pytest
 
-from cls2det.engine import bench_crops as bench
+from cls2det.bench import crops as bench
 
 
 @pytest.mark.slow

@@ -1,7 +1,7 @@
 """``cls2det bench``: the cost of distillation over plain training, measured in one process run.
 
 Each KD mode is timed with the teacher **online** (the GT crops go through the teacher every step) and **cached**
-(KD_cls's soft labels and KD_loc's pooled GT-crop features come from the caches of :mod:`cls2det.distill.cache`,
+(KD_cls's soft labels and KD_loc's pooled GT-crop features come from the caches of :mod:`cls2det.engine.teacher_cache`,
 built once from the synthetic batch's GT boxes before timing); with ``channels_last`` every variant is timed once
 more with student and teacher in channels_last memory format; with ``teacher_precision`` the cached KD_loc modes (the
 ones that still run the teacher, on the predicted crops) are timed once more with the teacher in that precision
@@ -15,7 +15,7 @@ cache really is used).
 
 Peak memory is that of one training step above what was held before it: on CUDA ``torch.cuda.max_memory_allocated``
 reset per variant; on CPU the resident set's high-water mark (VmHWM, reset per variant) in one fresh subprocess with
-glibc's mmap threshold fixed so that freed tensors leave the resident set (as in :mod:`cls2det.engine.bench_crops`),
+glibc's mmap threshold fixed so that freed tensors leave the resident set (as in :mod:`cls2det.bench.crops`),
 so that neither the timing nor one variant's freed memory hides another's peak.
 """
 
@@ -33,10 +33,10 @@ from dataclasses import dataclass
 
 import torch
 
+from cls2det.bench.crops import _peak_rss_mib, _proc_status_mib, _reset_peak_rss, seconds
 from cls2det.config import DistillConfig, StudentConfig
-from cls2det.distill.cache import build_gt_feature_cache, build_soft_label_cache
-from cls2det.distill.objective import distillation_losses, precision_autocast, total_loss
-from cls2det.engine.bench_crops import _peak_rss_mib, _proc_status_mib, _reset_peak_rss, seconds
+from cls2det.engine.objective import distillation_losses, precision_autocast, total_loss
+from cls2det.engine.teacher_cache import build_gt_feature_cache, build_soft_label_cache
 from cls2det.students import create_student
 
 MODES = {"baseline": [], "+kd_cls": ["cls"], "+loc+kd_loc": ["loc", "kd_loc"], "+all": ["cls", "loc", "kd_loc"]}
@@ -266,7 +266,7 @@ def time_train_steps(
 
 
 def _peaks_in_subprocess(detector: str, setup: dict, teacher_precision: str | None) -> list[float]:
-    code = "import sys; from cls2det.engine.bench import _memory_worker; _memory_worker(sys.argv[1])"
+    code = "import sys; from cls2det.bench.step import _memory_worker; _memory_worker(sys.argv[1])"
     # a fixed mmap threshold: glibc returns every large block to the OS on free, so RSS follows the live tensors
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     arguments = json.dumps({"detector": detector, "teacher_precision": teacher_precision, **setup})
@@ -341,8 +341,8 @@ def run_benchmarks(
         "x base: / the baseline row"
     )
     print(format_step_table(steps, title), flush=True)
-    from cls2det.engine.bench_crops import format_table, run_crop_benchmark
-    from cls2det.engine.bench_teacher import format_throughput, teacher_throughput
+    from cls2det.bench.crops import format_table, run_crop_benchmark
+    from cls2det.bench.teacher import format_throughput, teacher_throughput
 
     crops = run_crop_benchmark(boxes=256, images=2, size=1024, crop=112, repeats=repeats, device=device, memory=memory)
     print(format_table(crops), flush=True)

@@ -9,8 +9,7 @@ import pytest
 import torch
 
 from cls2det.config import ConfigError, StudentConfig, TrainConfig, save_config
-from cls2det.engine.checkpoint import CheckpointError, save_checkpoint
-from cls2det.engine.export import (
+from cls2det.deploy.export import (
     ONNX_INPUT,
     ONNX_OUTPUTS,
     SIDECAR,
@@ -19,6 +18,7 @@ from cls2det.engine.export import (
     export_student,
     write_sidecar,
 )
+from cls2det.engine.checkpoint import CheckpointError, save_checkpoint
 from cls2det.students import create_student
 
 DETECTOR = "fasterrcnn_mobilenet_v3"

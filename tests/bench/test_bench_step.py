@@ -7,10 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from cls2det.bench import step as bench
+from cls2det.bench.step import StepBench, Variant, format_step_table, time_train_steps, variants
 from cls2det.cli import main
-from cls2det.distill.objective import distillation_losses
-from cls2det.engine import bench
-from cls2det.engine.bench import StepBench, Variant, format_step_table, time_train_steps, variants
+from cls2det.engine.objective import distillation_losses
 
 # SSDlite at 96 px: its fixed-size resize is the identity, so the caches see the online crops' pixels
 TINY = dict(batch_size=2, image_size=96, teacher_size=32, sample_size=32)
@@ -155,7 +155,7 @@ def test_teacher_precision_rows_run_the_teacher_in_that_precision(monkeypatch):
 
 
 def test_teacher_throughput_rows_and_table():
-    from cls2det.engine.bench_teacher import format_throughput, teacher_throughput
+    from cls2det.bench.teacher import format_throughput, teacher_throughput
 
     result = teacher_throughput("resnet18", input_size=16, batch_size=4, repeats=1)
     assert list(result) == ["infer", "train"]

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from cls2det.config import ConfigError, StudyConfig, from_dict, load_config
-from cls2det.engine.study import check_study, det_teacher_config, packaged_config, row_config, run_study
+from cls2det.study.runner import check_study, det_teacher_config, packaged_config, row_config, run_study
 
 
 @pytest.mark.slow

@@ -147,7 +147,7 @@ def _teacher(study: StudyConfig, data: Path, out: Path) -> tuple[Path, float | N
 
 
 def _backbone(study: StudyConfig, data: Path, out: Path, detector: str) -> Path | None:
-    from cls2det.engine.pretrain import pretrain_backbone
+    from cls2det.study.pretrain import pretrain_backbone
 
     if study.backbone_pretrain is None:
         return None
@@ -230,8 +230,8 @@ def _report(
 def _prediction_grid(study: StudyConfig, results: list[dict], out: Path, data: Path, count: int = 4) -> bool:
     """Baseline vs the last row on the same val images (first detector, first seed)."""
     from cls2det.data import CocoDetection, load_split
-    from cls2det.engine.evaluate import predict
     from cls2det.engine.loading import load_student
+    from cls2det.evaluation.evaluate import predict
     from cls2det.evaluation.plots import plot_prediction_grid
 
     others = [row for row in study.rows if row != study.baseline_row]

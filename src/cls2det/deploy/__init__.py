@@ -1,0 +1,1 @@
+"""Using a trained student: export (ONNX, TorchScript)."""
