@@ -248,3 +248,24 @@ def test_export_failure_is_one_error_line(tmp_path, capsys, monkeypatch):
     assert main(["export", str(tmp_path), "--format", "onnx"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ONNX export needs the 'onnx' package") and err.count("\n") == 1
+
+
+def test_a_bug_keeps_its_traceback_and_a_user_error_is_one_line(monkeypatch, capsys, tmp_path):
+    """Only the project's own error types are bad input (exit 2); a ValueError raised deep in the code is a bug and
+    must surface with its traceback instead of reading like a user's mistake."""
+    import cls2det.cli as cli
+    from cls2det.data import DatasetError
+
+    def bug(args):
+        raise ValueError("shape mismatch deep in training")
+
+    monkeypatch.setattr(cli, "cmd_train", bug)
+    with pytest.raises(ValueError, match="shape mismatch deep in training"):
+        main(["train", str(tmp_path), "--out", str(tmp_path / "run")])
+
+    def bad_input(args):
+        raise DatasetError("annotations/train.json: image 3 has no file_name")
+
+    monkeypatch.setattr(cli, "cmd_train", bad_input)
+    assert main(["train", str(tmp_path), "--out", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err == "error: annotations/train.json: image 3 has no file_name\n"

@@ -37,9 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     if not hasattr(args, "func"):
         parser.print_help()
         return EXIT_BAD_INPUT
-    from cls2det.data import DatasetError
-    from cls2det.deploy.export import ExportError  # e.g. onnx not installed: a one-line error, not a traceback
-    from cls2det.engine import CheckpointError, RunDirError, TrainingError, TrainingInterrupted
+    from cls2det.engine.run_dir import TrainingInterrupted
+    from cls2det.errors import Cls2detError
 
     try:
         return args.func(args) or 0
@@ -49,16 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except (
-        ConfigError,
-        DatasetError,
-        RunDirError,
-        CheckpointError,
-        TrainingError,
-        ExportError,
-        ValueError,
-        FileNotFoundError,
-    ) as err:
+    except Cls2detError as err:  # what a user can fix; anything else is a bug and keeps its traceback
         print(f"error: {_one_line(err)}", file=sys.stderr)
         return EXIT_BAD_INPUT
 

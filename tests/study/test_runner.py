@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cls2det.config import ConfigError, StudyConfig, from_dict, load_config
-from cls2det.study.runner import check_study, det_teacher_config, packaged_config, row_config, run_study
+from cls2det.config import ConfigError, StudyConfig, from_dict, load_config, shipped_config
+from cls2det.study.runner import check_study, det_teacher_config, row_config, run_study
 
 
 @pytest.mark.slow
@@ -86,8 +86,8 @@ def test_study_without_rows_is_refused(tmp_path):
 
 
 def test_det2det_study_shares_the_demo_recipe_and_trains_its_teacher_longer():
-    study = load_config(StudyConfig, packaged_config("study_det2det.yaml"))
-    demo = load_config(StudyConfig, packaged_config("demo.yaml"))
+    study = load_config(StudyConfig, shipped_config("study_det2det.yaml"))
+    demo = load_config(StudyConfig, shipped_config("demo.yaml"))
     check_study(study, Path("runs"))
     assert (study.demo_data, study.teacher, study.backbone_pretrain, study.train) == (
         demo.demo_data,
@@ -136,3 +136,17 @@ def test_det_teacher_drops_kd_cls_on_negatives_with_the_kd_terms():
     teacher = det_teacher_config(study, "ssdlite320_mobilenet_v3", Path("runs"))
     assert (teacher.distill.kd, teacher.distill.kd_cls_negatives, teacher.epochs) == ([], 0, 2)
     assert row_config(study, "pkd", "ssdlite320_mobilenet_v3", Path("runs"), 0).distill.kd_cls_negatives == 8
+
+
+def test_a_failed_run_keeps_its_whole_log_and_names_it(tmp_path):
+    """A study run that fails leaves its full output beside the run folder, and the error points at it."""
+    from cls2det.config import TrainConfig
+    from cls2det.engine.run_dir import TrainingError
+    from cls2det.study.runner import _train
+
+    run = tmp_path / "ssdlite" / "baseline" / "seed0"
+    config = TrainConfig(data=str(tmp_path / "no_such_data"), out=str(run), accelerator="cpu")
+    with pytest.raises(TrainingError, match=r"seed0 failed \(exit 2\): error: .*no_such_data.*full log: .*seed0.log"):
+        _train(config, "baseline")
+    log = run.with_name("seed0.log").read_text()
+    assert "error:" in log and "no_such_data" in log

@@ -20,8 +20,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from cls2det.errors import Cls2detError
 
-class DatasetError(ValueError):
+
+class DatasetError(Cls2detError, ValueError):
     """A dataset that cannot be used as is; the message is one line naming the file / image id / annotation id."""
 
 

@@ -14,7 +14,6 @@ import os
 import subprocess
 import sys
 import time
-from importlib import resources
 from pathlib import Path
 
 from cls2det.config import (
@@ -26,25 +25,18 @@ from cls2det.config import (
     from_dict,
     load_config,
     save_config,
+    shipped_config,
     to_dict,
 )
-from cls2det.engine.run_dir import LAST, METRICS_CSV, RESULTS
+from cls2det.engine.run_dir import LAST, METRICS_CSV, RESULTS, TrainingError
 
 DEMO_CONFIG = "demo.yaml"
 DET_TEACHER = "det_teacher"  # out/<detector>/det_teacher: the det2det rows' detector teacher
 
 
-def packaged_config(name: str) -> Path:
-    """Path of a YAML recipe shipped in ``cls2det/configs``."""
-    path = Path(str(resources.files("cls2det") / "configs" / name))
-    if not path.is_file():
-        raise ConfigError(f"no packaged config {name!r}")
-    return path
-
-
 def run_demo(out: str | Path, overrides: list[str] = ()) -> Path:
     """``cls2det demo``: the packaged demo study, written to ``out``."""
-    return run_study(packaged_config(DEMO_CONFIG), [f"out={out}", *overrides])
+    return run_study(shipped_config(DEMO_CONFIG), [f"out={out}", *overrides])
 
 
 def run_study(path: str | Path, overrides: list[str] = ()) -> Path:
@@ -197,12 +189,15 @@ def _train(config: TrainConfig, row: str) -> dict:
             flag,
             "--no-progress",
         ]
-        _say(f"{config.student.detector} / {row} / seed {config.seed}: training")
+        log = run.with_name(f"{run.name}.log")  # the run's whole output, kept (a failure's traceback included)
+        _say(f"{config.student.detector} / {row} / seed {config.seed}: training (log: {log})")
         start = time.perf_counter()
-        proc = subprocess.run(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"}, capture_output=True, text=True)
-        if proc.returncode != 0:
-            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["(no output)"]
-            raise RuntimeError(f"run {run} failed (exit {proc.returncode}): {tail[0]}")
+        with open(log, "a") as stream:
+            env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+            code = subprocess.run(cmd, env=env, stdout=stream, stderr=subprocess.STDOUT).returncode
+        if code != 0:
+            tail = log.read_text().strip().splitlines()[-1:] or ["(no output)"]
+            raise TrainingError(f"run {run} failed (exit {code}): {tail[0]} (full log: {log})")
         _say(f"  done in {time.perf_counter() - start:.0f} s")
     results = json.loads((run / RESULTS).read_text())
     return {**results, "row": row, "seed": config.seed, "detector": config.student.detector, "run": str(run)}
