@@ -15,8 +15,10 @@ from typing import Any
 
 import yaml
 
+from cls2det.errors import Cls2detError
 
-class ConfigError(ValueError):
+
+class ConfigError(Cls2detError, ValueError):
     """A config file or override that does not fit the typed schema."""
 
 
@@ -281,9 +283,7 @@ def load_config(
     (``key=value`` strings); ``None`` values in ``base`` and ``flags`` are skipped. Returns a validated ``cls``."""
     values: dict[str, Any] = {k: v for k, v in base.items() if v is not None}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
+        path = resolve_config_path(path)
         try:
             loaded = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as err:
@@ -296,8 +296,32 @@ def load_config(
     return from_dict(cls, values)
 
 
+def resolve_config_path(path: str | Path) -> Path:
+    """``path`` as given when it is a file, else the recipe of that name shipped in the package (``cls2det/configs``,
+    e.g. ``train/ssdlite320_mobilenet_v3_all.yaml`` or ``configs/demo.yaml``), so an installed cls2det finds its
+    recipes from any folder."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    shipped = shipped_config(path.as_posix().removeprefix("configs/"))
+    if shipped.is_file():
+        return shipped
+    raise ConfigError(f"config file not found: {path} (neither a file nor a recipe shipped in cls2det/configs)")
+
+
+def shipped_config(name: str) -> Path:
+    """Where the recipe ``name`` (e.g. ``demo.yaml``, ``train/fcos_resnet50_all.yaml``) lies in the installed package
+    (the path may not exist)."""
+    from importlib import resources
+
+    return Path(str(resources.files("cls2det") / "configs" / name))
+
+
 def save_config(config: Any, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    """Write ``config`` as YAML atomically (a reader never sees half a file)."""
+    from cls2det.files import atomic_write_text
+
+    atomic_write_text(Path(path), yaml.safe_dump(to_dict(config), sort_keys=False))
 
 
 # ----------------------------------------------------------------------------------------------- helpers

@@ -10,6 +10,7 @@ import torchvision
 from safetensors.torch import save_file
 from torch import nn
 
+from cls2det.errors import WeightsError
 from cls2det.teacher import TAPS, Teacher, TeacherError, build_teacher
 from cls2det.teacher.model import IMAGENET_MEAN, IMAGENET_STD, tap_layout
 
@@ -223,16 +224,16 @@ def test_weights_of_another_arch_are_refused(tmp_path):
 
 
 def test_unreadable_weights_files_are_clear_errors(tmp_path):
-    with pytest.raises(TeacherError, match="pretrained weights file not found: .*nope.safetensors"):
+    with pytest.raises(WeightsError, match="weights file not found: .*nope.safetensors"):
         build_teacher("test_resnet", 3, pretrained=tmp_path / "nope.safetensors")
     (tmp_path / "w.bin").write_bytes(b"\0" * 8)
-    with pytest.raises(TeacherError, match=r"w.bin: unknown weights format '.bin'"):
+    with pytest.raises(WeightsError, match=r"w.bin: unknown weights format '.bin'"):
         build_teacher("test_resnet", 3, pretrained=tmp_path / "w.bin")
     (tmp_path / "junk.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
-    with pytest.raises(TeacherError, match="junk.safetensors: cannot read weights"):
+    with pytest.raises(WeightsError, match="junk.safetensors: cannot read weights"):
         build_teacher("test_resnet", 3, pretrained=tmp_path / "junk.safetensors")
     torch.save({"net": nn.Linear(2, 2)}, tmp_path / "pickled.pt")  # a pickled module: weights_only refuses it
-    with pytest.raises(TeacherError, match="pickled.pt: cannot read weights"):
+    with pytest.raises(WeightsError, match="pickled.pt: cannot read weights"):
         build_teacher("test_resnet", 3, pretrained=tmp_path / "pickled.pt")
 
 

@@ -15,7 +15,6 @@ label_offset``, ``category_id = category_ids[class]``.
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,8 @@ from torch import Tensor, nn
 from cls2det.config import ConfigError
 from cls2det.engine.loading import load_student
 from cls2det.engine.run_dir import CLASSES, write_json
+from cls2det.errors import Cls2detError
+from cls2det.files import atomic_write
 
 FORMATS = {"onnx": "student.onnx", "torchscript": "student.torchscript.pt"}  # format -> default file in run/export
 SIDECAR = "student.json"
@@ -34,7 +35,7 @@ ONNX_OUTPUTS = ("boxes", "labels", "scores")
 ONNX_OPSET = 17  # the legacy exporter handles 7..20; 17 is what onnxruntime >= 1.13 runs everywhere
 
 
-class ExportError(RuntimeError):
+class ExportError(Cls2detError, RuntimeError):
     """An export that cannot be done (missing package, unsupported operator in this torch version)."""
 
 
@@ -48,23 +49,14 @@ def export_detector(
     a temporary name and renamed, so a failed export leaves no half-written model behind. Returns ``path``.
     """
     _check_format(fmt)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     detector.eval()
-    try:
-        if fmt == "onnx":
-            if example is None:
-                height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
-                device = next(detector.parameters()).device
-                example = torch.rand(3, height, width, generator=torch.Generator().manual_seed(0)).to(device)
-            _export_onnx(detector, example, tmp)
-        else:
-            _export_torchscript(detector, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    if fmt == "onnx" and example is None:
+        height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
+        device = next(detector.parameters()).device
+        example = torch.rand(3, height, width, generator=torch.Generator().manual_seed(0)).to(device)
+    if fmt == "onnx":
+        return atomic_write(path, lambda tmp: _export_onnx(detector, example, tmp))
+    return atomic_write(path, lambda tmp: _export_torchscript(detector, tmp))
 
 
 def export_student(

@@ -17,8 +17,11 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from cls2det.errors import Cls2detError
+from cls2det.files import fsync_path
 
-class CheckpointError(ValueError):
+
+class CheckpointError(Cls2detError, ValueError):
     """A checkpoint that is missing, truncated, tampered with or does not fit the model."""
 
 
@@ -32,13 +35,13 @@ def save_checkpoint(path: str | Path, model_state: dict[str, torch.Tensor], stat
     save_file(_untie(tensors), str(tmp / "model.safetensors"))
     torch.save(state, tmp / "state.pt")
     for name in ("model.safetensors", "state.pt"):
-        _fsync(tmp / name)
+        fsync_path(tmp / name)
     old = path.with_name(path.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
     if path.exists():
         os.replace(path, old)
     os.replace(tmp, path)
-    _fsync(path.parent)
+    fsync_path(path.parent)
     shutil.rmtree(old, ignore_errors=True)
     return path
 
@@ -75,11 +78,3 @@ def _untie(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out[key] = value.clone() if ptr in seen and value.numel() else value
         seen.add(ptr)
     return out
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import inspect
 import math
-import os
 import resource
 import signal
 import subprocess
@@ -53,6 +52,7 @@ from cls2det.engine.teacher_cache import (
     soft_label_key,
 )
 from cls2det.evaluation.evaluate import evaluate_student
+from cls2det.files import atomic_write_text
 from cls2det.students import create_student
 
 
@@ -527,10 +527,7 @@ def truncate_metrics(path: Path, step: int) -> None:
 
     kept = [line for line in rows if keep(line)]
     if len(kept) != len(rows):
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "w", newline="") as f:
-            f.write(header + "".join(kept))
-        os.replace(tmp, path)
+        atomic_write_text(path, header + "".join(kept))
 
 
 def _peak_memory_mb(device: torch.device) -> float:

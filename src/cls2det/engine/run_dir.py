@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+
+from cls2det.errors import Cls2detError
+from cls2det.files import write_json  # noqa: F401 - the run folder's JSON writer, re-exported
 
 CONFIG = "config.yaml"
 LAST = "last"  # checkpoint folder of the latest state (end of epoch or interruption)
@@ -18,11 +19,11 @@ GT_FEATURES = "gt_features.safetensors"  # KD_loc's pooled teacher taps per GT b
 CLASSES = "classes.json"  # class names and COCO category ids, so a run is usable without its dataset
 
 
-class RunDirError(ValueError):
+class RunDirError(Cls2detError, ValueError):
     """An output folder that cannot be used as asked."""
 
 
-class TrainingError(RuntimeError):
+class TrainingError(Cls2detError, RuntimeError):
     """Training cannot go on (e.g. too many non-finite losses in a row)."""
 
 
@@ -64,13 +65,3 @@ def restore(out: Path, replaced: Path | None) -> None:
 def discard_replaced(replaced: Path | None) -> None:
     if replaced is not None:
         shutil.rmtree(replaced, ignore_errors=True)
-
-
-def write_json(path: Path, payload: dict[str, Any]) -> None:
-    """Atomic JSON write (temp file, fsync, rename)."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=2, sort_keys=True, default=float)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

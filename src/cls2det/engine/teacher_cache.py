@@ -19,22 +19,23 @@ other settings finds it stale (:class:`StaleCacheError`) instead of silently reu
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
 
 from cls2det.distill.crops import crop_boxes
+from cls2det.errors import Cls2detError
+from cls2det.files import save_safetensors
 
 TABLE = "table."  # prefix of the per-box tables in the safetensors file (beside "image_ids" and "offsets")
 
 
-class StaleCacheError(ValueError):
+class StaleCacheError(Cls2detError, ValueError):
     """A cache file computed with other settings than the ones asked for."""
 
 
@@ -68,11 +69,8 @@ class GTBoxCache:
 
     def save(self, path: str | Path) -> None:
         """Atomic write (temp file, rename) of the tables, the row index and the key (as metadata)."""
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tensors = {TABLE + name: table.cpu().contiguous() for name, table in self.tables.items()}
-        save_file({**tensors, "image_ids": self.image_ids, "offsets": self.offsets}, str(tmp), metadata=self.key)
-        os.replace(tmp, path)
+        tensors = {TABLE + name: table for name, table in self.tables.items()}
+        save_safetensors(path, {**tensors, "image_ids": self.image_ids, "offsets": self.offsets}, metadata=self.key)
 
     @classmethod
     def load(cls, path: str | Path, *, key: dict[str, str] | None = None):

@@ -19,8 +19,8 @@ from torchvision.models.detection._utils import Matcher
 from torchvision.ops import FrozenBatchNorm2d, box_iou
 
 from cls2det.config import StudentConfig
+from cls2det.files import read_state_dict  # one safe reader for every local weights file
 from cls2det.students.base import Negatives, Positives, StudentOutput, empty_positives
-from cls2det.teacher.model import read_state_dict  # one safe reader for every local weights file
 
 # The order in which torchvision unfreezes ResNet stages (``backbone_utils._resnet_fpn_extractor``).
 _RESNET_TRAINABLE_ORDER = ("layer4", "layer3", "layer2", "layer1", "conv1")

@@ -7,12 +7,10 @@ train split's object crops (D_cls) and give the same weights to every row of a s
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-from safetensors.torch import save_file
-
 from cls2det.config import StudentConfig, TeacherConfig
+from cls2det.files import save_safetensors
 from cls2det.students import create_student
 from cls2det.students.registry import backbone_classifier
 
@@ -43,9 +41,5 @@ def pretrain_backbone(
     )
     crops = ClassificationCrops(split, size=config.input_size, context=config.context)
     metrics = fit_teacher(classifier, crops, None, config, progress=progress)
-    out_file = Path(out_file)
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_file.with_name(out_file.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp))
-    os.replace(tmp, out_file)
+    save_safetensors(out_file, net.state_dict())
     return metrics

@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
+from cls2det.files import atomic_write_bytes, write_json
 from cls2det.teacher.model import Teacher, TeacherError, build_teacher
 
 WEIGHTS_FILE = "teacher.safetensors"
@@ -51,9 +51,9 @@ def save_teacher(teacher: Teacher, run_dir: str | Path, metrics: dict, *, config
         "config": dataclasses.asdict(config) if dataclasses.is_dataclass(config) else config,
         "metrics": metrics,
     }
-    _atomic_write(run_dir / WEIGHTS_FILE, blob)
+    atomic_write_bytes(run_dir / WEIGHTS_FILE, blob)
     # the JSON goes last: a directory with a valid JSON always has the weights it describes
-    _atomic_write(run_dir / META_FILE, (json.dumps(meta, indent=2, default=_json_default) + "\n").encode())
+    write_json(run_dir / META_FILE, meta)
     return run_dir
 
 
@@ -121,32 +121,3 @@ def _run_dir(path: str | Path) -> Path:
     """Accept the run folder or either of its two files."""
     path = Path(path)
     return path.parent if path.name in (META_FILE, WEIGHTS_FILE) else path
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename over ``path`` (readers never see half)."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    try:  # make the rename itself durable; not possible on every platform
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")

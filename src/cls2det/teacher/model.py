@@ -20,6 +20,9 @@ import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
 
+from cls2det.errors import Cls2detError
+from cls2det.files import read_state_dict
+
 log = logging.getLogger(__name__)
 
 Tap = Literal["obj", "l0", "l1", "l2", "l3", "l4"]
@@ -29,7 +32,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 Library = Literal["torchvision", "timm"]
 
 
-class TeacherError(ValueError):
+class TeacherError(Cls2detError, ValueError):
     """Bad teacher input (unknown arch, unusable weights, broken checkpoint); a one-line message naming the culprit."""
 
 
@@ -369,33 +372,6 @@ def _download_error(arch: str, err: BaseException) -> TeacherError:
 
 
 # ----------------------------------------------------------------------------------------------- local weights
-
-
-def read_state_dict(path: str | Path) -> dict[str, Tensor]:
-    """A state dict from ``.safetensors`` (safetensors) or ``.pth``/``.pt`` (``torch.load(weights_only=True)``)."""
-    path = Path(path)
-    if not path.is_file():
-        raise TeacherError(f"pretrained weights file not found: {path}")
-    suffix = path.suffix.lower()
-    try:
-        if suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        elif suffix in (".pth", ".pt"):
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        else:
-            raise TeacherError(f"{path}: unknown weights format {suffix!r}; expected .safetensors, .pth or .pt")
-    except TeacherError:
-        raise
-    except Exception as err:  # noqa: BLE001 - corrupt file, pickle refused by weights_only, ...
-        raise TeacherError(f"{path}: cannot read weights ({type(err).__name__}: {_first_line(err)})") from None
-    for key in ("state_dict", "model"):  # common checkpoint wrappers
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise TeacherError(f"{path}: not a state dict of tensors")
-    return {k.removeprefix("module."): v for k, v in state.items()}
 
 
 def load_matching_state_dict(net: nn.Module, state: dict[str, Tensor], source: str) -> dict[str, list[str]]:
