@@ -131,3 +131,25 @@ def test_pkd_loss_is_one_minus_pearson():
     assert torch.autograd.gradcheck(lambda x: pkd_loss(x, t), (sg,))
     with pytest.raises(ValueError, match="at least 2 values per channel"):
         pkd_loss(torch.zeros(1, 3, 1, 1), torch.zeros(1, 3, 1, 1))
+
+
+def test_multilevel_fgfi_pools_the_levels_as_one_set_of_locations():
+    """Σ_l masked squared differences / (2 Σ_l N_p), against a hand computation on two levels."""
+    from cls2det.distill import fgfi_multilevel_loss
+
+    s = [torch.zeros(1, 2, 2, 2), torch.zeros(1, 2, 1, 1)]
+    t = [torch.ones(1, 2, 2, 2), torch.full((1, 2, 1, 1), 2.0)]
+    masks = [torch.tensor([[[True, False], [False, False]]]), torch.tensor([[[True]]])]
+    # level 0: one location, 2 channels x 1² = 2; level 1: one location, 2 channels x 2² = 8; N_p = 2
+    assert fgfi_multilevel_loss(s, t, masks).item() == pytest.approx((2 + 8) / (2 * 2))
+    empty = [torch.zeros_like(m) for m in masks]
+    assert fgfi_multilevel_loss(s, t, empty).item() == 0
+
+
+def test_multilevel_pkd_sums_levels_and_skips_a_single_value_level():
+    from cls2det.distill import pkd_loss, pkd_multilevel_loss
+
+    g = torch.Generator().manual_seed(0)
+    s = [torch.randn(2, 3, 4, 4, generator=g), torch.randn(1, 3, 1, 1, generator=g)]
+    t = [torch.randn(2, 3, 4, 4, generator=g), torch.randn(1, 3, 1, 1, generator=g)]
+    assert pkd_multilevel_loss(s, t).item() == pytest.approx(pkd_loss(s[0], t[0]).item())

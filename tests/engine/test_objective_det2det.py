@@ -10,7 +10,7 @@ import torch
 
 from cls2det.config import DistillConfig, StudentConfig
 from cls2det.distill import fgfi_level_masks, logit_kd_loss, pkd_loss
-from cls2det.engine.objective import distillation_losses, total_loss
+from cls2det.engine.objective import distillation_losses, loss_weights, total_loss
 from cls2det.students import create_student
 
 NUM_CLASSES = 3
@@ -74,7 +74,7 @@ def test_det_terms_against_direct_computations(name):
     assert losses["det_logit"].item() == pytest.approx(expected_logit.item(), rel=1e-6)
 
     # the weighted total, and gradients that reach the student's backbone and nothing of the teacher
-    total = total_loss(output.losses, losses, config)
+    total = total_loss(output.losses, losses, loss_weights(config))
     expected_total = sum(output.losses.values()) + sum(
         getattr(config, f"lambda_{name}") * value for name, value in losses.items()
     )
@@ -120,3 +120,12 @@ def test_det_terms_need_a_detector_teacher():
     with pytest.raises(ValueError, match="det:pkd needs a detector teacher"):
         distillation_losses(output, None, DistillConfig(kd=["det:pkd"]))
     assert distillation_losses(output, None, DistillConfig(kd=[])) == {}
+
+
+def test_total_loss_takes_a_plain_weights_mapping_and_refuses_an_unweighted_term():
+    det = {"classification": torch.tensor(1.5), "bbox_regression": torch.tensor(0.5)}
+    kd = {"kd_cls": torch.tensor(2.0), "kd_loc": torch.tensor(3.0)}
+    assert total_loss(det, kd, {"kd_cls": 0.4, "kd_loc": 0.1}).item() == pytest.approx(2.0 + 0.8 + 0.3)
+    assert loss_weights(DistillConfig(lambda_kd_cls=0.7))["kd_cls"] == 0.7
+    with pytest.raises(KeyError, match="kd_loc"):
+        total_loss(det, kd, {"kd_cls": 0.4})

@@ -1,4 +1,4 @@
-"""KD_cls on negatives (``kd_cls_negatives_loss``, the ``kd_cls_neg`` term): values against a hand computation for
+"""KD_cls on negatives (``negatives_kd_cls``, the ``kd_cls_neg`` term): values against a hand computation for
 both heads, the background column left out, the teacher's crops clipped to each image, the wiring and weighting in
 the objective."""
 
@@ -11,7 +11,7 @@ import torch
 
 from cls2det.config import DistillConfig
 from cls2det.distill import crop_boxes
-from cls2det.engine.objective import classifier_losses, kd_cls_negatives_loss, total_loss
+from cls2det.engine.objective import classifier_losses, loss_weights, negatives_kd_cls, total_loss
 from cls2det.students import Negatives, StudentOutput
 from cls2det.students.base import empty_positives
 
@@ -90,7 +90,7 @@ def test_loss_against_hand_computation(head, student, hand):
     logits = torch.tensor(student, requires_grad=True)
     teacher = StubTeacher(TEACHER)
     output = make_output(logits, head)
-    loss = kd_cls_negatives_loss(output, output.images, teacher, T)
+    loss = negatives_kd_cls(output, output.images, teacher, T)
     expected = hand(student, TEACHER)
     assert expected > 0.05 and loss.item() == pytest.approx(expected, rel=1e-5)
     # the teacher saw each negative's box clipped to its own image (8x6 px, 8x8 px), not the padding or beyond
@@ -109,7 +109,7 @@ def test_softmax_background_logit_does_not_change_the_loss():
     """Renormalised over the foreground: any background score gives the same value."""
     teacher = StubTeacher(TEACHER)
     values = [
-        kd_cls_negatives_loss(
+        negatives_kd_cls(
             make_output(torch.tensor([[bg, 1.0, -0.5, 0.25], [bg, 0.0, 2.0, 1.0]]), "softmax"),
             torch.zeros(2, 3, 8, 8),
             teacher,
@@ -125,12 +125,12 @@ def test_no_negatives_gives_an_attached_zero_and_none_is_an_error():
     output = make_output(torch.zeros(2, 4), "softmax")
     output.negatives = Negatives(torch.zeros(0, dtype=torch.int64), torch.zeros(0, 4), logits, "softmax")
     teacher = StubTeacher(TEACHER)
-    loss = kd_cls_negatives_loss(output, output.images, teacher, T)
+    loss = negatives_kd_cls(output, output.images, teacher, T)
     assert loss.item() == 0 and loss.requires_grad and teacher.crops is None  # the teacher did not run
     loss.backward()
     output.negatives = None
     with pytest.raises(ValueError, match="distill.kd_cls_negatives > 0 but the student returned no negatives"):
-        kd_cls_negatives_loss(output, output.images, teacher, T)
+        negatives_kd_cls(output, output.images, teacher, T)
 
 
 def test_objective_adds_kd_cls_neg_weighted_by_lambda_kd_cls():
@@ -143,7 +143,9 @@ def test_objective_adds_kd_cls_neg_weighted_by_lambda_kd_cls():
     assert set(losses) == {"kd_cls", "kd_cls_neg"} and losses["kd_cls"].item() == 0  # no positives here
     assert losses["kd_cls_neg"].item() == pytest.approx(hand_sigmoid(student, TEACHER), rel=1e-5)
     det = {"classification": torch.tensor(1.0)}
-    assert total_loss(det, losses, config).item() == pytest.approx(1.0 + 0.3 * losses["kd_cls_neg"].item(), rel=1e-6)
+    assert total_loss(det, losses, loss_weights(config)).item() == pytest.approx(
+        1.0 + 0.3 * losses["kd_cls_neg"].item(), rel=1e-6
+    )
     # off (the paper's setting): no term, the teacher never sees a negative
     teacher = StubTeacher(TEACHER)
     off = classifier_losses(

@@ -4,7 +4,16 @@
 """
 
 from .crops import box_affine_grids, box_grids, crop_boxes, crop_boxes_naive, sanitize_boxes
-from .det2det import fgfi_level_masks, fgfi_loss, fgfi_mask, logit_kd_loss, pkd_loss
+from .det2det import (
+    fgfi_level_masks,
+    fgfi_loss,
+    fgfi_mask,
+    fgfi_multilevel_loss,
+    kd_cls_negatives_loss,
+    logit_kd_loss,
+    pkd_loss,
+    pkd_multilevel_loss,
+)
 from .losses import kd_cls_loss, kd_loc_loss, loc_loss
 
 __all__ = [
@@ -15,10 +24,13 @@ __all__ = [
     "fgfi_level_masks",
     "fgfi_loss",
     "fgfi_mask",
+    "fgfi_multilevel_loss",
     "kd_cls_loss",
+    "kd_cls_negatives_loss",
     "kd_loc_loss",
     "loc_loss",
     "logit_kd_loss",
     "pkd_loss",
+    "pkd_multilevel_loss",
     "sanitize_boxes",
 ]

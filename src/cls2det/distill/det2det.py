@@ -3,14 +3,18 @@
 * :func:`logit_kd_loss` Chen et al., "Learning Efficient Object Detection Models with Knowledge Distillation",
   NeurIPS 2017: soft-label KD on the classification outputs of matched positives.
 * :func:`fgfi_mask`, :func:`fgfi_level_masks`, :func:`fgfi_loss` Wang et al., "Distilling Object Detectors with
-  Fine-grained Feature Imitation", CVPR 2019: feature imitation restricted to the anchor locations near GT objects.
+  Fine-grained Feature Imitation", CVPR 2019: feature imitation restricted to the anchor locations near GT objects;
+  :func:`fgfi_multilevel_loss` over the levels of a feature pyramid.
 * :func:`pkd_loss` Cao et al., "PKD: General Distillation Framework for Object Detectors via Pearson Correlation
-  Coefficient", NeurIPS 2022: MSE between per-channel standardised features (= 1 - Pearson correlation).
+  Coefficient", NeurIPS 2022: MSE between per-channel standardised features (= 1 - Pearson correlation);
+  :func:`pkd_multilevel_loss` over the levels of a feature pyramid.
 
 Teacher tensors are detached everywhere: gradients reach the student only.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -182,3 +186,59 @@ def pkd_loss(student_feat: Tensor, teacher_feat: Tensor) -> Tensor:
     s = _standardise_channels(student_feat.to(dtype))
     t = _standardise_channels(teacher_feat.detach().to(dtype))
     return (F.mse_loss(s, t) / 2).to(student_feat.dtype)
+
+
+def fgfi_multilevel_loss(
+    student_feats: Sequence[Tensor], teacher_feats: Sequence[Tensor], masks: Sequence[Tensor]
+) -> Tensor:
+    """FGFI over a feature pyramid, its levels pooled as one set of imitation locations (one N_p)::
+
+        L = Σ_l Σ_{n,i,j} I^l_nij Σ_c (s^l_nijc − t^l_nijc)² / (2 Σ_l N^l_p)
+
+    Args:
+        student_feats: L maps [N, M_l, H_l, W_l] of the student.
+        teacher_feats: L maps of the same shapes, the teacher's (detached).
+        masks: L masks [N, H_l, W_l] (:func:`fgfi_level_masks` per image, stacked).
+
+    Returns:
+        0-dim tensor; zero attached to the graph when every mask is empty.
+    """
+    counts = [m.sum() for m in masks]  # N_p of each level
+    imitation = [fgfi_loss(s, t, m) * n for s, t, m, n in zip(student_feats, teacher_feats, masks, counts)]
+    return torch.stack(imitation).sum() / torch.stack(counts).sum().clamp(min=1)
+
+
+def pkd_multilevel_loss(student_feats: Sequence[Tensor], teacher_feats: Sequence[Tensor]) -> Tensor:
+    """PKD summed over the levels of a feature pyramid (as the PKD authors' code), skipping a level with fewer than
+    2 values per channel (a 1x1 map of a 1-image batch has no per-channel std).
+
+    Args: L student maps [N, M_l, H_l, W_l] and the teacher's of the same shapes. Returns a 0-dim tensor.
+    """
+    levels = [pkd_loss(s, t) for s, t in zip(student_feats, teacher_feats) if s.shape[0] * s.shape[2] * s.shape[3] >= 2]
+    if not levels:
+        return student_feats[0].sum() * 0
+    return torch.stack(levels).sum()
+
+
+def kd_cls_negatives_loss(student_logits: Tensor, teacher_logits: Tensor, *, head: str, temperature: float) -> Tensor:
+    """KD_cls on negatives (beyond the paper, whose KD_cls sees positives only). A negative has no GT box and the
+    classifier teacher no background class, so the target is the teacher's view of which foreground class the region
+    looks like, and the background score is left to the detector's own loss::
+
+        softmax heads: T² · KL(softmax(z_t / T) || softmax(z_s[:, 1:] / T))   the C foreground logits renormalised
+        sigmoid heads: T² / C · Σ_c KL([1−q_t,c, q_t,c] || [1−q_s,c, q_s,c]),   q = sigmoid(z / T)
+
+    averaged over the M negatives.
+
+    Args:
+        student_logits: [M, C+1] (softmax; column 0 = background) or [M, C] (sigmoid), the student's logits.
+        teacher_logits: [M, C] the classifier teacher's logits on the crops of the negatives' boxes (detached).
+        head: "softmax" or "sigmoid".
+        temperature: T > 0.
+
+    Returns:
+        0-dim tensor; zero attached to ``student_logits``' graph when M == 0.
+    """
+    if head == "softmax":
+        student_logits = student_logits[:, 1:]  # [M, C]: drop background, the teacher has no such class
+    return logit_kd_loss(student_logits, teacher_logits, head=head, temperature=temperature)

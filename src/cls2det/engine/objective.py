@@ -8,16 +8,23 @@ pure functions of :mod:`cls2det.distill.losses` and :mod:`cls2det.distill.det2de
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import Tensor
 
 from cls2det.config import DistillConfig, det_methods
 from cls2det.distill.crops import crop_boxes, sanitize_boxes
-from cls2det.distill.det2det import fgfi_level_masks, fgfi_loss, logit_kd_loss, pkd_loss
+from cls2det.distill.det2det import (
+    fgfi_level_masks,
+    fgfi_multilevel_loss,
+    kd_cls_negatives_loss,
+    logit_kd_loss,
+    pkd_multilevel_loss,
+)
 from cls2det.distill.losses import kd_cls_loss, kd_loc_loss, loc_loss
 from cls2det.students.base import Negatives, Positives, StudentAdapter, StudentOutput
+from cls2det.teacher.protocol import TeacherLike
 
 
 def subsample_positives(positives: Positives, max_count: int, generator: torch.Generator | None = None) -> Positives:
@@ -43,7 +50,7 @@ def precision_autocast(precision: str, device: torch.device) -> contextlib.Abstr
 
 def distillation_losses(
     output: StudentOutput,
-    teacher,
+    teacher: TeacherLike | None,
     config: DistillConfig,
     *,
     generator: torch.Generator | None = None,
@@ -68,14 +75,14 @@ def distillation_losses(
 def classifier_losses(
     output: StudentOutput,
     positives: Positives,
-    teacher,
+    teacher: TeacherLike | None,
     config: DistillConfig,
     *,
     soft_labels: Callable[[Positives], Tensor] | None = None,
     gt_features: Callable[[Positives], list[Tensor]] | None = None,
 ) -> dict[str, Tensor]:
     """The paper's terms ``kd_cls``, ``loc``, ``kd_loc`` of ``config.kd``, unweighted; ``{}`` when none is asked;
-    with ``config.kd_cls_negatives`` > 0 also ``kd_cls_neg`` (:func:`kd_cls_negatives_loss`, beyond the paper).
+    with ``config.kd_cls_negatives`` > 0 also ``kd_cls_neg`` (:func:`negatives_kd_cls`, beyond the paper).
 
     ``teacher`` (a frozen :class:`~cls2det.teacher.Teacher`, may be None when only ``loc`` is asked) sees crops in
     0..1 pixels: the detector's normalised batch is mapped back with its own mean/std, so the crops are exactly the
@@ -115,7 +122,7 @@ def classifier_losses(
         )
         if config.kd_cls_negatives:
             with precision_autocast(precision, pixels.device):
-                losses["kd_cls_neg"] = kd_cls_negatives_loss(output, pixels, teacher, config.temperature)
+                losses["kd_cls_neg"] = negatives_kd_cls(output, pixels, teacher, config.temperature)
     if "loc" in config.kd:
         losses["loc"] = loc_loss(pixels, pred_boxes, gt_boxes, index, size=config.sample_size, pool=config.loc_pool)
     if "kd_loc" in config.kd:
@@ -139,28 +146,17 @@ def classifier_losses(
     return losses
 
 
-def kd_cls_negatives_loss(output: StudentOutput, pixels: Tensor, teacher, temperature: float) -> Tensor:
-    """KD_cls on the student's negatives (``output.negatives``, M of them), an ablation beyond the paper.
-
-    A negative has no GT box and the classifier teacher no background class, so the target is the teacher's view of
-    which foreground class the region looks like, and the background score is left to the detector's own loss:
-
-        softmax heads: T² · KL(softmax(z_t / T) || softmax(z_s[:, 1:] / T))   the C foreground logits renormalised
-        sigmoid heads: T² / C · Σ_c KL([1−q_t,c, q_t,c] || [1−q_s,c, q_s,c]),   q = sigmoid(z / T)
-
-    averaged over the M negatives: :func:`logit_kd_loss` on the foreground columns. z_t [M, C] are the frozen
-    teacher's logits on the crop of each negative's anchor / proposal box, clipped to its image (online, no
-    gradient); ``pixels`` [N, 3, H, W] is the batch in 0..1. Returns a 0-dim tensor, zero (attached to the
-    student's graph) when M == 0.
-    """
+def negatives_kd_cls(output: StudentOutput, pixels: Tensor, teacher: TeacherLike, temperature: float) -> Tensor:
+    """KD_cls on the student's negatives (``output.negatives``, M of them; beyond the paper): the frozen teacher's
+    logits on the crop of each negative's anchor / proposal box, clipped to its image (online, no gradient), against
+    the student's (:func:`~cls2det.distill.kd_cls_negatives_loss`). ``pixels`` [N, 3, H, W] is the batch in 0..1.
+    Returns a 0-dim tensor, zero (attached to the student's graph) when M == 0."""
     negatives: Negatives | None = output.negatives
     if negatives is None:
         raise ValueError(
             "distill.kd_cls_negatives > 0 but the student returned no negatives: set the adapter's max_negatives to it"
         )
     student_logits = negatives.logits.float()  # [M, C+1] (softmax) or [M, C] (sigmoid)
-    if negatives.head == "softmax":
-        student_logits = student_logits[:, 1:]  # [M, C]: drop background, the teacher has no such class
     if len(negatives) == 0:
         return student_logits.sum() * 0
     sizes = torch.tensor(output.image_sizes, dtype=pixels.dtype, device=pixels.device)[negatives.image_index]  # [M, 2]
@@ -168,7 +164,7 @@ def kd_cls_negatives_loss(output: StudentOutput, pixels: Tensor, teacher, temper
         boxes = sanitize_boxes(negatives.boxes, sizes[:, 0], sizes[:, 1])  # anchors reach past the image's edges
         crops = crop_boxes(pixels, boxes, negatives.image_index, size=teacher.input_size)  # [M, 3, S, S]
         teacher_logits = teacher(crops).float()  # [M, C]
-    return logit_kd_loss(student_logits, teacher_logits, head=negatives.head, temperature=temperature)
+    return kd_cls_negatives_loss(student_logits, teacher_logits, head=negatives.head, temperature=temperature)
 
 
 def det2det_losses(
@@ -206,17 +202,9 @@ def det2det_losses(
             raise ValueError("det:fgfi needs the student's anchors; its family is anchor-free (use det:pkd)")
         per_image = [fgfi_level_masks(gt, output.level_anchors, config.fgfi_psi) for gt in output.gt_boxes]
         masks = [torch.stack(level) for level in zip(*per_image)]  # L x [N, H_l, W_l]
-        counts = [m.sum() for m in masks]  # N_p per level
-        imitation = [fgfi_loss(s, t, m) * n for s, t, m, n in zip(output.features, taught.features, masks, counts)]
-        losses["det_fgfi"] = torch.stack(imitation).sum() / torch.stack(counts).sum().clamp(min=1)
+        losses["det_fgfi"] = fgfi_multilevel_loss(output.features, taught.features, masks)
     if "pkd" in methods:
-        losses["det_pkd"] = torch.stack(
-            [
-                pkd_loss(s, t)
-                for s, t in zip(output.features, taught.features)
-                if s.shape[0] * s.shape[2] * s.shape[3] >= 2
-            ]
-        ).sum()
+        losses["det_pkd"] = pkd_multilevel_loss(output.features, taught.features)
     return losses
 
 
@@ -231,11 +219,22 @@ LOSS_WEIGHTS = {
 }
 
 
-def total_loss(detector_losses: dict[str, Tensor], kd_losses: dict[str, Tensor], config: DistillConfig) -> Tensor:
-    """Eq. (12): ``sum(L_det) + lambda_kc*KD_cls + lambda_kl*KD_loc + lambda_l*loc``, plus ``lambda_det_*`` times
-    each det2det term and, when asked, ``lambda_kc`` times KD_cls on negatives (each of the two KD_cls terms a mean,
-    so positives and negatives weigh the same whatever their counts)."""
+def loss_weights(config: DistillConfig) -> dict[str, float]:
+    """The weight of each KD term (:data:`LOSS_WEIGHTS`) as ``config`` sets it, e.g. ``{"kd_cls": 0.4, ...}``."""
+    return {term: float(getattr(config, field)) for term, field in LOSS_WEIGHTS.items()}
+
+
+def total_loss(
+    detector_losses: Mapping[str, Tensor], kd_losses: Mapping[str, Tensor], weights: Mapping[str, float]
+) -> Tensor:
+    """Eq. (12): ``sum(L_det) + Σ_term weights[term] · term`` over the KD terms (``lambda_kc·KD_cls + lambda_kl·KD_loc
+    + lambda_l·loc``, plus each det2det term and, when asked, KD_cls on negatives at lambda_kc: each of the two KD_cls
+    terms is a mean, so positives and negatives weigh the same whatever their counts). ``weights``: a plain mapping,
+    e.g. :func:`loss_weights`; a KD term without a weight is an error."""
+    missing = sorted(set(kd_losses) - set(weights))
+    if missing:
+        raise KeyError(f"no weight for the KD terms {missing}")
     total = sum(detector_losses.values())
     for name, value in kd_losses.items():
-        total = total + getattr(config, LOSS_WEIGHTS[name]) * value
+        total = total + weights[name] * value
     return total

@@ -2,6 +2,7 @@
 
 from cls2det.teacher.io import load_teacher, read_teacher_meta, save_teacher
 from cls2det.teacher.model import TAPS, Tap, TapLayout, Teacher, TeacherError, build_teacher
+from cls2det.teacher.protocol import TeacherLike
 from cls2det.teacher.train import Augment, classification_loss, evaluate_top1, fit_teacher, train_teacher
 
 __all__ = [
@@ -10,6 +11,7 @@ __all__ = [
     "TapLayout",
     "Teacher",
     "TeacherError",
+    "TeacherLike",
     "build_teacher",
     "train_teacher",
     "fit_teacher",
