@@ -57,7 +57,10 @@ def test_a_copy_of_the_student_teaches_exactly_its_own_outputs(name, num_classes
     assert not taught.logits.requires_grad and all(not f.requires_grad for f in taught.features)
     # the positives' order is the caller's: a shuffled subset gets its own rows back
     order = torch.randperm(len(positives), generator=torch.Generator().manual_seed(0))[: max(1, len(positives) // 2)]
-    assert torch.equal(teacher.teach(output, positives.subset(order)).logits, positives.logits[order])
+    # (equal up to float rounding: Faster R-CNN's box head then runs its matmuls on another number of rows, which
+    # may take another blocking in the BLAS)
+    subset_logits = teacher.teach(output, positives.subset(order)).logits
+    torch.testing.assert_close(subset_logits, positives.logits[order], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", DENSE)

@@ -12,6 +12,7 @@ from torchvision.models.detection import fasterrcnn_mobilenet_v3_large_fpn, fast
 from torchvision.ops import FrozenBatchNorm2d, box_iou
 
 from cls2det.config import StudentConfig
+from cls2det.errors import WeightsError
 from cls2det.students.faster_rcnn import (
     backbone_classifier,
     fasterrcnn_mobilenet_v3,
@@ -252,7 +253,7 @@ def test_backbone_weight_errors(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="weights file not found: .*nope.pt"):
         build("mv3", backbone_weights=str(tmp_path / "nope.pt"))
     _patch_download(monkeypatch, urllib.error.URLError("no network"))
-    with pytest.raises(RuntimeError, match="backbone_weights='imagenet'.*no network") as err:
+    with pytest.raises(WeightsError, match="backbone_weights='imagenet'.*no network") as err:
         build("mv3", backbone_weights="imagenet")
     assert "\n" not in str(err.value)
     with pytest.raises(ValueError, match="num_classes must be > 0"):

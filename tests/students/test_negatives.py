@@ -11,7 +11,7 @@ from torchvision.ops import box_iou
 
 from cls2det.config import StudentConfig
 from cls2det.students import create_student
-from cls2det.students._common import sample_rows
+from cls2det.students.forward_steps import sample_rows
 
 SIZES = {"ssdlite320_mobilenet_v3": 128, "retinanet_resnet50": 96, "fcos_resnet50": 96, "fasterrcnn_mobilenet_v3": 128}
 OPTIONS = {

@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 from torchvision.ops import FrozenBatchNorm2d
 
 from cls2det.config import StudentConfig
+from cls2det.errors import WeightsError
 from cls2det.students.registry import create_student
 from cls2det.students.retinanet import RetinaNetAdapter, retinanet_resnet50
 
@@ -198,7 +199,7 @@ def test_backbone_weight_errors(resnet_weights, monkeypatch):
         raise urllib.error.URLError("no network")
 
     monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", offline)
-    with pytest.raises(RuntimeError, match="backbone_weights='imagenet': could not load .*no network") as err:
+    with pytest.raises(WeightsError, match="backbone_weights='imagenet': could not load .*no network") as err:
         retinanet_resnet50(3, StudentConfig(backbone_weights="imagenet"))
     assert "\n" not in str(err.value)
 

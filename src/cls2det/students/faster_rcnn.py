@@ -18,21 +18,19 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.roi_heads import fastrcnn_loss
 from torchvision.models.detection.rpn import RPNHead
 
-from cls2det.config import StudentConfig
-from cls2det.students._common import (
-    build_imagenet_detector,
+from cls2det.config import ConfigError, StudentConfig
+from cls2det.students.backbones import (
+    build_detector,
     build_resnet_fpn_detector,
     features_view,
     freeze_batchnorm,
     freeze_stages,
     load_view_weights,
-    sample_rows,
     stage_indices,
-    student_output,
-    transform_batch,
     transform_kwargs,
 )
 from cls2det.students.base import Negatives, Positives, StudentAdapter, StudentOutput
+from cls2det.students.forward_steps import sample_rows, student_output, transform_batch
 
 ASPECT_RATIOS = (0.5, 1.0, 2.0)  # torchvision's RPN default for every level
 
@@ -46,7 +44,7 @@ def rpn_anchor_sizes(sizes: list[int], levels: int) -> tuple[tuple[int, ...], ..
     5 sizes on its 3 levels -> all 5 on each.
     """
     if not sizes or any(int(s) != s or s <= 0 for s in sizes):
-        raise ValueError(f"student.anchor_sizes must be positive integers, got {list(sizes or [])}")
+        raise ConfigError(f"student.anchor_sizes must be positive integers, got {list(sizes or [])}")
     ordered = sorted(int(s) for s in sizes)
     if len(ordered) % levels:
         return (tuple(ordered),) * levels
@@ -174,7 +172,7 @@ class FasterRCNNAdapter(StudentAdapter):
 
 def _check_num_classes(num_classes: int) -> None:
     if num_classes <= 0:
-        raise ValueError(f"num_classes must be > 0, got {num_classes}")
+        raise ConfigError(f"num_classes must be > 0, got {num_classes}")
 
 
 def fasterrcnn_mobilenet_v3(num_classes: int, config: StudentConfig, **kwargs: Any) -> FasterRCNNAdapter:
@@ -193,28 +191,17 @@ def fasterrcnn_mobilenet_v3(num_classes: int, config: StudentConfig, **kwargs: A
     """
     _check_num_classes(num_classes)
     kwargs = {**kwargs, **transform_kwargs(config), "num_classes": num_classes + 1}
-    weights, trainable = config.backbone_weights, config.trainable_backbone_layers
-    if weights == "imagenet":
-        detector = build_imagenet_detector(
-            fasterrcnn_mobilenet_v3_large_fpn,
-            MobileNet_V3_Large_Weights.IMAGENET1K_V1,
-            trainable_backbone_layers=trainable,
-            **kwargs,
-        )
-    else:
-        detector = fasterrcnn_mobilenet_v3_large_fpn(
-            weights=None,
-            weights_backbone=None,
-            trainable_backbone_layers=trainable if weights is None else None,
-            **kwargs,
-        )
-        if weights is not None:
-            body = detector.backbone.body  # IntermediateLayerGetter over mobilenet_v3_large().features
-            freeze_batchnorm(body)
-            view = features_view(body.values())
-            load_view_weights(view, weights, "mobilenet_v3_large")
-            stages = stage_indices(view.features, "mobilenet")
-            freeze_stages(view.features, stages, 3 if trainable is None else trainable)
+
+    def load_local(detector: nn.Module, path: str, trainable: int | None) -> None:
+        body = detector.backbone.body  # IntermediateLayerGetter over mobilenet_v3_large().features
+        freeze_batchnorm(body)
+        view = features_view(body.values())
+        load_view_weights(view, path, "mobilenet_v3_large")
+        freeze_stages(view.features, stage_indices(view.features, "mobilenet"), 3 if trainable is None else trainable)
+
+    detector = build_detector(
+        fasterrcnn_mobilenet_v3_large_fpn, config, MobileNet_V3_Large_Weights.IMAGENET1K_V1, load_local, **kwargs
+    )
     if config.anchor_sizes is not None:
         set_rpn_anchors(detector, config.anchor_sizes)
     return FasterRCNNAdapter(detector, num_classes)
@@ -225,7 +212,7 @@ def fasterrcnn_resnet50(num_classes: int, config: StudentConfig, **kwargs: Any) 
 
     config.image_size -> transform min_size = max_size; config.anchor_sizes -> see :func:`rpn_anchor_sizes`
     (5 levels); config.backbone_weights / trainable_backbone_layers -> see
-    :func:`cls2det.students._common.build_resnet_fpn_detector` (a local file is a ``resnet50`` state dict).
+    :func:`cls2det.students.backbones.build_resnet_fpn_detector` (a local file is a ``resnet50`` state dict).
     kwargs go to torchvision's :class:`FasterRCNN`.
     """
     _check_num_classes(num_classes)
@@ -244,4 +231,6 @@ def backbone_classifier(detector: str, num_classes: int = 1000) -> nn.Module:
         return mobilenet_v3_large(num_classes=num_classes)
     if detector == "fasterrcnn_resnet50":
         return resnet50(num_classes=num_classes)
-    raise ValueError(f"unknown Faster R-CNN detector {detector!r}; valid: fasterrcnn_mobilenet_v3, fasterrcnn_resnet50")
+    raise ConfigError(
+        f"unknown Faster R-CNN detector {detector!r}; valid: fasterrcnn_mobilenet_v3, fasterrcnn_resnet50"
+    )

@@ -22,20 +22,13 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torchvision.models.detection import FCOS, fcos_resnet50_fpn
+from torchvision.models.detection import fcos_resnet50_fpn
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 
-from cls2det.config import StudentConfig
-from cls2det.students._common import (
-    backbone_features,
-    build_resnet_fpn_detector,
-    dense_head_output,
-    fpn_level_sizes,
-    match_per_image,
-    transform_batch,
-    transform_kwargs,
-)
-from cls2det.students.base import StudentAdapter, StudentOutput
+from cls2det.config import ConfigError, StudentConfig
+from cls2det.students.backbones import build_resnet_fpn_detector, fpn_level_sizes, transform_kwargs
+from cls2det.students.dense import DenseHeadAdapter
+from cls2det.students.forward_steps import match_per_image
 
 
 def fcos_anchor_generator(sizes: list[int]) -> AnchorGenerator:
@@ -84,47 +77,23 @@ def fcos_matched_idxs(
     return match_per_image(anchors, targets, assign)
 
 
-class FCOSAdapter(StudentAdapter):
-    """A torchvision :class:`FCOS` with ``num_classes = C`` (labels 0..C-1, no background column)."""
+class FCOSAdapter(DenseHeadAdapter):
+    """A torchvision :class:`FCOS` with ``num_classes = C`` (labels 0..C-1, no background column).
+
+    Positives: every location FCOS assigns to a GT box (:func:`fcos_matched_idxs`); logits [K, C]; pred_boxes =
+    ``box_coder.decode(bbox_regression, anchor)`` as FCOS's postprocess does. The centerness output is not part of
+    the record. Negatives: locations assigned to no GT box; their box is the location's square "anchor".
+    """
 
     head = "sigmoid"
     has_anchors = False
 
-    def forward_train(self, images: list[Tensor], targets: list[dict[str, Tensor]]) -> StudentOutput:
-        """images: list of [3, H_i, W_i] in 0..1; targets: {"boxes": [N_i, 4] xyxy pixels, "labels": [N_i] in [0, C)}.
-
-        Positives: logits [K, C] (the location's ``cls_logits`` row), pred_boxes [K, 4] =
-        ``box_coder.decode(bbox_regression, anchor)`` as FCOS's postprocess does (not clipped), in the batch
-        tensor's pixels. The centerness output is not part of the record. Negatives (``max_negatives`` > 0):
-        locations assigned to no GT box; their box is the location's square "anchor" (side ``size_l``).
-        """
-        det: FCOS = self.detector
-        image_list, targets = transform_batch(det, images, self.to_detector_targets(targets))
-        features = backbone_features(det, image_list.tensors)  # 5 x [N, 256, H_l, W_l]
-        head_outputs = det.head(features)  # cls_logits [N, A, C], bbox_regression [N, A, 4], bbox_ctrness [N, A, 1]
-        anchors = det.anchor_generator(image_list, features)  # N x [A, 4]
+    def match(self, anchors: list[Tensor], targets: list[dict[str, Tensor]], features: list[Tensor]) -> list[Tensor]:
         num_anchors_per_level = [f.size(2) * f.size(3) for f in features]
-        matched_idxs = fcos_matched_idxs(anchors, targets, num_anchors_per_level, det.center_sampling_radius)
-        losses = det.head.compute_loss(targets, head_outputs, anchors, matched_idxs)
+        return fcos_matched_idxs(anchors, targets, num_anchors_per_level, self.detector.center_sampling_radius)
 
-        regression = head_outputs["bbox_regression"]
-
-        def decode(i: int, fg: Tensor) -> Tensor:
-            # float32: the coder casts anchors to the regression's dtype, which loses pixels under bf16 autocast
-            return det.box_coder.decode(regression[i, fg].float(), anchors[i][fg])  # [K_i, 4]
-
-        return dense_head_output(
-            self,
-            losses,
-            image_list,
-            features,
-            targets,
-            anchors,
-            matched_idxs,
-            head_outputs["cls_logits"],
-            decode,
-            anchor_free=True,
-        )
+    def decode_boxes(self, regression: Tensor, anchors: Tensor) -> Tensor:
+        return self.detector.box_coder.decode(regression, anchors)
 
 
 def fcos_resnet50(num_classes: int, config: StudentConfig, **options: Any) -> FCOSAdapter:
@@ -132,10 +101,10 @@ def fcos_resnet50(num_classes: int, config: StudentConfig, **options: Any) -> FC
 
     config.image_size -> transform min_size = max_size; config.anchor_sizes -> the 5 per-level location sizes
     (module docstring: sampling radius, scale range, regression unit); config.backbone_weights /
-    trainable_backbone_layers -> see :func:`cls2det.students._common.build_resnet_fpn_detector`.
+    trainable_backbone_layers -> see :func:`cls2det.students.backbones.build_resnet_fpn_detector`.
     """
     if num_classes <= 0:
-        raise ValueError(f"num_classes must be > 0, got {num_classes}")
+        raise ConfigError(f"num_classes must be > 0, got {num_classes}")
     kwargs = {**transform_kwargs(config), **options}
     sizes = fpn_level_sizes(config.anchor_sizes, "fcos_resnet50")
     if sizes is not None:

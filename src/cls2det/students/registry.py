@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 
-from cls2det.config import StudentConfig
+from cls2det.config import ConfigError, StudentConfig
 from cls2det.students.base import StudentAdapter
 
 STUDENTS: dict[str, str] = {
@@ -28,21 +28,21 @@ def list_students() -> list[str]:
 def backbone_classifier(name: str, num_classes: int):
     """The torchvision classifier whose state dict ``student.backbone_weights`` takes for detector ``name``."""
     if name not in STUDENTS:
-        raise ValueError(f"unknown detector {name!r}; valid: {', '.join(list_students())}")
+        raise ConfigError(f"unknown detector {name!r}; valid: {', '.join(list_students())}")
     module = importlib.import_module(STUDENTS[name].split(":")[0])
     if not hasattr(module, "backbone_classifier"):
-        raise ValueError(f"{name}: backbone pre-training is not available for this family")
+        raise ConfigError(f"{name}: backbone pre-training is not available for this family")
     return module.backbone_classifier(name, num_classes)
 
 
 def create_student(name: str, num_classes: int, config: StudentConfig | None = None) -> StudentAdapter:
     """Build detector ``name`` for ``num_classes`` foreground classes, wrapped in its adapter."""
     if name not in STUDENTS:
-        raise ValueError(f"unknown detector {name!r}; valid: {', '.join(list_students())}")
+        raise ConfigError(f"unknown detector {name!r}; valid: {', '.join(list_students())}")
     module, attr = STUDENTS[name].split(":")
     builder = getattr(importlib.import_module(module), attr)
     config = config or StudentConfig(detector=name)
     try:
         return builder(num_classes, config, **config.options)
     except TypeError as err:  # an option the torchvision builder does not take
-        raise ValueError(f"student.options for {name}: {err}") from None
+        raise ConfigError(f"student.options for {name}: {err}") from None

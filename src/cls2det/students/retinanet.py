@@ -10,20 +10,13 @@ from __future__ import annotations
 from typing import Any
 
 from torch import Tensor
-from torchvision.models.detection import RetinaNet, retinanet_resnet50_fpn
+from torchvision.models.detection import retinanet_resnet50_fpn
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 
-from cls2det.config import StudentConfig
-from cls2det.students._common import (
-    backbone_features,
-    build_resnet_fpn_detector,
-    dense_head_output,
-    fpn_level_sizes,
-    match_anchors,
-    transform_batch,
-    transform_kwargs,
-)
-from cls2det.students.base import StudentAdapter, StudentOutput
+from cls2det.config import ConfigError, StudentConfig
+from cls2det.students.backbones import build_resnet_fpn_detector, fpn_level_sizes, transform_kwargs
+from cls2det.students.dense import DenseHeadAdapter
+from cls2det.students.forward_steps import match_anchors
 
 
 def retinanet_anchor_generator(sizes: list[int]) -> AnchorGenerator:
@@ -34,36 +27,21 @@ def retinanet_anchor_generator(sizes: list[int]) -> AnchorGenerator:
     return AnchorGenerator(anchor_sizes, ((0.5, 1.0, 2.0),) * len(anchor_sizes))
 
 
-class RetinaNetAdapter(StudentAdapter):
-    """A torchvision :class:`RetinaNet` with ``num_classes = C`` (labels 0..C-1, no background column)."""
+class RetinaNetAdapter(DenseHeadAdapter):
+    """A torchvision :class:`RetinaNet` with ``num_classes = C`` (labels 0..C-1, no background column).
+
+    Positives: every anchor the detector's ``proposal_matcher`` assigns to a GT box (IoU >= 0.5, plus each GT's best
+    anchors); logits [K, C]; pred_boxes = ``box_coder.decode_single(bbox_regression, anchor)``. Negatives: anchors
+    at IoU < 0.4 with every GT box; the ignored ones in [0.4, 0.5) are left out, as the focal loss leaves them out.
+    """
 
     head = "sigmoid"
 
-    def forward_train(self, images: list[Tensor], targets: list[dict[str, Tensor]]) -> StudentOutput:
-        """images: list of [3, H_i, W_i] in 0..1; targets: {"boxes": [N_i, 4] xyxy pixels, "labels": [N_i] in [0, C)}.
+    def match(self, anchors: list[Tensor], targets: list[dict[str, Tensor]], features: list[Tensor]) -> list[Tensor]:
+        return match_anchors(self.detector, anchors, targets)
 
-        Positives: logits [K, C] (the anchor's ``cls_logits`` row), pred_boxes [K, 4] =
-        ``box_coder.decode_single(bbox_regression, anchor)`` (not clipped), all in the batch tensor's pixels.
-        Negatives (``max_negatives`` > 0): anchors the matcher set to background (IoU < 0.4 with every GT box); the
-        ignored ones in [0.4, 0.5) are left out, as the focal loss leaves them out.
-        """
-        det: RetinaNet = self.detector
-        image_list, targets = transform_batch(det, images, self.to_detector_targets(targets))
-        features = backbone_features(det, image_list.tensors)  # 5 x [N, 256, H_l, W_l]
-        head_outputs = det.head(features)  # cls_logits [N, A, C], bbox_regression [N, A, 4]
-        anchors = det.anchor_generator(image_list, features)  # N x [A, 4]
-        matched_idxs = match_anchors(det, anchors, targets)
-        losses = det.head.compute_loss(targets, head_outputs, anchors, matched_idxs)
-
-        regression = head_outputs["bbox_regression"]
-
-        def decode(i: int, fg: Tensor) -> Tensor:
-            # float32: the coder casts anchors to the regression's dtype, which loses pixels under bf16 autocast
-            return det.box_coder.decode_single(regression[i, fg].float(), anchors[i][fg])  # [K_i, 4]
-
-        return dense_head_output(
-            self, losses, image_list, features, targets, anchors, matched_idxs, head_outputs["cls_logits"], decode
-        )
+    def decode_boxes(self, regression: Tensor, anchors: Tensor) -> Tensor:
+        return self.detector.box_coder.decode_single(regression, anchors)
 
 
 def retinanet_resnet50(num_classes: int, config: StudentConfig, **options: Any) -> RetinaNetAdapter:
@@ -71,10 +49,10 @@ def retinanet_resnet50(num_classes: int, config: StudentConfig, **options: Any) 
 
     config.image_size -> transform min_size = max_size; config.anchor_sizes -> 5 base sizes, one per FPN level
     (see :func:`retinanet_anchor_generator`); config.backbone_weights / trainable_backbone_layers -> see
-    :func:`cls2det.students._common.build_resnet_fpn_detector`.
+    :func:`cls2det.students.backbones.build_resnet_fpn_detector`.
     """
     if num_classes <= 0:
-        raise ValueError(f"num_classes must be > 0, got {num_classes}")
+        raise ConfigError(f"num_classes must be > 0, got {num_classes}")
     kwargs = {**transform_kwargs(config), **options}
     sizes = fpn_level_sizes(config.anchor_sizes, "retinanet_resnet50")
     if sizes is not None:

@@ -19,54 +19,41 @@ from torchvision.models.detection.anchor_utils import DefaultBoxGenerator
 from torchvision.models.detection.ssd import SSD
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
-from cls2det.config import StudentConfig
-from cls2det.students._common import (
-    backbone_features,
-    build_imagenet_detector,
-    dense_head_output,
+from cls2det.config import ConfigError, StudentConfig
+from cls2det.students.backbones import (
+    build_detector,
     features_view,
     freeze_stages,
     load_view_weights,
-    match_anchors,
     stage_indices,
-    transform_batch,
 )
-from cls2det.students.base import StudentAdapter, StudentOutput
+from cls2det.students.dense import DenseHeadAdapter
+from cls2det.students.forward_steps import match_anchors
 
 SSD300_MIN_SIZE = 268  # below this the VGG extra layers (3x3 convs without padding) run out of pixels
 
 
-class SSDAdapter(StudentAdapter):
-    """A torchvision :class:`SSD` (or SSDlite) with ``num_classes = C + 1`` (label 0 = background)."""
+class SSDAdapter(DenseHeadAdapter):
+    """A torchvision :class:`SSD` (or SSDlite) with ``num_classes = C + 1`` (label 0 = background).
+
+    Losses: torchvision's ``bbox_regression`` and ``classification`` (hard-negative mined). Positives: the default
+    boxes matched to a GT box; logits [K, C+1]; pred_boxes = ``box_coder.decode_single(bbox_regression, default
+    box)``; all in pixels of the transformed (fixed-size) batch. Negatives: default boxes at IoU < 0.5 with every
+    GT box: all of them are candidates, not only the 3:1 hard negatives SSD's classification loss mines.
+    """
 
     head = "softmax"
 
-    def forward_train(self, images: list[Tensor], targets: list[dict[str, Tensor]]) -> StudentOutput:
-        """images: list of [3, H_i, W_i] in 0..1; targets: {"boxes": [N_i, 4] xyxy pixels, "labels": [N_i] in [0, C)}.
+    def match(self, anchors: list[Tensor], targets: list[dict[str, Tensor]], features: list[Tensor]) -> list[Tensor]:
+        return match_anchors(self.detector, anchors, targets)
 
-        Losses: torchvision's ``bbox_regression`` and ``classification`` (hard-negative mined). Positives (K =
-        matched default boxes over the batch): logits [K, C+1] (``cls_logits`` rows), pred_boxes [K, 4] =
-        ``box_coder.decode_single(bbox_regression, default box)`` (not clipped), gt_boxes [K, 4] the matched GT
-        box; all in pixels of the transformed (fixed-size) batch. Negatives (``max_negatives`` > 0): default boxes
-        the matcher set to background (IoU < 0.5 with every GT box): all of them are candidates, not only the 3:1
-        hard negatives SSD's classification loss mines.
-        """
-        det: SSD = self.detector
-        image_list, targets = transform_batch(det, images, self.to_detector_targets(targets))
-        features = backbone_features(det, image_list.tensors)  # 6 x [N, D_l, H_l, W_l]
-        head_outputs = det.head(features)  # cls_logits [N, A, C+1], bbox_regression [N, A, 4]
-        anchors = det.anchor_generator(image_list, features)  # N x [A, 4]
-        matched_idxs = match_anchors(det, anchors, targets)
-        losses = det.compute_loss(targets, head_outputs, anchors, matched_idxs)
+    def decode_boxes(self, regression: Tensor, anchors: Tensor) -> Tensor:
+        return self.detector.box_coder.decode_single(regression, anchors)
 
-        regression = head_outputs["bbox_regression"]
-
-        def decode(i: int, fg: Tensor) -> Tensor:
-            return det.box_coder.decode_single(regression[i, fg], anchors[i][fg])  # [K_i, 4]
-
-        return dense_head_output(
-            self, losses, image_list, features, targets, anchors, matched_idxs, head_outputs["cls_logits"], decode
-        )
+    def detector_losses(
+        self, targets: list[dict[str, Tensor]], head_outputs: dict[str, Tensor], anchors: list[Tensor], matched: list
+    ) -> dict[str, Tensor]:
+        return self.detector.compute_loss(targets, head_outputs, anchors, matched)
 
 
 def ssd_box_generator(
@@ -88,7 +75,7 @@ def ssd_box_generator(
         return DefaultBoxGenerator(stock.aspect_ratios, scales=list(stock.scales), steps=steps, clip=stock.clip)
     maps = len(stock.aspect_ratios)
     if any(s <= 0 for s in anchor_sizes):
-        raise ValueError(f"student.anchor_sizes must be positive, got {list(anchor_sizes)}")
+        raise ConfigError(f"student.anchor_sizes must be positive, got {list(anchor_sizes)}")
     if len(anchor_sizes) == 2:
         low, high = sorted(anchor_sizes)
         return DefaultBoxGenerator(
@@ -97,7 +84,7 @@ def ssd_box_generator(
     if len(anchor_sizes) == maps + 1:
         scales = [s / image_size for s in anchor_sizes]
         return DefaultBoxGenerator(stock.aspect_ratios, scales=scales, steps=steps, clip=stock.clip)
-    raise ValueError(
+    raise ConfigError(
         f"student.anchor_sizes for SSD needs 2 sizes (min, max) or {maps + 1} (one per feature map "
         f"+ 1), got {len(anchor_sizes)}"
     )
@@ -117,9 +104,9 @@ def set_ssd_geometry(detector: SSD, config: StudentConfig, stock_size: int) -> N
 
 def _check(num_classes: int, config: StudentConfig, min_size: int, detector: str) -> None:
     if num_classes <= 0:
-        raise ValueError(f"num_classes must be > 0, got {num_classes}")
+        raise ConfigError(f"num_classes must be > 0, got {num_classes}")
     if config.image_size is not None and config.image_size < min_size:
-        raise ValueError(f"student.image_size must be >= {min_size} for {detector}, got {config.image_size}")
+        raise ConfigError(f"student.image_size must be >= {min_size} for {detector}, got {config.image_size}")
 
 
 def ssd300_vgg16(num_classes: int, config: StudentConfig, **kwargs: Any) -> SSDAdapter:
@@ -134,25 +121,16 @@ def ssd300_vgg16(num_classes: int, config: StudentConfig, **kwargs: Any) -> SSDA
     kwargs go to torchvision's :class:`SSD` (e.g. ``score_thresh``, ``topk_candidates``).
     """
     _check(num_classes, config, SSD300_MIN_SIZE, "ssd300_vgg16")
-    weights, trainable = config.backbone_weights, config.trainable_backbone_layers
+
+    def load_local(detector: nn.Module, path: str, trainable: int | None) -> None:
+        body = detector.backbone
+        # vgg16().features[0:23] = body.features, [23:30] = body.extra[0][:7]; [30] (pool5) is replaced by SSD.
+        view = features_view([*body.features, *body.extra[0][:7], nn.MaxPool2d(2, 2)])
+        load_view_weights(view, path, "vgg16")
+        freeze_stages(view.features, stage_indices(view.features, "vgg"), 4 if trainable is None else trainable)
+
     kwargs = {**kwargs, "num_classes": num_classes + 1}
-    if weights == "imagenet":
-        detector = build_imagenet_detector(
-            tv_ssd300_vgg16, VGG16_Weights.IMAGENET1K_FEATURES, trainable_backbone_layers=trainable, **kwargs
-        )
-    else:
-        detector = tv_ssd300_vgg16(
-            weights=None,
-            weights_backbone=None,
-            trainable_backbone_layers=trainable if weights is None else None,
-            **kwargs,
-        )
-        if weights is not None:
-            body = detector.backbone
-            # vgg16().features[0:23] = body.features, [23:30] = body.extra[0][:7]; [30] (pool5) is replaced by SSD.
-            view = features_view([*body.features, *body.extra[0][:7], nn.MaxPool2d(2, 2)])
-            load_view_weights(view, weights, "vgg16")
-            freeze_stages(view.features, stage_indices(view.features, "vgg"), 4 if trainable is None else trainable)
+    detector = build_detector(tv_ssd300_vgg16, config, VGG16_Weights.IMAGENET1K_FEATURES, load_local, **kwargs)
     set_ssd_geometry(detector, config, 300)
     return SSDAdapter(detector, num_classes)
 
@@ -171,24 +149,14 @@ def ssdlite320_mobilenet_v3(num_classes: int, config: StudentConfig, **kwargs: A
     kwargs go to torchvision's :class:`SSD` (e.g. ``score_thresh``, ``topk_candidates``).
     """
     _check(num_classes, config, 1, "ssdlite320_mobilenet_v3")
-    weights, trainable = config.backbone_weights, config.trainable_backbone_layers
+
+    def load_local(detector: nn.Module, path: str, trainable: int | None) -> None:
+        view = _ssdlite_view(detector.backbone)
+        load_view_weights(view, path, "mobilenet_v3_large(reduced_tail=True)")
+        freeze_stages(view.features, stage_indices(view.features, "mobilenet"), 6 if trainable is None else trainable)
+
     kwargs = {**kwargs, "num_classes": num_classes + 1}
-    if weights == "imagenet":
-        detector = build_imagenet_detector(
-            tv_ssdlite320, MobileNet_V3_Large_Weights.IMAGENET1K_V1, trainable_backbone_layers=trainable, **kwargs
-        )
-    else:
-        detector = tv_ssdlite320(
-            weights=None,
-            weights_backbone=None,
-            trainable_backbone_layers=trainable if weights is None else None,
-            **kwargs,
-        )
-        if weights is not None:
-            view = _ssdlite_view(detector.backbone)
-            load_view_weights(view, weights, "mobilenet_v3_large(reduced_tail=True)")
-            stages = stage_indices(view.features, "mobilenet")
-            freeze_stages(view.features, stages, 6 if trainable is None else trainable)
+    detector = build_detector(tv_ssdlite320, config, MobileNet_V3_Large_Weights.IMAGENET1K_V1, load_local, **kwargs)
     set_ssd_geometry(detector, config, 320)
     return SSDAdapter(detector, num_classes)
 
@@ -211,4 +179,4 @@ def backbone_classifier(detector: str, num_classes: int = 1000) -> nn.Module:
         return vgg16(num_classes=num_classes)
     if detector == "ssdlite320_mobilenet_v3":
         return mobilenet_v3_large(num_classes=num_classes, reduced_tail=True)
-    raise ValueError(f"unknown SSD detector {detector!r}; valid: ssd300_vgg16, ssdlite320_mobilenet_v3")
+    raise ConfigError(f"unknown SSD detector {detector!r}; valid: ssd300_vgg16, ssdlite320_mobilenet_v3")
