@@ -12,7 +12,8 @@ from torch import nn
 
 from cls2det.errors import WeightsError
 from cls2det.teacher import TAPS, Teacher, TeacherError, build_teacher
-from cls2det.teacher.model import IMAGENET_MEAN, IMAGENET_STD, tap_layout
+from cls2det.teacher.model import IMAGENET_MEAN, IMAGENET_STD
+from cls2det.teacher.taps import tap_layout
 
 S = 32  # crop size used throughout: small, but every stage of a stride-32 net still has >= 1x1 outputs
 
