@@ -175,3 +175,23 @@ def test_equals_tidecv(seed):
     for kind in ERROR_TYPES:
         assert ours[kind] == pytest.approx(expected[kind], abs=1e-9), kind
     assert not math.isnan(ours["AP50"])
+
+
+def test_evaluator_errors_uses_the_processed_images():
+    import torch
+
+    from cls2det.evaluation import CocoEvaluator
+    from cls2det.evaluation.errors import evaluator_errors, format_errors
+
+    # image 1: class a's GT found by a class-b box (cls); image 2: a GT missed entirely
+    gt = gt_dict([(1, BOX, A), (2, BOX, A)], num_images=2)
+    ev = CocoEvaluator(gt, label_to_cat_id=[A, B])
+    xyxy = torch.tensor([[0.0, 0.0, 100.0, 100.0]])
+    ev.process([1], [{"boxes": xyxy, "scores": torch.tensor([0.9]), "labels": torch.tensor([1])}])
+    only(evaluator_errors(ev), cls=100.0)  # image 2 was not processed: its GT is not a miss
+    nothing = {"boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.int64)}
+    ev.process([2], [nothing])
+    r = evaluator_errors(ev)
+    assert r["AP50"] == 0.0
+    only(r, cls=HALF)  # fixed: 1 of the 2 GT found at precision 1
+    assert format_errors(r).splitlines()[0].split() == "AP50 | cls | loc | both | dupe | bkg | miss".split()

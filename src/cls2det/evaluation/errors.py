@@ -38,7 +38,7 @@ from pycocotools import mask as mask_utils
 
 from .coco_eval import _check_detections, _load_gt
 
-__all__ = ["ERROR_TYPES", "error_breakdown", "fixed_ap50"]
+__all__ = ["ERROR_TYPES", "error_breakdown", "evaluator_errors", "fixed_ap50", "format_errors"]
 
 ERROR_TYPES: tuple[str, ...] = ("cls", "loc", "both", "dupe", "bkg", "miss")
 
@@ -235,3 +235,17 @@ def fixed_ap50(
     if unknown:
         raise ValueError(f"unknown error type {sorted(unknown)[0]!r}; valid: {', '.join(ERROR_TYPES)}")
     return _fixed_map(_run(gt, detections, pos_thresh, bg_thresh, max_dets), set(kinds))
+
+
+def evaluator_errors(evaluator, **kwargs) -> dict[str, float]:
+    """:func:`error_breakdown` of what a :class:`~cls2det.evaluation.CocoEvaluator` gathered (its ``results`` over its
+    processed images' ``ground_truth``): ``metrics["errors"] = evaluator_errors(evaluator)`` after ``evaluate()``."""
+    return error_breakdown(evaluator.ground_truth, evaluator.results, **kwargs)
+
+
+def format_errors(errors: dict[str, float], title: str = "") -> str:
+    """A two-line table like the CLI's metrics: TIDE's base AP50, then the AP50 points lost to each error type."""
+    keys = ["AP50", *ERROR_TYPES]
+    head = " | ".join(f"{k:>6}" for k in keys)
+    row = " | ".join(f"{errors.get(k, float('nan')):6.2f}" for k in keys)
+    return f"{title}\n{head}\n{row}" if title else f"{head}\n{row}"
