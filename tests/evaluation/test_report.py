@@ -174,6 +174,13 @@ def test_summarize_error_means_over_the_seeds_that_carry_them():
     assert rows["kd"]["errors_n"] == 1 and rows["kd"]["errors"]["cls"] == pytest.approx(2.0)
     assert math.isnan(rows["kd"]["errors_ci"]["cls"])
     assert rows["loc"]["errors_n"] == 0 and rows["loc"]["errors"] == {}
+    # the breakdown nested in the metrics (as `cls2det eval --errors --json` writes it) counts the same
+    nested = [
+        {**{k: v for k, v in r.items() if k != "errors"}, "metrics": {**r["metrics"], "errors": r["errors"]}}
+        for r in ERROR_RESULTS[:3]
+    ]
+    assert all("errors" not in r for r in nested)
+    assert by_row(summarize(nested))["baseline"]["errors"] == base["errors"]
     bad = with_errors(run("kd", 0, 1.0))
     del bad["errors"]["dupe"]
     with pytest.raises(ValueError, match="errors lack 'dupe'"):

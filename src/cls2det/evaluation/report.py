@@ -6,6 +6,8 @@ A study result is a list of per-run dicts::
      "wall_s": 312.5, "peak_mem_mb": 2048.0,
      "errors": error_breakdown(...)}   # optional: TIDE dAP50 per error type (cls2det.evaluation.errors)
 
+The breakdown may also sit inside the metrics (``metrics["errors"]``, as ``cls2det eval --errors`` writes it).
+
 Statistics (``summarize``): for each (detector, row), over its seeds, the mean and the 95% confidence half-width of the
 mean, ``t_{0.975, n-1} * sd / sqrt(n)`` (Student t, sample sd with ddof=1; nan when n = 1). The delta of a row is the
 mean of its *paired* differences to the baseline row of the same detector, over the seeds both have, with the same CI
@@ -54,14 +56,20 @@ def _check(results: Sequence[dict]) -> None:
         for key in METRIC_KEYS:
             if key not in r["metrics"]:
                 raise ValueError(f"result #{i} (row {r['row']!r}, seed {r['seed']}): metrics lack '{key}'")
-        if r.get("errors") is not None:
-            missing = [k for k in ERROR_TYPES if k not in r["errors"]]
+        if _errors(r) is not None:
+            missing = [k for k in ERROR_TYPES if k not in _errors(r)]
             if missing:
                 raise ValueError(f"result #{i} (row {r['row']!r}, seed {r['seed']}): errors lack '{missing[0]}'")
         ident = (r["detector"], r["row"], r["seed"])
         if ident in seen:
             raise ValueError(f"result #{i}: duplicate run detector={ident[0]!r} row={ident[1]!r} seed={ident[2]}")
         seen.add(ident)
+
+
+def _errors(r: dict) -> dict | None:
+    """The run's TIDE breakdown: ``r["errors"]``, else ``r["metrics"]["errors"]``, else None."""
+    errors = r.get("errors")
+    return errors if errors is not None else r["metrics"].get("errors")
 
 
 def _ap_per_iou(r: dict) -> dict[float, float]:
@@ -127,7 +135,7 @@ def summarize(results: Sequence[dict], baseline_row: str = "baseline") -> list[d
             entry["ap_per_iou_delta"][iou] = mean_ci([per_iou[s][iou] - base_iou[s][iou] for s in paired])[0]
         for key in ("wall_s", "peak_mem_mb"):
             entry[key] = mean_ci([float(runs[s].get(key, float("nan"))) for s in seeds])[0]
-        with_errors = [runs[s]["errors"] for s in seeds if runs[s].get("errors") is not None]
+        with_errors = [_errors(runs[s]) for s in seeds if _errors(runs[s]) is not None]
         entry["errors"], entry["errors_ci"], entry["errors_n"] = {}, {}, len(with_errors)
         if with_errors:
             for key in ("AP50", *ERROR_TYPES):
@@ -329,7 +337,7 @@ def write_report(
                 float(r.get("peak_mem_mb", float("nan"))),
             ]
             if has_errors:
-                errors = r.get("errors") or {}
+                errors = _errors(r) or {}
                 values += [float(errors.get(k, float("nan"))) for k in ("AP50", *ERROR_TYPES)]
             writer.writerow([_csv_value(v) for v in values])
     return report_md
