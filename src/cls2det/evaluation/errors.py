@@ -117,9 +117,15 @@ def _eval_image(run: _Run, dets: list[dict], gts: list[dict], crowds: list[dict]
                     buffer[:, g] = 0.0
         for region in crowds:
             crowd_iou = np.asarray(mask_utils.iou(boxes, [region["bbox"]], [1]))[:, 0]  # [P]
-            for p in range(len(dets)):
-                if is_tp[p] is False and crowd_iou[p] > t_f and det_cls[p] == region["category_id"]:
-                    is_tp[p] = None
+            inside = ((crowd_iou > t_f) & (det_cls == region["category_id"])).tolist()
+            is_tp = [None if (t is False and i) else t for t, i in zip(is_tp, inside)]
+        if gts:  # per detection: its best GT of its class / of another class, and the IoUs the tests below need
+            rows = np.arange(len(dets))
+            used = np.array([s.is_used for s in states])  # [G], final once matching is done
+            cls_g, other_g = cls_iou.argmax(1), other_iou.argmax(1)  # [P]
+            cls_max, other_max = cls_iou[rows, cls_g].tolist(), other_iou[rows, other_g].tolist()
+            dupe_max, any_max = (cls_iou * used).max(1).tolist(), iou.max(1).tolist()
+            cls_g, other_g = cls_g.tolist(), other_g.tolist()
         for p, d in enumerate(dets):
             cls, det_id, score = d["category_id"], d["_id"], d["score"]
             if is_tp[p] is not None:
@@ -130,22 +136,21 @@ def _eval_image(run: _Run, dets: list[dict], gts: list[dict], crowds: list[dict]
             if not gts:
                 run.errors.append(_Error("bkg", original, None))
                 continue
-            used = np.array([s.is_used for s in states])
-            g = int(np.argmax(cls_iou[p]))
-            if t_b <= cls_iou[p, g] <= t_f:
+            g = cls_g[p]
+            if t_b <= cls_max[p] <= t_f:
                 _best_match(states[g], det_id, score)
                 run.errors.append(_Error("loc", original, None))
                 pending.append((run.errors[-1], g, (cls, det_id, score, True)))
                 continue
-            g = int(np.argmax(other_iou[p]))
-            if other_iou[p, g] >= t_f:
+            g = other_g[p]
+            if other_max[p] >= t_f:
                 _best_match(states[g], det_id, score)
                 run.errors.append(_Error("cls", original, None))
                 pending.append((run.errors[-1], g, (gts[g]["category_id"], det_id, score, True)))
                 continue
-            if np.max(cls_iou[p] * used) >= t_f:
+            if dupe_max[p] >= t_f:
                 kind = "dupe"
-            elif np.max(iou[p]) <= t_b:
+            elif any_max[p] <= t_b:
                 kind = "bkg"
             else:
                 kind = "both"
