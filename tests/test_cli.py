@@ -220,6 +220,21 @@ def test_train_eval_export_in_process(demo_data, teacher_run, tiny_overrides, tm
         assert same_number(metrics[key], results["metrics"][key]), key
         assert f"{metrics[key]:6.2f}" in lines[-1]
 
+    # --errors: the same metrics, then the TIDE breakdown table (also in the JSON)
+    code = main(["eval", str(run), str(demo_data), "--errors", "--json", str(metrics_file)])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    lines = printed.out.strip().splitlines()
+    with_errors = json.loads(metrics_file.read_text())
+    for key in ("mAP", "AP50", "AP75", "APs", "APm", "APl", "mAR"):
+        assert same_number(with_errors[key], metrics[key]), key
+    assert lines[-3].startswith("TIDE error breakdown")
+    assert lines[-2].split() == "AP50 | cls | loc | both | dupe | bkg | miss".split()
+    errors = with_errors["errors"]
+    keys = ("AP50", "cls", "loc", "both", "dupe", "bkg", "miss")
+    assert lines[-1].split(" | ") == [f"{errors[k]:6.2f}" for k in keys]
+    assert all(0.0 <= errors[k] <= 100.0 for k in errors)
+
     exported = tmp_path / "student.pt"
     code = main(["export", str(run), "--format", "torchscript", "--out", str(exported)])
     printed = capsys.readouterr()

@@ -119,3 +119,23 @@ def test_plot_prediction_grid(tmp_path):
         )
     with pytest.raises(ValueError, match="label 1 outside"):
         plot_prediction_grid(images, preds, targets, ["cat"], tmp_path / "x.png")
+
+
+def test_plot_error_breakdown(tmp_path):
+    from matplotlib.image import imread
+
+    from cls2det.evaluation.plots import plot_error_breakdown
+
+    with_errors = []
+    for i, r in enumerate(results()):
+        errors = {"AP50": 40.0, "cls": 5.0 + i, "loc": 3.0, "both": 1.0, "dupe": 0.5, "bkg": 2.0, "miss": 10.0 - i}
+        with_errors.append({**r, "errors": errors})
+    path = plot_error_breakdown(with_errors, tmp_path / "errors.png")
+    image = imread(path)  # [H, W, 4] RGBA floats
+    # 3 rows x 6 types: a 11.1 x 3.8 inch figure at dpi 150, cropped tight: about 1660 x 570 px
+    assert image.ndim == 3 and image.shape[2] == 4
+    assert 1300 < image.shape[1] < 1800 and 450 < image.shape[0] < 700
+    assert image[..., :3].std() > 0.05  # not blank
+    png_size(plot_error_breakdown(summarize(with_errors), tmp_path / "from_summary.png"))
+    with pytest.raises(ValueError, match="no result carries an error breakdown"):
+        plot_error_breakdown(results(), tmp_path / "none.png")

@@ -141,3 +141,80 @@ def test_write_report_markdown_and_csv(tmp_path):
     assert float(first["mAP"]) == 21.0 and float(first["AP50"]) == 41.0 and first["APl"] == "nan"
     assert float(first["AP@0.50"]) == pytest.approx(31.0) and float(first["AP@0.95"]) == pytest.approx(11.0)
     assert float(first["wall_s"]) == 100.0 and float(first["peak_mem_mb"]) == 512.0
+
+
+# ------------------------------------------------------------------------------------------ TIDE error breakdown
+
+
+def with_errors(result, **errors):
+    """``errors``: the six dAP50 values and AP50, any left out = 0."""
+    keys = ("AP50", "cls", "loc", "both", "dupe", "bkg", "miss")
+    return {**result, "errors": {k: float(errors.get(k, 0.0)) for k in keys}}
+
+
+ERROR_RESULTS = [
+    with_errors(run("baseline", 0, 20.0), AP50=40.0, cls=6.0, loc=3.0, miss=10.0),
+    with_errors(run("baseline", 1, 22.0), AP50=42.0, cls=4.0, loc=5.0, miss=12.0),
+    with_errors(run("baseline", 2, 24.0), AP50=44.0, cls=5.0, loc=4.0, miss=11.0, bkg=3.0),
+    with_errors(run("kd", 0, 21.0), AP50=41.0, cls=2.0, loc=3.0),
+    run("kd", 1, 23.0),  # a seed without the breakdown: left out of the error means
+    run("loc", 0, 25.0),  # a row without any breakdown
+]
+
+
+def test_summarize_error_means_over_the_seeds_that_carry_them():
+    rows = by_row(summarize(ERROR_RESULTS))
+    base = rows["baseline"]
+    assert base["errors_n"] == 3
+    assert base["errors"]["AP50"] == pytest.approx(42.0)
+    assert base["errors"]["cls"] == pytest.approx(5.0) and base["errors"]["loc"] == pytest.approx(4.0)
+    assert base["errors"]["miss"] == pytest.approx(11.0) and base["errors"]["bkg"] == pytest.approx(1.0)
+    assert base["errors"]["dupe"] == 0.0
+    assert base["errors_ci"]["cls"] == pytest.approx(T_975_DF2 * 1.0 / math.sqrt(3))  # sd of (6, 4, 5) = 1
+    assert rows["kd"]["errors_n"] == 1 and rows["kd"]["errors"]["cls"] == pytest.approx(2.0)
+    assert math.isnan(rows["kd"]["errors_ci"]["cls"])
+    assert rows["loc"]["errors_n"] == 0 and rows["loc"]["errors"] == {}
+    # the breakdown nested in the metrics (as `cls2det eval --errors --json` writes it) counts the same
+    nested = [
+        {**{k: v for k, v in r.items() if k != "errors"}, "metrics": {**r["metrics"], "errors": r["errors"]}}
+        for r in ERROR_RESULTS[:3]
+    ]
+    assert all("errors" not in r for r in nested)
+    assert by_row(summarize(nested))["baseline"]["errors"] == base["errors"]
+    bad = with_errors(run("kd", 0, 1.0))
+    del bad["errors"]["dupe"]
+    with pytest.raises(ValueError, match="errors lack 'dupe'"):
+        summarize([bad])
+
+
+def test_write_report_error_table_and_csv(tmp_path):
+    md = write_report(ERROR_RESULTS, tmp_path, title="errors").read_text()
+    lines = md.splitlines()
+    start = lines.index("## Error breakdown (TIDE)")
+    table = [line for line in lines[start:] if line.startswith("| ")]
+    assert table[0] == "| row | TIDE AP50 | cls | loc | both | dupe | bkg | miss | seeds |"
+    cells = {line.split(" | ")[0][2:].strip("`"): line.split(" | ") for line in table[1:]}
+    assert list(cells) == ["baseline", "kd"]  # "loc" carries no breakdown
+    # baseline: AP50 42 ± 5.0 (sd 2), cls 5 ± 2.5 (sd 1), loc 4 ± 2.5, both/dupe 0 ± 0, bkg 1 ± 4.3 (sd 1.73), miss 11
+    assert cells["baseline"][1:9] == [
+        "42.0 ± 5.0",
+        "5.0 ± 2.5",
+        "4.0 ± 2.5",
+        "0.0 ± 0.0",
+        "0.0 ± 0.0",
+        "1.0 ± 4.3",
+        "11.0 ± 2.5",
+        "3 |",
+    ]
+    assert cells["kd"][1:3] == ["41.0 (n=1)", "2.0 (n=1)"]
+    with open(tmp_path / "report.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert rows[0]["dAP50_cls"] == "6.0000" and rows[0]["tide_AP50"] == "40.0000"
+    assert rows[4]["dAP50_cls"] == "nan"  # kd seed 1 has none
+
+
+def test_write_report_without_errors_has_no_error_section(tmp_path):
+    md = write_report(RESULTS, tmp_path, title="plain").read_text()
+    assert "Error breakdown" not in md
+    with open(tmp_path / "report.csv", newline="") as f:
+        assert "dAP50_cls" not in next(csv.reader(f))

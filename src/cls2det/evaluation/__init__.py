@@ -4,22 +4,27 @@
 """
 
 from .coco_eval import IOU_THRESHOLDS, METRIC_KEYS, CocoEvaluator, evaluate_coco, per_class_ap
+from .errors import ERROR_TYPES, error_breakdown, fixed_ap50
 from .report import summarize, write_report
 
 __all__ = [
+    "ERROR_TYPES",
     "IOU_THRESHOLDS",
     "METRIC_KEYS",
     "CocoEvaluator",
     "evaluate_coco",
     "per_class_ap",
+    "error_breakdown",
+    "fixed_ap50",
     "summarize",
     "write_report",
     "plot_ap_vs_iou",
+    "plot_error_breakdown",
     "plot_loss_curves",
     "plot_prediction_grid",
 ]
 
-_PLOTS = {"plot_ap_vs_iou", "plot_loss_curves", "plot_prediction_grid"}
+_PLOTS = {"plot_ap_vs_iou", "plot_error_breakdown", "plot_loss_curves", "plot_prediction_grid"}
 
 
 def __getattr__(name: str):

@@ -17,9 +17,10 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from .coco_eval import IOU_THRESHOLDS
+from .errors import ERROR_TYPES
 from .report import summarize
 
-__all__ = ["plot_ap_vs_iou", "plot_loss_curves", "plot_prediction_grid", "smooth"]
+__all__ = ["plot_ap_vs_iou", "plot_error_breakdown", "plot_loss_curves", "plot_prediction_grid", "smooth"]
 
 DPI = 150
 _SKIP_COLUMNS = {"step", "epoch", "lr"}
@@ -74,6 +75,50 @@ def plot_ap_vs_iou(summary_or_results: Sequence[dict], path: str | Path, *, base
         )
         axes[1].grid(alpha=0.3)
         axes[1].legend(fontsize=8)
+    return _save(fig, path)
+
+
+ERROR_LABELS = {
+    "cls": "Classification",
+    "loc": "Localisation",
+    "both": "Cls + loc",
+    "dupe": "Duplicate",
+    "bkg": "Background",
+    "miss": "Missed GT",
+}
+
+
+def plot_error_breakdown(
+    summary_or_results: Sequence[dict], path: str | Path, *, baseline_row: str = "baseline"
+) -> Path:
+    """TIDE error breakdown: one group of bars per error type, one bar per (detector, row), height = mean dAP50 lost
+    over seeds with its 95% CI as an error bar (rows without ``errors`` are left out).
+
+    ``summary_or_results`` is :func:`summarize`'s output or the raw per-seed results carrying ``result["errors"]``.
+    """
+    items = list(summary_or_results)
+    summary = items if _is_summary(items) else summarize(items, baseline_row=baseline_row) if items else []
+    entries = [e for e in summary if e.get("errors_n")]
+    if not entries:
+        raise ValueError("plot_error_breakdown: no result carries an error breakdown ('errors')")
+    multi_detector = len({e["detector"] for e in entries}) > 1
+
+    fig = Figure(figsize=(max(6.0, 1.1 * len(ERROR_TYPES) + 0.25 * len(entries) * len(ERROR_TYPES)), 3.8))
+    ax = fig.subplots()
+    x = np.arange(len(ERROR_TYPES))
+    width = 0.8 / len(entries)
+    for i, e in enumerate(entries):
+        label = f"{e['detector']} / {e['row']}" if multi_detector else e["row"]
+        y = np.array([e["errors"][k] for k in ERROR_TYPES])
+        ci = np.array([e["errors_ci"][k] for k in ERROR_TYPES])
+        yerr = np.where(np.isfinite(ci), ci, 0.0) if np.isfinite(ci).any() else None
+        offset = (i - (len(entries) - 1) / 2) * width
+        ax.bar(x + offset, y, width, yerr=yerr, capsize=2, label=f"{label} (n={e['errors_n']})")
+    ax.set_xticks(x, [ERROR_LABELS[k] for k in ERROR_TYPES])
+    ax.set(ylabel="ΔAP50 lost (points)", title="Error breakdown (TIDE, IoU$_f$ 0.5, IoU$_b$ 0.1)")
+    ax.set_ylim(bottom=0.0)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
     return _save(fig, path)
 
 

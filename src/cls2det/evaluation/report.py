@@ -3,7 +3,10 @@
 A study result is a list of per-run dicts::
 
     {"row": "kd_cls", "seed": 0, "detector": "fasterrcnn_mobilenet_v3", "metrics": evaluate_coco(...),
-     "wall_s": 312.5, "peak_mem_mb": 2048.0}
+     "wall_s": 312.5, "peak_mem_mb": 2048.0,
+     "errors": error_breakdown(...)}   # optional: TIDE dAP50 per error type (cls2det.evaluation.errors)
+
+The breakdown may also sit inside the metrics (``metrics["errors"]``, as ``cls2det eval --errors`` writes it).
 
 Statistics (``summarize``): for each (detector, row), over its seeds, the mean and the 95% confidence half-width of the
 mean, ``t_{0.975, n-1} * sd / sqrt(n)`` (Student t, sample sd with ddof=1; nan when n = 1). The delta of a row is the
@@ -23,6 +26,7 @@ import numpy as np
 from scipy import stats
 
 from .coco_eval import IOU_THRESHOLDS, METRIC_KEYS
+from .errors import ERROR_TYPES
 
 __all__ = ["summarize", "write_report", "mean_ci"]
 
@@ -52,10 +56,20 @@ def _check(results: Sequence[dict]) -> None:
         for key in METRIC_KEYS:
             if key not in r["metrics"]:
                 raise ValueError(f"result #{i} (row {r['row']!r}, seed {r['seed']}): metrics lack '{key}'")
+        if _errors(r) is not None:
+            missing = [k for k in ERROR_TYPES if k not in _errors(r)]
+            if missing:
+                raise ValueError(f"result #{i} (row {r['row']!r}, seed {r['seed']}): errors lack '{missing[0]}'")
         ident = (r["detector"], r["row"], r["seed"])
         if ident in seen:
             raise ValueError(f"result #{i}: duplicate run detector={ident[0]!r} row={ident[1]!r} seed={ident[2]}")
         seen.add(ident)
+
+
+def _errors(r: dict) -> dict | None:
+    """The run's TIDE breakdown: ``r["errors"]``, else ``r["metrics"]["errors"]``, else None."""
+    errors = r.get("errors")
+    return errors if errors is not None else r["metrics"].get("errors")
 
 
 def _ap_per_iou(r: dict) -> dict[float, float]:
@@ -75,8 +89,10 @@ def summarize(results: Sequence[dict], baseline_row: str = "baseline") -> list[d
          "mean": {metric: float}, "ci": {metric: float},                  # over seeds, percent points
          "delta": {metric: float}, "delta_ci": {metric: float}, "delta_n": int,   # paired vs baseline (nan if none)
          "ap_per_iou": {iou: float}, "ap_per_iou_ci": {iou: float}, "ap_per_iou_delta": {iou: float},
-         "wall_s": float, "peak_mem_mb": float}                           # means over seeds (nan if absent)
+         "wall_s": float, "peak_mem_mb": float,                           # means over seeds (nan if absent)
+         "errors": {type: float}, "errors_ci": {type: float}, "errors_n": int}  # TIDE dAP50 ("AP50" = its base)
 
+    ``errors`` averages ``result["errors"]`` over the seeds that carry it (``errors_n`` of them; empty dicts if none).
     ``metric`` ranges over ``METRIC_KEYS``. A metric that is nan in any seed (no GT of that size) has a nan mean.
     Deltas are nan for the baseline row itself and for rows sharing no seed with the baseline.
     """
@@ -119,6 +135,12 @@ def summarize(results: Sequence[dict], baseline_row: str = "baseline") -> list[d
             entry["ap_per_iou_delta"][iou] = mean_ci([per_iou[s][iou] - base_iou[s][iou] for s in paired])[0]
         for key in ("wall_s", "peak_mem_mb"):
             entry[key] = mean_ci([float(runs[s].get(key, float("nan"))) for s in seeds])[0]
+        with_errors = [_errors(runs[s]) for s in seeds if _errors(runs[s]) is not None]
+        entry["errors"], entry["errors_ci"], entry["errors_n"] = {}, {}, len(with_errors)
+        if with_errors:
+            for key in ("AP50", *ERROR_TYPES):
+                values = [float(e.get(key, float("nan"))) for e in with_errors]
+                entry["errors"][key], entry["errors_ci"][key] = mean_ci(values)
         summary.append(entry)
     return summary
 
@@ -203,6 +225,18 @@ def _markdown_table(entries: list[dict]) -> list[str]:
     return lines
 
 
+def _error_table(entries: list[dict]) -> list[str]:
+    columns = ["row", "TIDE AP50", *ERROR_TYPES, "seeds"]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join(["---"] + ["---:"] * (len(columns) - 1)) + "|"]
+    for e in entries:
+        if not e["errors_n"]:
+            continue
+        cells = [f"`{e['row']}`"]
+        cells += [_with_ci(e["errors"][k], e["errors_ci"][k], e["errors_n"]) for k in ("AP50", *ERROR_TYPES)]
+        lines.append("| " + " | ".join([*cells, str(e["errors_n"])]) + " |")
+    return lines
+
+
 def _csv_value(x) -> str:
     if isinstance(x, float):
         return "nan" if math.isnan(x) else f"{x:.4f}"
@@ -243,6 +277,22 @@ def write_report(
     for detector in dict.fromkeys(e["detector"] for e in summary):
         md += [f"## {detector}", ""]
         md += _markdown_table([e for e in summary if e["detector"] == detector]) + [""]
+    has_errors = any(e["errors_n"] for e in summary)
+    if has_errors:
+        md += [
+            "## Error breakdown (TIDE)",
+            "",
+            "AP50 points lost to each error type (Bolya et al. 2020: dAP50 when only that type is fixed; IoU "
+            "t_f = 0.5, t_b = 0.1), mean over seeds ± 95% CI half-width; TIDE AP50 is its base AP50 (mean over "
+            "classes with a GT or a detection). cls = right box, wrong class; loc = right class, 0.1 ≤ IoU ≤ 0.5; "
+            "both = wrong class and 0.1 < IoU < 0.5; dupe = duplicate of a matched GT; bkg = IoU ≤ 0.1 with every "
+            "GT; miss = GT never detected.",
+            "",
+        ]
+        for detector in dict.fromkeys(e["detector"] for e in summary):
+            entries = [e for e in summary if e["detector"] == detector and e["errors_n"]]
+            if entries:
+                md += [f"### {detector}", ""] + _error_table(entries) + [""]
     if teacher_top1 is not None:
         md += ["## Teacher", "", f"Teacher top-1 accuracy (held-out D_cls): {_num(float(teacher_top1))}%", ""]
     if notes:
@@ -270,6 +320,8 @@ def write_report(
         "wall_s",
         "peak_mem_mb",
     ]
+    if has_errors:
+        header += ["tide_AP50", *(f"dAP50_{k}" for k in ERROR_TYPES)]
     with open(out / "report.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(header)
@@ -284,5 +336,8 @@ def write_report(
                 float(r.get("wall_s", float("nan"))),
                 float(r.get("peak_mem_mb", float("nan"))),
             ]
+            if has_errors:
+                errors = _errors(r) or {}
+                values += [float(errors.get(k, float("nan"))) for k in ("AP50", *ERROR_TYPES)]
             writer.writerow([_csv_value(v) for v in values])
     return report_md
