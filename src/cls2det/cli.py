@@ -262,10 +262,7 @@ def cmd_eval(args) -> int:
     from cls2det.data import load_split
 
     split = load_split(args.dir, args.split)
-    if args.errors:
-        metrics = _evaluate_with_errors(model, split, batch_size=config.batch_size)
-    else:
-        metrics = evaluate_student(model, split, batch_size=config.batch_size)
+    metrics = evaluate_student(model, split, batch_size=config.batch_size, errors=args.errors)
     print(format_metrics(metrics, title=f"{args.run} on {args.dir} [{args.split}]"))
     if args.errors:
         from cls2det.evaluation.errors import format_errors
@@ -274,23 +271,6 @@ def cmd_eval(args) -> int:
     if args.json is not None:
         args.json.write_text(json.dumps(metrics, indent=2, default=float))
     return 0
-
-
-def _evaluate_with_errors(model, split, *, batch_size: int) -> dict:
-    """evaluate_student's loop, keeping the evaluator for the TIDE breakdown (``metrics["errors"]``). To go once
-    ``evaluate_student(..., errors=True)`` exists (cls2det.evaluation.evaluate)."""
-    import torch
-
-    from cls2det.data import CocoDetection, collate
-    from cls2det.engine.evaluate import predict
-    from cls2det.evaluation import CocoEvaluator
-    from cls2det.evaluation.errors import evaluator_errors
-
-    loader = torch.utils.data.DataLoader(CocoDetection(split), batch_size=batch_size, collate_fn=collate)
-    evaluator = CocoEvaluator(split.coco, split.label_to_cat_id)
-    for images, targets in loader:
-        evaluator.process([int(t["image_id"]) for t in targets], predict(model, images, "cpu"))
-    return {**evaluator.evaluate(), "errors": evaluator_errors(evaluator)}
 
 
 def cmd_study(args) -> int:

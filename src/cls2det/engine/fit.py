@@ -260,7 +260,7 @@ class _Trainer:
                         self.epoch, self.batch_in_epoch = self.epoch + 1, 0
                     finished = self.epoch >= config.epochs or self.step >= self.total_steps
                     if epoch_done and (finished or self.epoch % config.eval_every == 0):
-                        self._evaluate_and_keep_best()
+                        self._evaluate_and_keep_best(final=finished)
                     if finished or (epoch_done and self.epoch % config.checkpoint_every == 0):
                         self._save(LAST)
         finally:
@@ -270,7 +270,7 @@ class _Trainer:
                 self.logger.close()
         ranks_agree = self._ranks_agree()
         if fabric.is_global_zero and self.last_eval_step != self.step:
-            self.last_metrics = self._evaluate()
+            self.last_metrics = self._evaluate(errors=True)
         metrics = self.last_metrics
         results = {
             "metrics": metrics,
@@ -454,7 +454,8 @@ class _Trainer:
 
     # ----------------------------------------------------------------------------------------------- eval / ckpt
 
-    def _evaluate(self) -> dict:
+    def _evaluate(self, errors: bool = False) -> dict:
+        """COCO metrics on val; ``errors``: also the TIDE breakdown (the final evaluation, for the reports)."""
         # the unwrapped module: rank 0 evaluates alone, and a DDP forward would broadcast buffers to ranks that are
         # waiting in a barrier (a deadlock)
         return evaluate_student(
@@ -462,11 +463,12 @@ class _Trainer:
             self.val_split,
             device=self.fabric.device,
             batch_size=self.config.batch_size,
+            errors=errors,
         )
 
-    def _evaluate_and_keep_best(self) -> None:
+    def _evaluate_and_keep_best(self, final: bool = False) -> None:
         if self.fabric.is_global_zero:
-            metrics = self.last_metrics = self._evaluate()
+            metrics = self.last_metrics = self._evaluate(errors=final)
             self.last_eval_step = self.step
             self.fabric.print(f"epoch {self.epoch}: val mAP {metrics['mAP']:.2f}  AP50 {metrics['AP50']:.2f}")
             if self.logger is not None and self.logger.tb is not None:

@@ -26,8 +26,10 @@ def evaluate_student(
     device: torch.device | str = "cpu",
     batch_size: int = 8,
     workers: int = 0,
+    errors: bool = False,
 ) -> dict:
-    """COCO metrics of ``model`` on ``split`` (see :func:`cls2det.evaluation.evaluate_coco`)."""
+    """COCO metrics of ``model`` on ``split`` (see :func:`cls2det.evaluation.evaluate_coco`); with ``errors`` also
+    ``metrics["errors"]``, the AP50 points lost to each TIDE error type (:mod:`cls2det.evaluation.errors`)."""
     loader = torch.utils.data.DataLoader(
         CocoDetection(split), batch_size=batch_size, shuffle=False, collate_fn=collate, num_workers=workers
     )
@@ -35,4 +37,9 @@ def evaluate_student(
     for images, targets in loader:
         outputs = predict(model, images, device)
         evaluator.process([int(t["image_id"]) for t in targets], outputs)
-    return evaluator.evaluate()
+    metrics = evaluator.evaluate()
+    if errors:
+        from cls2det.evaluation.errors import evaluator_errors
+
+        metrics["errors"] = evaluator_errors(evaluator)
+    return metrics

@@ -206,10 +206,12 @@ def _train(config: TrainConfig, row: str) -> dict:
 def _report(
     study: StudyConfig, results: list[dict], teacher_top1: float | None, out: Path, data: Path, notes: list[str]
 ) -> Path:
-    from cls2det.evaluation.plots import plot_ap_vs_iou, plot_loss_curves
+    from cls2det.evaluation.plots import plot_ap_vs_iou, plot_error_breakdown, plot_loss_curves
     from cls2det.evaluation.report import write_report
 
     plots = [plot_ap_vs_iou(results, out / "ap_vs_iou.png")]
+    if any(r.get("errors") or r["metrics"].get("errors") for r in results):
+        plots.append(plot_error_breakdown(results, out / "error_breakdown.png"))
     first_seed = study.seeds[0]
     curves = {
         r["row"]: Path(r["run"]) / METRICS_CSV
