@@ -242,23 +242,23 @@ def test_gt_feature_cache_is_kept_on_resume_and_rebuilt_for_other_settings(
     real = fit_module.build_gt_feature_cache
 
     def counting(*args, **kwargs):
-        builds.append(kwargs["pool"])
+        builds.append(kwargs["pools"])
         return real(*args, **kwargs)
 
     monkeypatch.setattr(fit_module, "build_gt_feature_cache", counting)
     out = tmp_path / "run"
-    base = ["distill.kd=[loc,kd_loc]", "distill.gt_feature_cache=true", "distill.pool=8"]
+    base = ["distill.kd=[loc,kd_loc]", "distill.gt_feature_cache=true"]
     fit(make_train_config(out, "ssdlite320_mobilenet_v3", [*base, "max_steps=1"]), progress=False)
-    assert builds == [8] and read_key(out / GT_FEATURES)["pool"] == "8"
+    assert builds == [[4, 8]] and read_key(out / GT_FEATURES)["pools"] == "4,8"  # the release's obj 4, l0 8
     fit(make_train_config(out, "ssdlite320_mobilenet_v3", [*base, "max_steps=2"]), resume=True, progress=False)
-    assert builds == [8]  # same settings: the run folder's cache is reused
+    assert builds == [[4, 8]]  # same settings: the run folder's cache is reused
     capsys.readouterr()
     fit(
-        make_train_config(out, "ssdlite320_mobilenet_v3", [*base, "distill.pool=4", "max_steps=3"]),
+        make_train_config(out, "ssdlite320_mobilenet_v3", [*base, "distill.pools=[8,8]", "max_steps=3"]),
         resume=True,
         progress=False,
     )
-    assert builds == [8, 4] and read_key(out / GT_FEATURES)["pool"] == "4"
+    assert builds == [[4, 8], [8, 8]] and read_key(out / GT_FEATURES)["pools"] == "8,8"
     assert "gt_features.safetensors was computed with" in capsys.readouterr().out
 
 

@@ -191,7 +191,7 @@ class _Trainer:
                 lambda: build_soft_label_cache(self.teacher, self.dataset, device=fabric.device),
             )
         if self.teacher is not None and "kd_loc" in distill.kd and distill.gt_feature_cache:
-            key = gt_feature_key(self.teacher, distill.taps, distill.sample_size, distill.pool)
+            key = gt_feature_key(self.teacher, distill.taps, distill.sample_size, distill.tap_pools())
             self.gt_features = self._gt_cache(
                 GT_FEATURES,
                 GTFeatureCache,
@@ -201,7 +201,7 @@ class _Trainer:
                     self.dataset,
                     taps=distill.taps,
                     size=distill.sample_size,
-                    pool=distill.pool,
+                    pools=distill.tap_pools(),
                     device=fabric.device,
                 ),
             )

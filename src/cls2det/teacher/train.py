@@ -193,8 +193,8 @@ def train_teacher(
         raise TeacherError(
             f"{data}: val classes {val_split.class_names} differ from train classes {train_split.class_names}"
         )
-    train_set = ClassificationCrops(train_split, size=config.input_size, context=config.context)
-    val_set = ClassificationCrops(val_split, size=config.input_size, context=config.context)
+    train_set = ClassificationCrops(train_split, size=config.input_size)
+    val_set = ClassificationCrops(val_split, size=config.input_size)
     teacher = build_teacher(
         config.arch,
         train_split.num_classes,
