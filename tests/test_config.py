@@ -121,6 +121,10 @@ def test_bad_yaml_is_one_line(tmp_path):
 def test_teacher_config_checks():
     with pytest.raises(ConfigError, match="teacher.loss"):
         TeacherConfig(loss="hinge")
+    with pytest.raises(ConfigError, match=r"teacher.label_smoothing must be in \[0, 1\), got 1.0"):
+        TeacherConfig(label_smoothing=1.0)
+    # the paper's teacher: softmax CE and per-class BCE jointly, no label smoothing (KD_cls distils its logits)
+    assert (TeacherConfig().loss, TeacherConfig().label_smoothing) == ("ce+bce", 0.0)
 
 
 def test_apply_overrides_nested():

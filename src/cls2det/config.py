@@ -51,9 +51,13 @@ class TeacherConfig:
     batch_size: int = 64
     lr: float = 2e-3
     weight_decay: float = 0.05
-    label_smoothing: float = 0.1
+    # 0: KD_cls distils this network's logits and smoothing flattens them (the release ships no teacher-training code
+    # that would say otherwise)
+    label_smoothing: float = 0.0
     warmup_epochs: float = 0.5
-    loss: str = "ce"  # "ce" (softmax), "bce" (per-class sigmoid) or "ce+bce" (both jointly, for sigmoid students)
+    # "ce" (softmax), "bce" (per-class sigmoid) or "ce+bce" (both jointly: the paper's teacher, whose logits suit
+    # softmax and sigmoid students alike); recorded in teacher.json, checked against the student's head
+    loss: str = "ce+bce"
     hflip: bool = False  # flip half the crops (off: digits and text are not flip-invariant; on for natural objects)
     workers: int = 0
     seed: int = 0
@@ -61,6 +65,8 @@ class TeacherConfig:
     def __post_init__(self) -> None:
         _check_choice("teacher.loss", self.loss, ("ce", "bce", "ce+bce"))
         _check_positive("teacher.input_size", self.input_size)
+        if not 0 <= self.label_smoothing < 1:
+            raise ConfigError(f"teacher.label_smoothing must be in [0, 1), got {self.label_smoothing}")
 
 
 @dataclass
@@ -103,6 +109,8 @@ class DistillConfig:
     # cap K per batch (random subset) for the terms whose cost grows with K: KD_loc, loc (two s x s crops per
     # positive) and KD_cls when its teacher runs online; KD_cls from the soft-label cache uses every positive
     max_positives: int = 256
+    # sigmoid students (RetinaNet, FCOS) need a teacher trained with ce+bce for KD_cls; true accepts a "ce" teacher
+    allow_ce_teacher: bool = False
     # KD_cls on negatives too (an ablation beyond the paper, whose KD_cls sees positives only): at most this many
     # anchors / proposals the detector labels background per batch, each against the teacher's logits on its crop
     # (online, never cached); logged as kd_cls_neg, weighted by lambda_kd_cls like the positives' term. 0 = off

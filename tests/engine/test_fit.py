@@ -12,11 +12,13 @@ import shutil
 import pytest
 import torch
 
+import cls2det.teacher
 from cls2det.distill.cache import read_key
 from cls2det.engine import RunDirError, TrainingError
 from cls2det.engine.fit import fit
 from cls2det.engine.run_dir import CONFIG, GT_FEATURES, LAST, RESULTS, SOFT_LABELS
 from cls2det.students import list_students
+from cls2det.teacher import TeacherError
 
 fit_module = importlib.import_module("cls2det.engine.fit")  # the package exports a function named fit
 
@@ -145,6 +147,26 @@ def test_kd_terms_that_need_a_teacher_refuse_to_run_without_one(make_train_confi
     with pytest.raises(TrainingError, match="needs a teacher"):
         fit(config, progress=False)
     assert not (tmp_path / "r" / CONFIG).exists()  # a failed start leaves no run behind
+
+
+def test_a_ce_teacher_is_refused_for_a_sigmoid_student_unless_allowed(make_train_config, tmp_path, monkeypatch):
+    """The session's teacher, relabelled as a softmax-only ("ce") one: KD_cls into RetinaNet stops before training
+    with the one-line fix; distill.allow_ce_teacher=true lets it start."""
+    load_teacher = cls2det.teacher.load_teacher
+
+    def ce_teacher(*args, **kwargs):
+        teacher = load_teacher(*args, **kwargs)
+        teacher.loss = "ce"
+        return teacher
+
+    monkeypatch.setattr(cls2det.teacher, "load_teacher", ce_teacher)  # fit imports it at call time
+    overrides = ["distill.kd=[cls]", "max_steps=1", "student.image_size=64"]
+    with pytest.raises(TeacherError, match=r"retrain it with `cls2det teacher \.\.\. --loss ce\+bce`") as info:
+        fit(make_train_config(tmp_path / "r", "retinanet_resnet50", overrides), progress=False)
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "r" / CONFIG).exists()
+    allowed = [*overrides, "distill.allow_ce_teacher=true"]
+    fit(make_train_config(tmp_path / "ok", "retinanet_resnet50", allowed), progress=False)
 
 
 @pytest.mark.slow

@@ -170,7 +170,7 @@ class _Trainer:
         self.dataset = CocoDetection(self.train_split)
         self.teacher = None
         if needs_teacher(config):
-            from cls2det.teacher import load_teacher
+            from cls2det.teacher import check_teacher_for_head, load_teacher
 
             if not config.teacher:
                 raise TrainingError(f"--kd {','.join(config.distill.kd)} needs a teacher: pass --teacher TEACHER_RUN")
@@ -207,6 +207,8 @@ class _Trainer:
             )
         student = create_student(config.student.detector, self.train_split.num_classes, config.student)
         student.max_negatives = distill.kd_cls_negatives  # 0: the adapter draws no negatives
+        if self.teacher is not None and "cls" in distill.kd:
+            check_teacher_for_head(self.teacher, student.head, allow_ce_teacher=distill.allow_ce_teacher)
         self.det_teacher = self._det_teacher(student) if det_methods(config.distill.kd) else None
         if config.channels_last:  # weights only: convolutions then return channels_last outputs for any input
             for net in (student, self.teacher, self.det_teacher):

@@ -1,6 +1,7 @@
 """Train the classifier teacher on D_cls, the ground-truth crops of the detection train split (paper, sec. 3.1).
 
-Recipe: AdamW (no decay on norms/biases), linear warm-up then cosine LR per step, label smoothing, batched
+Recipe: AdamW (no decay on norms/biases), linear warm-up then cosine LR per step, by default the paper's joint
+softmax + per-class sigmoid loss (``ce+bce``) without label smoothing (KD_cls distils these very logits), batched
 augmentation of the crop tensors (mild random resized crop + small translation, brightness/contrast; horizontal flip
 off by default because digits and text are not flip-invariant). Top-1 on the val crops after every epoch; the best
 epoch's weights are kept.
