@@ -193,7 +193,9 @@ def test_soft_label_cache_gives_the_online_teacher_logits(make_train_config, tmp
     rows = {}
     for cache in (True, False):
         out = tmp_path / f"cache_{cache}"
-        overrides = ["distill.kd=[cls]", "max_steps=2", f"distill.soft_label_cache={str(cache).lower()}"]
+        # uncapped: the cached KD_cls uses every positive, the online one at most max_positives
+        cache_flag = f"distill.soft_label_cache={str(cache).lower()}"
+        overrides = ["distill.kd=[cls]", "max_steps=2", cache_flag, "distill.max_positives=100000"]
         fit(make_train_config(out, "ssdlite320_mobilenet_v3", overrides), progress=False)
         assert (out / SOFT_LABELS).is_file() == cache
         rows[cache] = read_metrics(out / "metrics.csv")[1]
