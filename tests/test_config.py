@@ -18,7 +18,38 @@ CONFIGS = Path(__file__).resolve().parents[1] / "src" / "cls2det" / "configs"
 
 def test_defaults_are_the_papers():
     d = DistillConfig()
-    assert (d.temperature, d.lambda_kd_cls, d.taps, d.pool, d.sample_size) == (2.0, 0.4, ["obj", "l0"], 8, 112)
+    assert (d.temperature, d.lambda_kd_cls, d.taps, d.sample_size) == (2.0, 0.4, ["obj", "l0"], 112)
+    assert d.pools is None and d.tap_pools() == [4, 8]  # the release: gap_size 4, layer 0 at 4·2
+
+
+def test_kd_loc_pools_follow_the_release_rule_unless_given():
+    assert DistillConfig(taps=["obj", "l0", "l1"]).tap_pools() == [4, 8, 16]
+    assert DistillConfig(taps=["l1", "obj", "l2"]).tap_pools() == [16, 4, 32]  # per tap, in the taps' order
+    config = load_config(TrainConfig, None, ["distill.taps=[obj,l0]", "distill.pools=[2,4]"])
+    assert config.distill.tap_pools() == [2, 4]
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["distill.pools=[4]"], r"distill.pools needs one size per tap of distill.taps=\[obj,l0\], got \[4\]"),
+        (["distill.pools=[4,0]"], "distill.pools must be > 0, got 0"),
+        (["distill.pools=[4,x]"], "distill.pools must be int, got 'x'"),
+        (["distill.pool=8"], r"distill.pool was removed: it pooled every KD_loc tap to one size; use distill.pools"),
+    ],
+)
+def test_bad_pools_are_one_line_errors(overrides, message):
+    with pytest.raises(ConfigError, match=message) as info:
+        load_config(TrainConfig, None, overrides)
+    assert "\n" not in str(info.value)
+
+
+def test_removed_teacher_context_says_why(tmp_path):
+    path = tmp_path / "study.yaml"
+    path.write_text("rows: {baseline: []}\nteacher: {arch: resnet18, context: 0.1}\n")
+    for load in (lambda: load_config(StudyConfig, path), lambda: load_config(TeacherConfig, None, ["context=0.1"])):
+        with pytest.raises(ConfigError, match=r"context was removed: it enlarged the crops .* crop the box itself$"):
+            load()
 
 
 def test_yaml_then_overrides(tmp_path):
@@ -90,6 +121,10 @@ def test_bad_yaml_is_one_line(tmp_path):
 def test_teacher_config_checks():
     with pytest.raises(ConfigError, match="teacher.loss"):
         TeacherConfig(loss="hinge")
+    with pytest.raises(ConfigError, match=r"teacher.label_smoothing must be in \[0, 1\), got 1.0"):
+        TeacherConfig(label_smoothing=1.0)
+    # the paper's teacher: softmax CE and per-class BCE jointly, no label smoothing (KD_cls distils its logits)
+    assert (TeacherConfig().loss, TeacherConfig().label_smoothing) == ("ce+bce", 0.0)
 
 
 def test_apply_overrides_nested():

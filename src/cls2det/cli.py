@@ -83,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arch", default=None, help="resnet18 | resnet50 | any torchvision or timm classifier name")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--pretrained", default=None, help="'imagenet' or a local weights file")
+    p.add_argument("--loss", default=None, help="ce+bce (default: suits softmax and sigmoid students) | ce | bce")
     p.add_argument("--config", type=Path, default=None, help="YAML with TeacherConfig keys")
     p.add_argument("overrides", nargs="*", help="key=value overrides of TeacherConfig")
     p.set_defaults(func=cmd_teacher)
@@ -205,7 +206,7 @@ def cmd_data_import(args) -> int:
 def cmd_teacher(args) -> int:
     from cls2det.teacher import train_teacher
 
-    flags = {"arch": args.arch, "epochs": args.epochs, "pretrained": args.pretrained}
+    flags = {"arch": args.arch, "epochs": args.epochs, "pretrained": args.pretrained, "loss": args.loss}
     config = load_config(TeacherConfig, args.config, args.overrides, flags=flags)
     metrics = train_teacher(args.dir, args.out, config)
     print(f"teacher written to {args.out}: val top-1 {metrics['top1']:.2f}%")

@@ -27,6 +27,14 @@ KD_TERMS = ("cls", "loc", "kd_loc")
 DET_METHODS = ("logit", "fgfi", "pkd")  # det2det baselines, named "det:<method>" in distill.kd
 DET_TERMS = tuple(f"det:{method}" for method in DET_METHODS)
 TEACHER_PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed")  # distill.teacher_precision
+KD_LOC_GAP_SIZE = 4  # the authors' release: KD_loc pools the obj level to 4x4 and teacher layer j to 4·2^(j+1)
+# keys that existed once: a config that still sets one fails with the reason instead of "unknown key"
+REMOVED_KEYS = {
+    ("TeacherConfig", "context"): "it enlarged the crops the teacher trained on but not the crops it sees during "
+    "distillation; the paper and its release crop the box itself",
+    ("DistillConfig", "pool"): "it pooled every KD_loc tap to one size; use distill.pools (one size per tap; "
+    "default: the release's rule, obj 4, l_j 4·2^(j+1))",
+}
 
 
 def det_methods(kd: Sequence[str]) -> list[str]:
@@ -41,14 +49,17 @@ class TeacherConfig:
     arch: str = "resnet18"  # torchvision or timm model name
     pretrained: str | None = None  # None, "imagenet" (timm/torchvision hub weights) or a local weights file
     input_size: int = 112  # crops are resized to input_size x input_size (paper: 112)
-    context: float = 0.0  # enlarge each GT box by this fraction of its size on every side before cropping
     epochs: int = 6
     batch_size: int = 64
     lr: float = 2e-3
     weight_decay: float = 0.05
-    label_smoothing: float = 0.1
+    # 0: KD_cls distils this network's logits and smoothing flattens them (the release ships no teacher-training code
+    # that would say otherwise)
+    label_smoothing: float = 0.0
     warmup_epochs: float = 0.5
-    loss: str = "ce"  # "ce" (softmax), "bce" (per-class sigmoid) or "ce+bce" (both jointly, for sigmoid students)
+    # "ce" (softmax), "bce" (per-class sigmoid) or "ce+bce" (both jointly: the paper's teacher, whose logits suit
+    # softmax and sigmoid students alike); recorded in teacher.json, checked against the student's head
+    loss: str = "ce+bce"
     hflip: bool = False  # flip half the crops (off: digits and text are not flip-invariant; on for natural objects)
     workers: int = 0
     seed: int = 0
@@ -56,6 +67,8 @@ class TeacherConfig:
     def __post_init__(self) -> None:
         _check_choice("teacher.loss", self.loss, ("ce", "bce", "ce+bce"))
         _check_positive("teacher.input_size", self.input_size)
+        if not 0 <= self.label_smoothing < 1:
+            raise ConfigError(f"teacher.label_smoothing must be in [0, 1), got {self.label_smoothing}")
 
 
 @dataclass
@@ -81,13 +94,25 @@ class DistillConfig:
     kd: list[str] = field(default_factory=list)  # subset of KD_TERMS + DET_TERMS; [] = plain baseline
     temperature: float = 2.0  # T in eq. (2)-(7)
     lambda_kd_cls: float = 0.4
-    lambda_kd_loc: float = 1.0
-    lambda_loc: float = 1.0
+    # KD_loc's one weight (eq. 12 lambda_kl), on the sum of the obj level and the mean of the teacher layers. The obj
+    # level is the teacher's input crop, i.e. pixels in the teacher's normalisation ((x - mean) / std of 0..1 pixels,
+    # ImageNet std ~0.226): the release's 0.15 on 0..255 pixels is 0.15·255·0.226 ~ 8.6 here (38 in 0..1 units).
+    # The box losses of torchvision detectors are not mmdet's: 0.25 makes the obj level ~1.1 in 0..1 units, where the
+    # teacher-free loc at weight 1 helped on the demo data (+0.6 mAP; 38 cost -4.3), and the teacher layers ~0.25 (the
+    # release: 0.15). Not yet measured for KD_loc itself.
+    lambda_kd_loc: float = 0.25
+    lambda_loc: float = 1.0  # loc (eq. 11) on 0..1 pixels
     sample_size: int = 112  # s, the spatial-transformer output size of eq. (8)-(9)
-    taps: list[str] = field(default_factory=lambda: ["obj", "l0"])  # teacher layers for KD_loc
-    pool: int = 8  # adaptive average-pool output size for every tap of KD_loc
+    taps: list[str] = field(default_factory=lambda: ["obj", "l0"])  # teacher layers for KD_loc (paper's best: obj+l0)
+    # KD_loc's adaptive average-pool output size per tap, in ``taps`` order; None = the release's rule: obj 4, l_j
+    # 4·2^(j+1) (l0 8, l1 16, ...)
+    pools: list[int] | None = None
     loc_pool: int = 8  # pooling for the teacher-free loc loss, eq. (11)
-    max_positives: int = 256  # cap K per batch (random subset) to bound the teacher's cost
+    # cap K per batch (random subset) for the terms whose cost grows with K: KD_loc, loc (two s x s crops per
+    # positive) and KD_cls when its teacher runs online; KD_cls from the soft-label cache uses every positive
+    max_positives: int = 256
+    # sigmoid students (RetinaNet, FCOS) need a teacher trained with ce+bce for KD_cls; true accepts a "ce" teacher
+    allow_ce_teacher: bool = False
     # KD_cls on negatives too (an ablation beyond the paper, whose KD_cls sees positives only): at most this many
     # anchors / proposals the detector labels background per batch, each against the teacher's logits on its crop
     # (online, never cached); logged as kd_cls_neg, weighted by lambda_kd_cls like the positives' term. 0 = off
@@ -101,7 +126,7 @@ class DistillConfig:
     lambda_det_pkd: float = 6.0  # Cao et al. 2022's weight per feature level (their Faster R-CNN FPN recipe)
     fgfi_psi: float = 0.5  # FGFI's threshold factor psi (paper: 0.5)
     # KD_loc's GT branch (pooled teacher taps of the GT crops) computed once per GT box and flip, not every step;
-    # 4 * sum_l(M_l) * pool^2 bytes per box (taps obj,l0 at pool 8: 17 KB; COCO's 860k boxes: 15 GB in RAM)
+    # 4 * sum_l(M_l * P_l^2) bytes per box (taps obj,l0 at 4, 8: 17 KB; COCO's 860k boxes: 15 GB in RAM)
     gt_feature_cache: bool = False  # off by default: see the RAM cost above
     # autocast of the teacher's passes (KD_loc's predicted crops, online GT crops): "auto" = the training step's own
     # (train.precision), or one of 32-true / bf16-mixed / 16-mixed for the teacher alone, e.g. bf16-mixed where the
@@ -113,6 +138,16 @@ class DistillConfig:
             _check_choice("distill.kd", term, KD_TERMS + DET_TERMS)
         for tap in self.taps:
             _check_choice("distill.taps", tap, TEACHER_TAPS)
+        if self.pools is not None:
+            if len(self.pools) != len(self.taps):
+                raise ConfigError(
+                    f"distill.pools needs one size per tap of distill.taps=[{','.join(self.taps)}], "
+                    f"got [{','.join(map(str, self.pools))}]"
+                )
+            for size in self.pools:
+                _check_positive("distill.pools", size)
+        _check_positive("distill.loc_pool", self.loc_pool)
+        _check_positive("distill.max_positives", self.max_positives)
         if self.temperature <= 0:
             raise ConfigError(f"distill.temperature must be > 0, got {self.temperature}")
         if self.det_temperature <= 0:
@@ -127,6 +162,12 @@ class DistillConfig:
                 f"distill.kd_cls_negatives={self.kd_cls_negatives} needs cls in distill.kd (it is "
                 f"KD_cls on negatives), got distill.kd=[{','.join(self.kd)}]"
             )
+
+    def tap_pools(self) -> list[int]:
+        """KD_loc's pooled size per tap of ``taps``: ``pools``, or the release's rule (obj 4, l_j 4·2^(j+1))."""
+        if self.pools is not None:
+            return list(self.pools)
+        return [KD_LOC_GAP_SIZE if tap == "obj" else KD_LOC_GAP_SIZE * 2 ** (int(tap[1:]) + 1) for tap in self.taps]
 
 
 @dataclass
@@ -233,6 +274,10 @@ def from_dict(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
         raise ConfigError(f"{prefix or 'config'} must be a mapping, got {type(values).__name__}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
+    for key in values:
+        reason = REMOVED_KEYS.get((cls.__name__, key))
+        if reason is not None:
+            raise ConfigError(f"{prefix}{key} was removed: {reason}")
     unknown = sorted(set(values) - names)
     if unknown:
         raise ConfigError(f"unknown key {prefix}{unknown[0]!s}; valid keys: {', '.join(sorted(names))}")

@@ -19,8 +19,8 @@ TEACHER_CALLS = {
     "baseline": 0,
     "+kd_cls online": 1,
     "+kd_cls cached": 0,
-    "+loc+kd_loc online": 2,
-    "+loc+kd_loc cached": 1,
+    "+kd_loc online": 2,
+    "+kd_loc cached": 1,
     "+all online": 3,
     "+all cached": 1,
 }
@@ -48,7 +48,7 @@ def test_cached_variant_gives_the_online_losses():
         variant, before = Variant("+all", cached=cached), teacher.calls
         losses[cached] = distillation_losses(output, teacher, setup.config(variant), **setup.lookups(variant))
         assert teacher.calls - before == (1 if cached else 3)
-    assert set(losses[True]) == {"kd_cls", "loc", "kd_loc"}
+    assert set(losses[True]) == {"kd_cls", "kd_loc"}  # +all: the full method, KD_cls + KD_loc(obj + l0)
     for term, online in losses[False].items():
         assert losses[True][term].item() == pytest.approx(online.item(), rel=2e-3), term
 
@@ -128,9 +128,9 @@ def test_teacher_precision_rows_run_the_teacher_in_that_precision(monkeypatch):
     rows = variants(channels_last=True, teacher_precision="bf16-mixed")
     extra = [v.name for v in rows if v.teacher_precision != "auto"]
     assert extra == [
-        "+loc+kd_loc cached teacher bf16-mixed",
+        "+kd_loc cached teacher bf16-mixed",
         "+all cached teacher bf16-mixed",
-        "+loc+kd_loc cached teacher bf16-mixed channels_last",
+        "+kd_loc cached teacher bf16-mixed channels_last",
         "+all cached teacher bf16-mixed channels_last",
     ]
     assert len(rows) == 2 * 7 + 4

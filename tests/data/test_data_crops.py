@@ -40,16 +40,14 @@ def test_crop_of_colour_patch_is_that_colour(patch_split, in_memory):
     torch.testing.assert_close(crop, expected, atol=1e-6, rtol=0)
 
 
-def test_context_crop_matches_pil_reference(patch_split):
-    """context=0.5 on [2, 3, 10, 8]: x 2-5..12+5 -> clamped [0, 17), y 3-4..11+4 -> [0, 15); vs PIL's resize."""
+def test_crop_is_the_box_itself_and_matches_pil_reference(patch_split):
+    """[2, 3, 10, 8] -> window [2, 12) x [3, 11), no context around the box; vs PIL's antialiased resize."""
     split, pixels = patch_split
-    assert crop_window([2, 3, 10, 8], 40, 30, context=0.5) == (0, 0, 17, 15)
-    crop, _ = ClassificationCrops(split, size=12, context=0.5)[1]
-    reference = Image.fromarray(pixels).crop((0, 0, 17, 15)).resize((12, 12), Image.BILINEAR)  # antialiased
+    assert crop_window([2, 3, 10, 8], 40, 30) == (2, 3, 12, 11)
+    crop, _ = ClassificationCrops(split, size=12)[1]
+    reference = Image.fromarray(pixels).crop((2, 3, 12, 11)).resize((12, 12), Image.BILINEAR)  # antialiased
     reference = torch.from_numpy(np.asarray(reference, np.float32) / 255).permute(2, 0, 1)
     assert (crop - reference).abs().max() <= 2 / 255
-    # the patch occupies the crop's lower-right part, the clamped context is black
-    assert crop[:, 0, 0].abs().max() < 0.05 and torch.allclose(crop[:, -3, -4], reference[:, -3, -4], atol=2 / 255)
 
 
 def test_crop_of_random_image_matches_naive_reference(make_dataset, coco):
@@ -66,15 +64,15 @@ def test_crop_of_random_image_matches_naive_reference(make_dataset, coco):
 
 
 def test_crop_window_edges():
-    assert crop_window([0, 0, 40, 30], 40, 30, context=1.0) == (0, 0, 40, 30)  # clamped to the image
+    assert crop_window([-5, -2, 50, 40], 40, 30) == (0, 0, 40, 30)  # clamped to the image
     assert crop_window([39.6, 29.7, 0.3, 0.2], 40, 30) == (39, 29, 40, 30)  # at least 1 px, inside the image
-    assert crop_window([10, 10, 4, 2], 40, 30, context=0.25) == (9, 9, 15, 13)  # 1 px and 0.5 px per side
+    assert crop_window([10.5, 9.5, 4, 2], 40, 30) == (10, 9, 15, 12)  # rounded outward
 
 
 def test_in_memory_equals_lazy(patch_split):
     split, _ = patch_split
-    eager = ClassificationCrops(split, size=16, context=0.2)
-    lazy = ClassificationCrops(split, size=16, context=0.2, in_memory=False)
+    eager = ClassificationCrops(split, size=16)
+    lazy = ClassificationCrops(split, size=16, in_memory=False)
     assert eager.crops is not None and eager.crops.dtype == torch.uint8 and eager.crops.shape == (3, 3, 16, 16)
     assert lazy.crops is None
     for i in range(len(eager)):
@@ -83,7 +81,5 @@ def test_in_memory_equals_lazy(patch_split):
 
 def test_invalid_arguments(patch_split):
     split, _ = patch_split
-    with pytest.raises(ValueError, match="context"):
-        ClassificationCrops(split, context=-0.1)
     with pytest.raises(ValueError, match="size"):
         ClassificationCrops(split, size=0)

@@ -55,6 +55,7 @@ def test_losses_and_gradients_are_finite(case):
         image_index,
         size=8,
         pools=[2, 1],
+        is_pixel_level=[True, False],
     )
     (loc + kd_loc).backward()
     assert torch.isfinite(loc) and torch.isfinite(kd_loc)

@@ -38,11 +38,15 @@ def test_loc_hand_case_shifted_box_on_a_ramp():
 
 
 def test_kd_loc_hand_case_two_taps():
-    # taps: the crop (obj) and twice the crop: 1/L * (2 + 4) = 3
+    # taps: the crop (obj, a pixel level) and twice the crop (a teacher layer): the release's obj + mean(layers)
+    # = 2 + 4 = 6; with both as teacher layers, their mean: (2 + 4) / 2 = 3
     images = _ramp()
     gt = torch.tensor([[4.0, 4.0, 12.0, 12.0]], dtype=torch.float64)
     pred = gt + torch.tensor([2.0, 0.0, 2.0, 0.0], dtype=torch.float64)
-    loss = kd_loc_loss(lambda x: [x, 2 * x], images, pred, gt, torch.tensor([1]), size=8, pools=[4, 2])
+    index = torch.tensor([1])
+    loss = kd_loc_loss(lambda x: [x, 2 * x], images, pred, gt, index, size=8, pools=[4, 2], is_pixel_level=[1, 0])
+    assert loss.item() == pytest.approx(6.0, abs=1e-12)
+    loss = kd_loc_loss(lambda x: [x, 2 * x], images, pred, gt, index, size=8, pools=[4, 2])
     assert loss.item() == pytest.approx(3.0, abs=1e-12)
 
 
@@ -65,10 +69,11 @@ def test_loc_matches_naive_reference(pool):
 
 
 @pytest.mark.parametrize("pool", [2, 4])
-def test_kd_loc_with_identity_features_equals_loc(pool):
+@pytest.mark.parametrize("is_pixel_level", [None, [True]])
+def test_kd_loc_with_identity_features_equals_loc(pool, is_pixel_level):
     images, pred, gt, index = _random_case(10 + pool)
     loc = loc_loss(images, pred, gt, index, size=8, pool=pool)
-    kd = kd_loc_loss(lambda x: [x], images, pred, gt, index, size=8, pools=[pool])
+    kd = kd_loc_loss(lambda x: [x], images, pred, gt, index, size=8, pools=[pool], is_pixel_level=is_pixel_level)
     assert kd.item() == pytest.approx(loc.item(), rel=1e-12)
 
 
@@ -127,7 +132,7 @@ def test_bad_inputs_raise():
     images, pred, gt, index = _random_case(6)
     with pytest.raises(ValueError, match="features returned 2 maps but pools has 1 sizes"):
         kd_loc_loss(lambda x: [x, x], images, pred, gt, index, size=8, pools=[2])
-    with pytest.raises(ValueError, match="pools must name one pooled size per feature tap"):
+    with pytest.raises(ValueError, match="pools must name one pooled size per feature map"):
         kd_loc_loss(lambda x: [x], images, pred, gt, index, size=8, pools=[])
     with pytest.raises(ValueError, match=r"gt_boxes must match pred_boxes \[6, 4\]"):
         loc_loss(images, pred, gt[:3], index)

@@ -12,11 +12,13 @@ import shutil
 import pytest
 import torch
 
+import cls2det.teacher
 from cls2det.engine import RunDirError, TrainingError
 from cls2det.engine.fit import fit
 from cls2det.engine.run_dir import CONFIG, GT_FEATURES, LAST, RESULTS, SOFT_LABELS
 from cls2det.engine.teacher_cache import read_key
 from cls2det.students import list_students
+from cls2det.teacher import TeacherError
 
 fit_module = importlib.import_module("cls2det.engine.fit")  # the package exports a function named fit
 
@@ -147,6 +149,26 @@ def test_kd_terms_that_need_a_teacher_refuse_to_run_without_one(make_train_confi
     assert not (tmp_path / "r" / CONFIG).exists()  # a failed start leaves no run behind
 
 
+def test_a_ce_teacher_is_refused_for_a_sigmoid_student_unless_allowed(make_train_config, tmp_path, monkeypatch):
+    """The session's teacher, relabelled as a softmax-only ("ce") one: KD_cls into RetinaNet stops before training
+    with the one-line fix; distill.allow_ce_teacher=true lets it start."""
+    load_teacher = cls2det.teacher.load_teacher
+
+    def ce_teacher(*args, **kwargs):
+        teacher = load_teacher(*args, **kwargs)
+        teacher.loss = "ce"
+        return teacher
+
+    monkeypatch.setattr(cls2det.teacher, "load_teacher", ce_teacher)  # fit imports it at call time
+    overrides = ["distill.kd=[cls]", "max_steps=1", "student.image_size=64"]
+    with pytest.raises(TeacherError, match=r"retrain it with `cls2det teacher \.\.\. --loss ce\+bce`") as info:
+        fit(make_train_config(tmp_path / "r", "retinanet_resnet50", overrides), progress=False)
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "r" / CONFIG).exists()
+    allowed = [*overrides, "distill.allow_ce_teacher=true"]
+    fit(make_train_config(tmp_path / "ok", "retinanet_resnet50", allowed), progress=False)
+
+
 @pytest.mark.slow
 def test_same_seed_same_losses_and_weights(make_train_config, tmp_path, load_weights):
     """Faster R-CNN draws from the global RNG (RPN / RoI samplers), plus the flips and the positives' subsample."""
@@ -171,7 +193,9 @@ def test_soft_label_cache_gives_the_online_teacher_logits(make_train_config, tmp
     rows = {}
     for cache in (True, False):
         out = tmp_path / f"cache_{cache}"
-        overrides = ["distill.kd=[cls]", "max_steps=2", f"distill.soft_label_cache={str(cache).lower()}"]
+        # uncapped: the cached KD_cls uses every positive, the online one at most max_positives
+        cache_flag = f"distill.soft_label_cache={str(cache).lower()}"
+        overrides = ["distill.kd=[cls]", "max_steps=2", cache_flag, "distill.max_positives=100000"]
         fit(make_train_config(out, "ssdlite320_mobilenet_v3", overrides), progress=False)
         assert (out / SOFT_LABELS).is_file() == cache
         rows[cache] = read_metrics(out / "metrics.csv")[1]
@@ -242,23 +266,23 @@ def test_gt_feature_cache_is_kept_on_resume_and_rebuilt_for_other_settings(
     real = fit_module.build_gt_feature_cache
 
     def counting(*args, **kwargs):
-        builds.append(kwargs["pool"])
+        builds.append(kwargs["pools"])
         return real(*args, **kwargs)
 
     monkeypatch.setattr(fit_module, "build_gt_feature_cache", counting)
     out = tmp_path / "run"
-    base = ["distill.kd=[loc,kd_loc]", "distill.gt_feature_cache=true", "distill.pool=8"]
+    base = ["distill.kd=[loc,kd_loc]", "distill.gt_feature_cache=true"]
     fit(make_train_config(out, "ssdlite320_mobilenet_v3", [*base, "max_steps=1"]), progress=False)
-    assert builds == [8] and read_key(out / GT_FEATURES)["pool"] == "8"
+    assert builds == [[4, 8]] and read_key(out / GT_FEATURES)["pools"] == "4,8"  # the release's obj 4, l0 8
     fit(make_train_config(out, "ssdlite320_mobilenet_v3", [*base, "max_steps=2"]), resume=True, progress=False)
-    assert builds == [8]  # same settings: the run folder's cache is reused
+    assert builds == [[4, 8]]  # same settings: the run folder's cache is reused
     capsys.readouterr()
     fit(
-        make_train_config(out, "ssdlite320_mobilenet_v3", [*base, "distill.pool=4", "max_steps=3"]),
+        make_train_config(out, "ssdlite320_mobilenet_v3", [*base, "distill.pools=[8,8]", "max_steps=3"]),
         resume=True,
         progress=False,
     )
-    assert builds == [8, 4] and read_key(out / GT_FEATURES)["pool"] == "4"
+    assert builds == [[4, 8], [8, 8]] and read_key(out / GT_FEATURES)["pools"] == "8,8"
     assert "gt_features.safetensors was computed with" in capsys.readouterr().out
 
 

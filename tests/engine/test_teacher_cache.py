@@ -151,7 +151,7 @@ def test_save_load_round_trip(teacher, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------- KD_loc's GT branch
-TAPS, SIZE, POOL = ["obj", "l0", "l1"], 32, 4
+TAPS, SIZE, POOLS = ["obj", "l0", "l1"], 32, [4, 8, 16]  # the release's rule: obj 4, l_j 4·2^(j+1)
 
 
 def mixed_flip_batch(items):
@@ -182,12 +182,12 @@ def test_gt_feature_cache_gives_the_online_kd_loc_loss_and_box_gradients(teacher
     """Cached GT branch vs the online one, on a batch with a flipped and an unflipped image: same loss and same
     gradients w.r.t. the predicted boxes within float16 tolerance; the teacher then runs on the predicted crops only."""
     items = synthetic_items()
-    cache = build_gt_feature_cache(teacher, ListDataset(items), taps=TAPS, size=SIZE, pool=POOL)
-    assert cache.taps == TAPS and cache.key == gt_feature_key(teacher, TAPS, SIZE, POOL)
+    cache = build_gt_feature_cache(teacher, ListDataset(items), taps=TAPS, size=SIZE, pools=POOLS)
+    assert cache.taps == TAPS and cache.key == gt_feature_key(teacher, TAPS, SIZE, POOLS)
     assert [cache.tables[t].shape for t in TAPS] == [
-        (5, 2, 3, POOL, POOL),
-        (5, 2, 64, POOL, POOL),
-        (5, 2, 64, POOL, POOL),
+        (5, 2, 3, 4, 4),
+        (5, 2, 64, 8, 8),
+        (5, 2, 64, 16, 16),
     ]
     assert all(cache.tables[t].dtype == torch.float16 for t in TAPS)
     pixels, pred_boxes, gt_boxes, index, rows = mixed_flip_batch(items)
@@ -196,7 +196,15 @@ def test_gt_feature_cache_gives_the_online_kd_loc_loss_and_box_gradients(teacher
         features, calls = counting_taps(teacher, TAPS)
         boxes = pred_boxes.clone().requires_grad_()
         loss = kd_loc_loss(
-            features, pixels, boxes, gt_boxes, index, size=SIZE, pools=[POOL] * 3, gt_features=gt_features
+            features,
+            pixels,
+            boxes,
+            gt_boxes,
+            index,
+            size=SIZE,
+            pools=POOLS,
+            gt_features=gt_features,
+            is_pixel_level=[tap == "obj" for tap in TAPS],
         )
         return loss, torch.autograd.grad(loss, boxes)[0], calls
 
@@ -226,20 +234,20 @@ def test_gt_features_of_the_wrong_shape_are_refused(teacher):
 
 
 def test_gt_feature_cache_round_trip_and_stale_key(teacher, tmp_path):
-    cache = build_gt_feature_cache(teacher, ListDataset(synthetic_items()), taps=TAPS, size=SIZE, pool=POOL)
+    cache = build_gt_feature_cache(teacher, ListDataset(synthetic_items()), taps=TAPS, size=SIZE, pools=POOLS)
     path = tmp_path / "gt_features.safetensors"
     cache.save(path)
     assert [p.name for p in tmp_path.iterdir()] == [path.name]
-    assert read_key(path) == {"teacher": "resnet18", "taps": "obj,l0,l1", "sample_size": "32", "pool": "4"}
+    assert read_key(path) == {"teacher": "resnet18", "taps": "obj,l0,l1", "sample_size": "32", "pools": "4,8,16"}
     loaded = GTFeatureCache.load(path, key=cache.key)
     assert loaded.taps == TAPS and all(torch.equal(loaded.tables[t], cache.tables[t]) for t in TAPS)
     ids, gt, flips = torch.tensor([9, 7]), torch.tensor([2, 0]), torch.tensor([False, True])
     assert all(torch.equal(a, b) for a, b in zip(loaded.lookup(ids, gt, flips), cache.lookup(ids, gt, flips)))
     # another pool size or tap list: the file is stale, and the error names what differs
-    with pytest.raises(StaleCacheError, match=r"pool='4' \(asked '8'\)$"):
-        GTFeatureCache.load(path, key=gt_feature_key(teacher, TAPS, SIZE, 8))
+    with pytest.raises(StaleCacheError, match=r"pools='4,8,16' \(asked '8,8,8'\)$"):
+        GTFeatureCache.load(path, key=gt_feature_key(teacher, TAPS, SIZE, [8, 8, 8]))
     with pytest.raises(StaleCacheError, match=r"taps='obj,l0,l1' \(asked 'obj,l0'\)$"):
-        GTFeatureCache.load(path, key=gt_feature_key(teacher, ["obj", "l0"], SIZE, POOL))
+        GTFeatureCache.load(path, key=gt_feature_key(teacher, ["obj", "l0"], SIZE, POOLS[:2]))
     # a soft-label cache of the old format (no key) is stale for any key
     save_file({"logits": torch.zeros(2, 2, 10, dtype=torch.float16)}, str(tmp_path / "old.safetensors"))
     with pytest.raises(StaleCacheError, match="input_size=None"):
@@ -248,11 +256,11 @@ def test_gt_feature_cache_round_trip_and_stale_key(teacher, tmp_path):
 
 def test_empty_dataset_gives_empty_tables_of_the_right_shape(teacher):
     image, target = synthetic_items()[1]  # the image without boxes
-    cache = build_gt_feature_cache(teacher, ListDataset([(image, target)]), taps=TAPS, size=SIZE, pool=POOL)
-    assert [cache.tables[t].shape for t in TAPS] == [(0, 2, 3, 4, 4), (0, 2, 64, 4, 4), (0, 2, 64, 4, 4)]
+    cache = build_gt_feature_cache(teacher, ListDataset([(image, target)]), taps=TAPS, size=SIZE, pools=POOLS)
+    assert [cache.tables[t].shape for t in TAPS] == [(0, 2, 3, 4, 4), (0, 2, 64, 8, 8), (0, 2, 64, 16, 16)]
     assert [
         f.shape
         for f in cache.lookup(
             torch.tensor([], dtype=torch.int64), torch.tensor([], dtype=torch.int64), torch.tensor([], dtype=torch.bool)
         )
-    ] == [(0, 3, 4, 4), (0, 64, 4, 4), (0, 64, 4, 4)]
+    ] == [(0, 3, 4, 4), (0, 64, 8, 8), (0, 64, 16, 16)]

@@ -39,7 +39,7 @@ from cls2det.engine.objective import distillation_losses, loss_weights, precisio
 from cls2det.engine.teacher_cache import build_gt_feature_cache, build_soft_label_cache
 from cls2det.students import create_student
 
-MODES = {"baseline": [], "+kd_cls": ["cls"], "+loc+kd_loc": ["loc", "kd_loc"], "+all": ["cls", "loc", "kd_loc"]}
+MODES = {"baseline": [], "+kd_cls": ["cls"], "+kd_loc": ["kd_loc"], "+all": ["cls", "kd_loc"]}  # +all: the full method
 
 
 @dataclass(frozen=True)
@@ -142,7 +142,7 @@ class StepBench:
         dataset, config = list(zip(images, targets)), DistillConfig(sample_size=sample_size)
         self.soft_labels = build_soft_label_cache(teacher, dataset, device=device).to(device)
         self.gt_features = build_gt_feature_cache(
-            teacher, dataset, taps=config.taps, size=sample_size, pool=config.pool, device=device
+            teacher, dataset, taps=config.taps, size=sample_size, pools=config.tap_pools(), device=device
         ).to(device)
         self.nets = {False: self._with_optimizer(student, teacher)}
         if channels_last:  # a copy with the same weights, so that both formats are timed in this run

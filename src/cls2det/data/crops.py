@@ -1,8 +1,8 @@
 """D_cls: the classification dataset of GT-object crops that the teacher is trained on (paper, Sec. 3.1).
 
-Each non-crowd GT box of a split is (optionally) enlarged by ``context`` times its width/height on every side,
-clamped to the image, rounded outward to whole pixels, cropped and resized to ``size x size`` (bilinear,
-antialiased, ``align_corners=False``).
+Each non-crowd GT box of a split is clamped to the image, rounded outward to whole pixels, cropped and resized to
+``size x size`` (bilinear, antialiased, ``align_corners=False``). The box itself, no context around it: the teacher
+sees box crops during distillation too (paper, Sec. 3.1; the release crops the box).
 """
 
 from __future__ import annotations
@@ -16,15 +16,14 @@ from torch import Tensor
 from cls2det.data.coco import DetectionSplit, read_image
 
 
-def crop_window(bbox: list[float], width: float, height: float, context: float = 0.0) -> tuple[int, int, int, int]:
+def crop_window(bbox: list[float], width: float, height: float) -> tuple[int, int, int, int]:
     """Integer pixel window ``(left, top, right, bottom)`` (right/bottom exclusive) covering a COCO xywh box.
 
-    The box grows by ``context * w`` left and right and ``context * h`` up and down, is clamped to the image and
-    rounded outward; the window is at least 1 px wide and high.
+    The box is clamped to the image and rounded outward; the window is at least 1 px wide and high.
     """
     x, y, w, h = bbox
-    x1, x2 = max(x - context * w, 0.0), min(x + w + context * w, width)
-    y1, y2 = max(y - context * h, 0.0), min(y + h + context * h, height)
+    x1, x2 = max(x, 0.0), min(x + w, width)
+    y1, y2 = max(y, 0.0), min(y + h, height)
     left, top = math.floor(x1), math.floor(y1)
     right, bottom = max(math.ceil(x2), left + 1), max(math.ceil(y2), top + 1)
     return left, top, min(right, int(width)), min(bottom, int(height))
@@ -45,14 +44,11 @@ class ClassificationCrops(torch.utils.data.Dataset):
     (COCO scale). Both give the same crops up to uint8 rounding.
     """
 
-    def __init__(self, split: DetectionSplit, *, size: int = 112, context: float = 0.0, in_memory: bool = True):
+    def __init__(self, split: DetectionSplit, *, size: int = 112, in_memory: bool = True):
         if size < 1:
             raise ValueError(f"size must be >= 1, got {size}")
-        if context < 0:
-            raise ValueError(f"context must be >= 0, got {context}")
         self.split = split
         self.size = size
-        self.context = context
         self.class_names = split.class_names
         # one record per non-crowd GT box: (index into split.images, crop window)
         self.records: list[tuple[int, tuple[int, int, int, int]]] = []
@@ -62,7 +58,7 @@ class ClassificationCrops(torch.utils.data.Dataset):
             for ann in split.annotations[image["id"]]:
                 if ann["iscrowd"]:
                     continue
-                self.records.append((index, crop_window(ann["bbox"], image["width"], image["height"], context)))
+                self.records.append((index, crop_window(ann["bbox"], image["width"], image["height"])))
                 self.ann_ids.append(ann["id"])
                 labels.append(split.cat_id_to_label[ann["category_id"]])
         self.labels = torch.tensor(labels, dtype=torch.int64)  # [M]

@@ -166,15 +166,20 @@ def kd_loc_loss(
     size: int = 112,
     pools: Sequence[int],
     gt_features: Sequence[Tensor] | None = None,
+    is_pixel_level: Sequence[bool] | None = None,
 ) -> Tensor:
-    """Localisation distillation KD_loc, eq. (10)::
+    """Localisation distillation KD_loc, eq. (10), normalised as the authors' release computes it::
 
-        L_kd_loc = 1/L Σ_l 1/(K·M_l·P_l·P_l) Σ_k |AP_l(F_l(crop(B_k))) − AP_l(F_l(crop(B*_k)))|
+        D_l(k)   = Σ |AP_l(F_l(crop(B_k))) − AP_l(F_l(crop(B*_k)))| / (M_l·P_l·P_l)     one level l, one positive k
+        L_kd_loc = 1/K Σ_k ( Σ_{l pixel} D_l(k)  +  1/|T| Σ_{l in T} D_l(k) )
 
-    The predicted box B_k and the GT box B*_k are cropped by eq. (8)-(9) (:func:`crop_boxes`), both crops go through
-    the frozen teacher's taps F_l, and each tap is adaptive-average-pooled to P_l x P_l. The GT branch runs under
-    ``torch.no_grad``; gradients reach ``pred_boxes`` only (through the teacher, whose weights should be frozen).
-    The GT branch is a constant per (image, GT box, flip), so it can come precomputed (``gt_features``, e.g. from
+    i.e. the pixel ("obj") level is added as is and the teacher layers T are averaged (a term with only pixel levels
+    or only teacher layers keeps just its sum or its mean). The predicted box B_k and the GT box B*_k are cropped by
+    eq. (8)-(9) (:func:`crop_boxes`), both crops go through ``features`` (the frozen teacher's taps F_l; for a pixel
+    level F_l is the teacher's input, the crop itself), and each map is adaptive-average-pooled to P_l x P_l (the
+    release: the obj level at 4, the j-th teacher layer at 4·2^(j+1)). The GT branch runs under ``torch.no_grad``;
+    gradients reach ``pred_boxes`` only (through the teacher, whose weights should be frozen). The GT branch is a
+    constant per (image, GT box, flip), so it can come precomputed (``gt_features``, e.g. from
     :class:`~cls2det.engine.teacher_cache.GTFeatureCache`); ``features`` then runs on the predicted crops only.
 
     Args:
@@ -185,10 +190,12 @@ def kd_loc_loss(
         gt_boxes: [K, 4] xyxy pixels, the assigned GT boxes.
         image_index: [K] int64, the image of each positive.
         size: s, the crop side in pixels (paper: 112).
-        pools: L ints P_l, one per tap (paper: 8).
-        gt_features: optional L tensors [K, M_l, P_l, P_l], the pooled taps of the GT crops
+        pools: L ints P_l, one per map (release: obj 4, l0 8, l1 16, ...).
+        gt_features: optional L tensors [K, M_l, P_l, P_l], the pooled maps of the GT crops
             (``AP_l(F_l(crop(B*_k)))``, any float dtype, treated as constants); ``gt_boxes`` are then only checked
             for their shape.
+        is_pixel_level: L bools, True for a pixel level (summed), False for a teacher layer (averaged with the other
+            teacher layers); None = every map is a teacher layer (the plain mean over the L levels).
 
     Returns:
         0-dim tensor in ``images.dtype``; zero (attached to ``pred_boxes``' graph, without calling ``features``)
@@ -196,28 +203,37 @@ def kd_loc_loss(
     """
     pools = list(pools)
     if not pools:
-        raise ValueError("pools must name one pooled size per feature tap, got none")
-    if _check_box_pairs(images, pred_boxes, gt_boxes, image_index) == 0:
+        raise ValueError("pools must name one pooled size per feature map, got none")
+    is_pixel = [False] * len(pools) if is_pixel_level is None else [bool(p) for p in is_pixel_level]
+    if len(is_pixel) != len(pools):
+        raise ValueError(f"is_pixel_level has {len(is_pixel)} entries but pools has {len(pools)}: {pools}")
+    num_pos = _check_box_pairs(images, pred_boxes, gt_boxes, image_index)
+    if num_pos == 0:
         return _zero_loss(pred_boxes, images.dtype)
     images = images.detach()
 
-    def pooled_taps(boxes: Tensor) -> list[Tensor]:
-        taps = features(crop_boxes(images, boxes, image_index, size=size))
-        taps = [taps] if isinstance(taps, Tensor) else list(taps)
-        if len(taps) != len(pools):
-            raise ValueError(f"features returned {len(taps)} maps but pools has {len(pools)} sizes: {pools}")
-        return [F.adaptive_avg_pool2d(f, p) for f, p in zip(taps, pools)]  # each [K, M_l, P_l, P_l]
+    def pooled_maps(boxes: Tensor) -> list[Tensor]:
+        maps = features(crop_boxes(images, boxes, image_index, size=size))
+        maps = [maps] if isinstance(maps, Tensor) else list(maps)
+        if len(maps) != len(pools):
+            raise ValueError(f"features returned {len(maps)} maps but pools has {len(pools)} sizes: {pools}")
+        return [F.adaptive_avg_pool2d(f, p) for f, p in zip(maps, pools)]  # each [K, M_l, P_l, P_l]
 
-    pred = pooled_taps(pred_boxes)
+    pred = pooled_maps(pred_boxes)
     if gt_features is None:
         with torch.no_grad():
-            gt = pooled_taps(gt_boxes)
+            gt = pooled_maps(gt_boxes)
     else:
         gt = [g.detach() for g in ([gt_features] if isinstance(gt_features, Tensor) else gt_features)]
         shapes = [list(p.shape) for p in pred]
         if [list(g.shape) for g in gt] != shapes:
             raise ValueError(
-                f"gt_features must be {len(shapes)} tensors of shapes {shapes} (the pooled taps of the "
+                f"gt_features must be {len(shapes)} tensors of shapes {shapes} (the pooled maps of the "
                 f"predicted crops), got {[list(g.shape) for g in gt]}"
             )
-    return (sum(_mean_abs_diff(p, g) for p, g in zip(pred, gt)) / len(pools)).to(images.dtype)
+    # Σ_k D_l(k) / K = the mean over the K·M_l·P_l·P_l values of level l
+    levels = [_mean_abs_diff(p, g) for p, g in zip(pred, gt)]
+    pixel = [d for d, is_p in zip(levels, is_pixel) if is_p]
+    teacher = [d for d, is_p in zip(levels, is_pixel) if not is_p]
+    total = sum(pixel) + (sum(teacher) / len(teacher) if teacher else 0)
+    return total.to(images.dtype)

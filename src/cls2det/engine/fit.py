@@ -170,7 +170,7 @@ class _Trainer:
         self.dataset = CocoDetection(self.train_split)
         self.teacher = None
         if needs_teacher(config):
-            from cls2det.teacher import load_teacher
+            from cls2det.teacher import check_teacher_for_head, load_teacher
 
             if not config.teacher:
                 raise TrainingError(f"--kd {','.join(config.distill.kd)} needs a teacher: pass --teacher TEACHER_RUN")
@@ -192,7 +192,7 @@ class _Trainer:
                 lambda: build_soft_label_cache(self.teacher, self.dataset, device=fabric.device),
             )
         if self.teacher is not None and "kd_loc" in distill.kd and distill.gt_feature_cache:
-            key = gt_feature_key(self.teacher, distill.taps, distill.sample_size, distill.pool)
+            key = gt_feature_key(self.teacher, distill.taps, distill.sample_size, distill.tap_pools())
             self.gt_features = self._gt_cache(
                 GT_FEATURES,
                 GTFeatureCache,
@@ -202,12 +202,14 @@ class _Trainer:
                     self.dataset,
                     taps=distill.taps,
                     size=distill.sample_size,
-                    pool=distill.pool,
+                    pools=distill.tap_pools(),
                     device=fabric.device,
                 ),
             )
         student = create_student(config.student.detector, self.train_split.num_classes, config.student)
         student.max_negatives = distill.kd_cls_negatives  # 0: the adapter draws no negatives
+        if self.teacher is not None and "cls" in distill.kd:
+            check_teacher_for_head(self.teacher, student.head, allow_ce_teacher=distill.allow_ce_teacher)
         self.det_teacher = self._det_teacher(student) if det_methods(config.distill.kd) else None
         if config.channels_last:  # weights only: convolutions then return channels_last outputs for any input
             for net in (student, self.teacher, self.det_teacher):

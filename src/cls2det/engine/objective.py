@@ -59,7 +59,8 @@ def distillation_losses(
     det_teacher: StudentAdapter | None = None,
 ) -> dict[str, Tensor]:
     """Unweighted KD terms ``{"kd_cls", "loc", "kd_loc", "det_logit", "det_fgfi", "det_pkd"}`` (those in
-    ``config.kd``) for one batch, on at most ``config.max_positives`` positives.
+    ``config.kd``) for one batch, on at most ``config.max_positives`` positives (KD_cls from the soft-label cache: on
+    every positive, it costs a lookup).
 
     ``teacher`` / ``soft_labels`` / ``gt_features``: see :func:`classifier_losses`; ``det_teacher`` (a frozen adapter
     of the student's family, needed by the ``det:*`` terms): see :func:`det2det_losses`.
@@ -89,8 +90,9 @@ def classifier_losses(
     pixels the detector saw (after its resize) and the teacher applies its own normalisation. Its passes run in
     ``config.teacher_precision`` (:func:`precision_autocast`).
     ``soft_labels(positives) -> [K, C]``, when given, returns KD_cls's teacher logits from a cache instead;
-    ``gt_features(positives) -> L x [K, M_l, P, P]`` likewise KD_loc's pooled GT-crop taps (``config.taps`` order),
-    so that the teacher runs on the predicted crops only. Both are called with the subsampled positives.
+    ``gt_features(positives) -> L x [K, M_l, P_l, P_l]`` likewise KD_loc's pooled GT-crop taps (``config.taps``
+    order, pooled to ``config.tap_pools()``), so that the teacher runs on the predicted crops only. ``soft_labels`` is
+    called with every positive of the batch (``output.positives``), ``gt_features`` with the subsampled ones.
     """
     losses: dict[str, Tensor] = {}
     if not set(config.kd) & {"cls", "loc", "kd_loc"}:
@@ -107,17 +109,19 @@ def classifier_losses(
 
     if "cls" in config.kd:
         if soft_labels is not None:
-            teacher_logits = soft_labels(positives).to(positives.logits.device)  # [K, C]
+            cls_positives = output.positives  # a cache lookup: every positive, not the capped subset
+            teacher_logits = soft_labels(cls_positives).to(cls_positives.logits.device)  # [K_all, C]
         else:
+            cls_positives = positives
             with torch.no_grad():
                 gt_crops = crop_boxes(pixels, gt_boxes, index, size=teacher.input_size)  # [K, 3, S, S]
                 with precision_autocast(precision, pixels.device):
                     teacher_logits = teacher(gt_crops).float()  # [K, C]
         losses["kd_cls"] = kd_cls_loss(
-            positives.logits.float(),
+            cls_positives.logits.float(),
             teacher_logits,
-            positives.labels,
-            head=positives.head,
+            cls_positives.labels,
+            head=cls_positives.head,
             temperature=config.temperature,
         )
         if config.kd_cls_negatives:
@@ -140,8 +144,9 @@ def classifier_losses(
             gt_boxes,
             index,
             size=config.sample_size,
-            pools=[config.pool] * len(taps),
+            pools=config.tap_pools(),
             gt_features=cached,
+            is_pixel_level=[tap == "obj" for tap in taps],
         )
     return losses
 

@@ -4,7 +4,7 @@ The teacher is frozen and GT boxes are fixed, so its outputs on a GT crop depend
 
 * :class:`SoftLabelCache`: KD_cls's teacher logits on the GT crop at the teacher's input size (eq. 1-7);
 * :class:`GTFeatureCache`: KD_loc's GT branch (eq. 10), the teacher's tap features of the GT crop at the sample size
-  ``s``, average-pooled to ``P x P`` per tap. The predicted-box branch needs gradients through the crop and stays
+  ``s``, average-pooled to ``P_l x P_l`` per tap. The predicted-box branch needs gradients through the crop and stays
   online.
 
 A horizontally flipped crop is exactly the flip of the unflipped crop (the sampling grid of eq. 8-9 is symmetric),
@@ -117,14 +117,14 @@ class SoftLabelCache(GTBoxCache):
 
 
 class GTFeatureCache(GTBoxCache):
-    """KD_loc's GT branch per GT box: one table per tap, [M, 2, M_l, P, P] float16 (index 1 = flipped)."""
+    """KD_loc's GT branch per GT box: one table per tap, [M, 2, M_l, P_l, P_l] float16 (index 1 = flipped)."""
 
     @property
     def taps(self) -> list[str]:
         return self.key["taps"].split(",")
 
     def lookup(self, image_ids: Tensor, gt_index: Tensor, flipped: Tensor) -> list[Tensor]:
-        """[K] image ids, GT indices, bool flipped -> pooled GT features, one [K, M_l, P, P] float32 per tap."""
+        """[K] image ids, GT indices, bool flipped -> pooled GT features, one [K, M_l, P_l, P_l] float32 per tap."""
         return [self.values(tap, image_ids, gt_index, flipped) for tap in self.taps]
 
 
@@ -133,9 +133,11 @@ def soft_label_key(teacher) -> dict[str, str]:
     return {"teacher": teacher.arch, "input_size": str(teacher.input_size)}
 
 
-def gt_feature_key(teacher, taps: Sequence[str], size: int, pool: int) -> dict[str, str]:
-    """The settings KD_loc's pooled GT features depend on: the teacher, its taps, the sample size s and the pool P."""
-    return {"teacher": teacher.arch, "taps": ",".join(taps), "sample_size": str(size), "pool": str(pool)}
+def gt_feature_key(teacher, taps: Sequence[str], size: int, pools: Sequence[int]) -> dict[str, str]:
+    """The settings KD_loc's pooled GT features depend on: the teacher, its taps, the sample size s and the pooled
+    size P_l of each tap."""
+    pooled = ",".join(map(str, pools))
+    return {"teacher": teacher.arch, "taps": ",".join(taps), "sample_size": str(size), "pools": pooled}
 
 
 @torch.no_grad()
@@ -149,18 +151,18 @@ def build_soft_label_cache(teacher, dataset, *, device: str | torch.device = "cp
 
 @torch.no_grad()
 def build_gt_feature_cache(
-    teacher, dataset, *, taps: Sequence[str], size: int, pool: int, device: str | torch.device = "cpu"
+    teacher, dataset, *, taps: Sequence[str], size: int, pools: Sequence[int], device: str | torch.device = "cpu"
 ) -> GTFeatureCache:
     """The pooled tap features KD_loc compares against (eq. 10, GT branch) for every GT crop of ``dataset``:
-    crops at ``size`` (s), ``teacher.forward_taps(crops, taps)``, each tap adaptive-average-pooled to ``pool`` (P)."""
+    crops at ``size`` (s), ``teacher.forward_taps(crops, taps)``, tap l adaptive-average-pooled to ``pools[l]``."""
     taps = list(taps)
 
     def pooled(crops: Tensor) -> dict[str, Tensor]:
         maps = teacher.forward_taps(crops, taps)
-        return {tap: F.adaptive_avg_pool2d(f, pool) for tap, f in zip(taps, maps)}  # each [n, M_l, P, P]
+        return {tap: F.adaptive_avg_pool2d(f, p) for tap, f, p in zip(taps, maps, pools)}  # each [n, M_l, P_l, P_l]
 
     tables, image_ids, offsets = _per_gt_box(dataset, pooled, size=size, device=device)
-    return GTFeatureCache(tables, image_ids, offsets, gt_feature_key(teacher, taps, size, pool))
+    return GTFeatureCache(tables, image_ids, offsets, gt_feature_key(teacher, taps, size, pools))
 
 
 def _per_gt_box(

@@ -39,7 +39,7 @@ def pretrain_backbone(
         mean=transform.image_mean,
         std=transform.image_std,
     )
-    crops = ClassificationCrops(split, size=config.input_size, context=config.context)
+    crops = ClassificationCrops(split, size=config.input_size)
     metrics = fit_teacher(classifier, crops, None, config, progress=progress)
     save_safetensors(out_file, net.state_dict())
     return metrics

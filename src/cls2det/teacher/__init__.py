@@ -1,5 +1,6 @@
 """The classifier teacher: build (torchvision / timm), train on D_cls, feature taps, checkpoint I/O."""
 
+from cls2det.teacher.heads import check_teacher_for_head, teacher_loss
 from cls2det.teacher.io import load_teacher, read_teacher_meta, save_teacher
 from cls2det.teacher.model import Teacher, TeacherError, build_teacher
 from cls2det.teacher.protocol import TeacherLike
@@ -14,6 +15,8 @@ __all__ = [
     "TeacherError",
     "TeacherLike",
     "build_teacher",
+    "check_teacher_for_head",
+    "teacher_loss",
     "train_teacher",
     "fit_teacher",
     "load_teacher",

@@ -17,6 +17,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from cls2det.files import atomic_write_bytes, write_json
+from cls2det.teacher.heads import teacher_loss
 from cls2det.teacher.model import Teacher, TeacherError, build_teacher
 
 WEIGHTS_FILE = "teacher.safetensors"
@@ -113,7 +114,7 @@ def load_teacher(run_dir: str | Path, *, device: str | torch.device = "cpu") -> 
     except RuntimeError as err:
         reason = " ".join(str(err).split())[:300]
         raise TeacherError(f"{weights}: does not fit {meta['arch']!r} ({reason})") from None
-    teacher.loss = meta.get("loss", "ce")
+    teacher.loss = teacher_loss(meta)  # runs from before the key was recorded: "ce"
     return teacher.freeze().to(device)
 
 

@@ -1,6 +1,7 @@
 """Train the classifier teacher on D_cls, the ground-truth crops of the detection train split (paper, sec. 3.1).
 
-Recipe: AdamW (no decay on norms/biases), linear warm-up then cosine LR per step, label smoothing, batched
+Recipe: AdamW (no decay on norms/biases), linear warm-up then cosine LR per step, by default the paper's joint
+softmax + per-class sigmoid loss (``ce+bce``) without label smoothing (KD_cls distils these very logits), batched
 augmentation of the crop tensors (mild random resized crop + small translation, brightness/contrast; horizontal flip
 off by default because digits and text are not flip-invariant). Top-1 on the val crops after every epoch; the best
 epoch's weights are kept.
@@ -193,8 +194,8 @@ def train_teacher(
         raise TeacherError(
             f"{data}: val classes {val_split.class_names} differ from train classes {train_split.class_names}"
         )
-    train_set = ClassificationCrops(train_split, size=config.input_size, context=config.context)
-    val_set = ClassificationCrops(val_split, size=config.input_size, context=config.context)
+    train_set = ClassificationCrops(train_split, size=config.input_size)
+    val_set = ClassificationCrops(val_split, size=config.input_size)
     teacher = build_teacher(
         config.arch,
         train_split.num_classes,
