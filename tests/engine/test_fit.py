@@ -106,11 +106,11 @@ def test_fit_kd_cls_on_negatives(detector, make_train_config, tmp_path, read_met
         seen["student"] = create_student(*args, **kwargs)
         return seen["student"]
 
-    def spy_total_loss(detector_losses, kd_losses, config):
+    def spy_total_loss(detector_losses, kd_losses, weights):
         params = [p for p in seen["student"].parameters() if p.requires_grad]
         grads = torch.autograd.grad(kd_losses["kd_cls_neg"], params, retain_graph=True, allow_unused=True)
         seen["grad"] = sum(g.abs().sum().item() for g in grads if g is not None)
-        return total_loss(detector_losses, kd_losses, config)
+        return total_loss(detector_losses, kd_losses, weights)
 
     monkeypatch.setattr(fit_module, "create_student", spy_create_student)
     monkeypatch.setattr(fit_module, "total_loss", spy_total_loss)

@@ -10,7 +10,7 @@ import torch
 
 from cls2det.config import DistillConfig, StudentConfig
 from cls2det.distill import fgfi_level_masks, logit_kd_loss, pkd_loss
-from cls2det.engine.objective import distillation_losses, total_loss
+from cls2det.engine.objective import distillation_losses, loss_weights, total_loss
 from cls2det.students import create_student
 
 NUM_CLASSES = 3
@@ -74,7 +74,7 @@ def test_det_terms_against_direct_computations(name):
     assert losses["det_logit"].item() == pytest.approx(expected_logit.item(), rel=1e-6)
 
     # the weighted total, and gradients that reach the student's backbone and nothing of the teacher
-    total = total_loss(output.losses, losses, config)
+    total = total_loss(output.losses, losses, loss_weights(config))
     expected_total = sum(output.losses.values()) + sum(
         getattr(config, f"lambda_{name}") * value for name, value in losses.items()
     )

@@ -11,7 +11,7 @@ import torch
 
 from cls2det.config import DistillConfig
 from cls2det.distill import crop_boxes
-from cls2det.engine.objective import classifier_losses, kd_cls_negatives_loss, total_loss
+from cls2det.engine.objective import classifier_losses, kd_cls_negatives_loss, loss_weights, total_loss
 from cls2det.students import Negatives, StudentOutput
 from cls2det.students.base import empty_positives
 
@@ -143,7 +143,9 @@ def test_objective_adds_kd_cls_neg_weighted_by_lambda_kd_cls():
     assert set(losses) == {"kd_cls", "kd_cls_neg"} and losses["kd_cls"].item() == 0  # no positives here
     assert losses["kd_cls_neg"].item() == pytest.approx(hand_sigmoid(student, TEACHER), rel=1e-5)
     det = {"classification": torch.tensor(1.0)}
-    assert total_loss(det, losses, config).item() == pytest.approx(1.0 + 0.3 * losses["kd_cls_neg"].item(), rel=1e-6)
+    assert total_loss(det, losses, loss_weights(config)).item() == pytest.approx(
+        1.0 + 0.3 * losses["kd_cls_neg"].item(), rel=1e-6
+    )
     # off (the paper's setting): no term, the teacher never sees a negative
     teacher = StubTeacher(TEACHER)
     off = classifier_losses(

@@ -35,7 +35,7 @@ import torch
 
 from cls2det.bench.crops import _peak_rss_mib, _proc_status_mib, _reset_peak_rss, seconds
 from cls2det.config import DistillConfig, StudentConfig
-from cls2det.engine.objective import distillation_losses, precision_autocast, total_loss
+from cls2det.engine.objective import distillation_losses, loss_weights, precision_autocast, total_loss
 from cls2det.engine.teacher_cache import build_gt_feature_cache, build_soft_label_cache
 from cls2det.students import create_student
 
@@ -187,7 +187,8 @@ class StepBench:
         def train_step() -> None:
             with self.autocast:
                 output = student(self.images, self.targets)
-                loss = total_loss(output.losses, distillation_losses(output, teacher, config, **lookups), config)
+                kd_losses = distillation_losses(output, teacher, config, **lookups)
+                loss = total_loss(output.losses, kd_losses, loss_weights(config))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -25,7 +25,7 @@ from cls2det.data import CocoDetection, collate, load_split
 from cls2det.engine.checkpoint import load_model_state, load_state, save_checkpoint
 from cls2det.engine.loading import load_det_teacher
 from cls2det.engine.logger import MetricsLogger
-from cls2det.engine.objective import LOSS_WEIGHTS, distillation_losses, total_loss
+from cls2det.engine.objective import distillation_losses, loss_weights, total_loss
 from cls2det.engine.run_dir import (
     BEST,
     CLASSES,
@@ -341,7 +341,8 @@ class _Trainer:
             gt_features=gt_features,
             det_teacher=self.det_teacher,
         )
-        loss = total_loss(output.losses, kd_losses, config.distill)
+        weights = loss_weights(config.distill)
+        loss = total_loss(output.losses, kd_losses, weights)
         terms = {**output.losses, **kd_losses}
         self.batch_in_epoch += 1
         if not torch.isfinite(loss):
@@ -367,7 +368,7 @@ class _Trainer:
             if output.negatives is not None:
                 row["negatives"] = float(len(output.negatives))
             row.update({name: value.item() for name, value in terms.items()})
-            row.update({f"w_{n}": getattr(config.distill, LOSS_WEIGHTS[n]) * v.item() for n, v in kd_losses.items()})
+            row.update({f"w_{n}": weights[n] * v.item() for n, v in kd_losses.items()})
             self.logger.log(row, self.step)
 
     def _skip_nonfinite(self, terms: dict[str, torch.Tensor]) -> None:

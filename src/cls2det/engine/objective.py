@@ -8,7 +8,7 @@ pure functions of :mod:`cls2det.distill.losses` and :mod:`cls2det.distill.det2de
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import Tensor
@@ -220,7 +220,7 @@ def det2det_losses(
     return losses
 
 
-LOSS_WEIGHTS = {
+LOSS_WEIGHTS = {  # KD term -> the DistillConfig field that weighs it in eq. (12)
     "kd_cls": "lambda_kd_cls",
     "kd_cls_neg": "lambda_kd_cls",
     "loc": "lambda_loc",
@@ -231,11 +231,23 @@ LOSS_WEIGHTS = {
 }
 
 
-def total_loss(detector_losses: dict[str, Tensor], kd_losses: dict[str, Tensor], config: DistillConfig) -> Tensor:
+def loss_weights(config: DistillConfig) -> dict[str, float]:
+    """``{term: lambda}`` for every KD term (:data:`LOSS_WEIGHTS`), read from ``config``: what :func:`total_loss`
+    takes (KD_cls on negatives shares ``lambda_kd_cls`` with KD_cls)."""
+    return {term: float(getattr(config, field)) for term, field in LOSS_WEIGHTS.items()}
+
+
+def total_loss(
+    detector_losses: Mapping[str, Tensor], kd_losses: Mapping[str, Tensor], weights: Mapping[str, float]
+) -> Tensor:
     """Eq. (12): ``sum(L_det) + lambda_kc*KD_cls + lambda_kl*KD_loc + lambda_l*loc``, plus ``lambda_det_*`` times
     each det2det term and, when asked, ``lambda_kc`` times KD_cls on negatives (each of the two KD_cls terms a mean,
-    so positives and negatives weigh the same whatever their counts)."""
+    so positives and negatives weigh the same whatever their counts).
+
+    ``weights``: ``{term: lambda}`` for every term of ``kd_losses``, e.g. :func:`loss_weights` of a DistillConfig;
+    a term without a weight is a ``KeyError`` (never silently weighted 0 or 1). Returns a 0-dim tensor.
+    """
     total = sum(detector_losses.values())
     for name, value in kd_losses.items():
-        total = total + getattr(config, LOSS_WEIGHTS[name]) * value
+        total = total + weights[name] * value
     return total
