@@ -178,12 +178,12 @@ def build_parser() -> argparse.ArgumentParser:
         "predict",
         help="detect objects in images with a trained student (or its ONNX export); COCO-results JSON + drawings",
     )
+    p.add_argument("run", metavar="RUN", help="the training run folder (with --onnx optional: then a SOURCE)")
     p.add_argument(
-        "inputs",
-        nargs="+",
-        metavar="RUN SOURCE",
-        help="the training run folder, then image files, folders (searched recursively) or quoted globs; "
-        "with --onnx the run folder may be left out (given, its classes must be the export's)",
+        "sources",
+        nargs="*",
+        metavar="SOURCE",
+        help="image files, folders (searched recursively) or quoted globs",
     )
     p.add_argument("--out", required=True, type=Path, help="folder for predictions.json, images.json and drawings")
     p.add_argument("--onnx", type=Path, default=None, help="run this `cls2det export` ONNX file with onnxruntime")
@@ -345,10 +345,9 @@ def cmd_export(args) -> int:
 def cmd_predict(args) -> int:
     from cls2det.deploy.predict import PredictError, is_run, predict_images
 
-    inputs = [str(i) for i in args.inputs]
-    run = None
-    if args.onnx is None or is_run(Path(inputs[0])):
-        run, inputs = inputs[0], inputs[1:]
+    run, inputs = args.run, list(args.sources)
+    if args.onnx is not None and not is_run(Path(run)):  # no run folder: the first argument is a source too
+        run, inputs = None, [run, *inputs]
     if not inputs:
         raise PredictError("give at least one image file, folder or glob after the run folder")
     summary = predict_images(

@@ -286,10 +286,7 @@ def predict_images(
                 batch.append((image_id, f, pil))
             if not batch:
                 continue
-            tensors = [
-                torch.from_numpy(np.asarray(pil).copy()).permute(2, 0, 1).float().div_(255) for _, _, pil in batch
-            ]
-            for (image_id, f, pil), det in zip(batch, model(tensors)):
+            for (image_id, f, pil), det in zip(batch, model([to_tensor(pil) for _, _, pil in batch])):
                 images.append({"id": image_id, "file_name": str(f.path), "width": pil.width, "height": pil.height})
                 records.extend(coco_records(det, image_id, str(f.path), classes, json_threshold))
                 if save_images:
