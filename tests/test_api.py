@@ -91,6 +91,9 @@ def test_distiller_refuses_a_teacher_of_other_classes_or_none(teacher_run, batch
     targets = [{**t, "labels": t["labels"] % 3} for t in targets]  # a 3-class dataset
     with pytest.raises(ValueError, match="the teacher has 10 classes, the student 3"):
         Distiller(load_teacher(teacher_run)).losses(student(images, targets))
+    student = wrap_detector(ssdlite(weights=None, weights_backbone=None, num_classes=NUM_CLASSES + 1)).train()
+    with pytest.raises(ValueError, match="the teacher is on meta, the student's batch on cpu"):
+        Distiller(load_teacher(teacher_run).to("meta")).losses(student(*batch))
 
 
 @pytest.mark.slow

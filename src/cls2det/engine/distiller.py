@@ -63,7 +63,7 @@ class Distiller:
         """The unweighted KD terms of ``config.kd``: ``{"kd_cls", "loc", "kd_loc", ...}``, each a 0-dim tensor with
         gradients into the student (logits [K, C(+1)] for KD_cls, predicted boxes [K, 4] for loc / KD_loc), on at
         most ``config.max_positives`` of the batch's K positives; finite (zero) when K == 0."""
-        self._check_classes(output)
+        self._check_teacher(output)
         return distillation_losses(
             output, self.teacher, self.config, generator=self.generator, det_teacher=self.det_teacher
         )
@@ -81,9 +81,17 @@ class Distiller:
         kd_losses = self.losses(output) if kd_losses is None else kd_losses
         return total_loss(output.losses, kd_losses, self.weights)
 
-    def _check_classes(self, output: StudentOutput) -> None:
+    def _check_teacher(self, output: StudentOutput) -> None:
         teacher, positives = self.teacher, output.positives
-        if teacher is None or "cls" not in self.config.kd:
+        if teacher is None:
+            return
+        device = next(teacher.parameters()).device
+        if device != output.images.device:
+            raise ValueError(
+                f"the teacher is on {device}, the student's batch on {output.images.device}: "
+                "load_teacher(run, device=...) or teacher.to(...)"
+            )
+        if "cls" not in self.config.kd:
             return
         classes = positives.logits.shape[1] - (1 if positives.head == "softmax" else 0)
         if teacher.num_classes != classes:
