@@ -1,4 +1,4 @@
-"""The ``cls2det`` command: data / teacher / train / eval / study / demo / bench / export.
+"""The ``cls2det`` command: data / teacher / train / eval / study / demo / bench / export / predict.
 
 Every sub-command validates its inputs before spending compute; a bad input ends in one line on stderr
 (``error: ...``) and exit code 2, never a traceback.
@@ -165,6 +165,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--checkpoint", default="last", choices=["last", "best"])
     p.set_defaults(func=cmd_export)
+
+    p = commands.add_parser(
+        "predict",
+        help="detect objects in images with a trained student (or its ONNX export); COCO-results JSON + drawings",
+    )
+    p.add_argument("run", metavar="RUN", help="the training run folder (with --onnx optional: then a SOURCE)")
+    p.add_argument(
+        "sources",
+        nargs="*",
+        metavar="SOURCE",
+        help="image files, folders (searched recursively) or quoted globs",
+    )
+    p.add_argument("--out", required=True, type=Path, help="folder for predictions.json, images.json and drawings")
+    p.add_argument("--onnx", type=Path, default=None, help="run this `cls2det export` ONNX file with onnxruntime")
+    p.add_argument("--checkpoint", default=None, choices=["best", "last"], help="default: best if the run has it")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--score-threshold", type=float, default=0.3, help="least score drawn (default 0.3)")
+    p.add_argument("--json-threshold", type=float, default=0.05, help="least score in predictions.json (0.05)")
+    p.add_argument("--save-images", action="store_true", help="write each image with its detections drawn")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_predict)
     return parser
 
 
@@ -314,6 +336,36 @@ def cmd_export(args) -> int:
 
     out = export_student(args.run, fmt=args.format, out=args.out, checkpoint=args.checkpoint)
     print(f"exported to {out}")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from cls2det.deploy.predict import PredictError, is_run, predict_images
+
+    run, inputs = args.run, list(args.sources)
+    if args.onnx is not None and not is_run(Path(run)):  # no run folder: the first argument is a source too
+        run, inputs = None, [run, *inputs]
+    if not inputs:
+        raise PredictError("give at least one image file, folder or glob after the run folder")
+    summary = predict_images(
+        inputs,
+        args.out,
+        run=run,
+        onnx=args.onnx,
+        checkpoint=args.checkpoint,
+        device=args.device,
+        batch_size=args.batch_size,
+        score_threshold=args.score_threshold,
+        json_threshold=args.json_threshold,
+        save_images=args.save_images,
+        progress=not args.no_progress,
+    )
+    skipped = len(summary["skipped"])
+    drawn = f", {summary['drawn']} drawn" if args.save_images else ""
+    print(
+        f"{summary['images']} images, {summary['detections']} detections (score >= {args.json_threshold}){drawn}, "
+        f"{skipped} skipped; written to {args.out}"
+    )
     return 0
 
 

@@ -213,7 +213,7 @@ def det2det_losses(
     return losses
 
 
-LOSS_WEIGHTS = {
+LOSS_WEIGHTS = {  # KD term -> the DistillConfig field that weighs it in eq. (12)
     "kd_cls": "lambda_kd_cls",
     "kd_cls_neg": "lambda_kd_cls",
     "loc": "lambda_loc",

@@ -5,6 +5,15 @@ weights from a local file or ImageNet where asked) and wraps it in its family's 
 """
 
 from cls2det.students.base import Negatives, Positives, StudentAdapter, StudentOutput
-from cls2det.students.registry import STUDENTS, create_student, list_students
+from cls2det.students.registry import STUDENTS, create_student, list_students, wrap_detector
 
-__all__ = ["Negatives", "Positives", "StudentAdapter", "StudentOutput", "STUDENTS", "create_student", "list_students"]
+__all__ = [
+    "Negatives",
+    "Positives",
+    "StudentAdapter",
+    "StudentOutput",
+    "STUDENTS",
+    "create_student",
+    "list_students",
+    "wrap_detector",
+]
