@@ -15,15 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
 import statistics
-import subprocess
-import sys
 import time
 
 import torch
 
+from cls2det.bench.memory import peak_above, run_in_subprocess
 from cls2det.distill import crop_boxes, crop_boxes_naive
 
 VARIANTS = {"ours": crop_boxes, "naive": crop_boxes_naive}
@@ -73,32 +70,6 @@ def time_variants(images, boxes, index, crop: int, repeats: int, device: str) ->
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def _proc_status_mib(key: str) -> float | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) / 1024  # kB
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    """Reset the kernel's resident-set high-water mark (Linux >= 4.0); False where that is not possible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_rss_mib() -> float:
-    hwm = _proc_status_mib("VmHWM")
-    return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-
-
 def peak_memory_mib(
     variant: str, boxes: int, images: int, size: int, crop: int, device: str, seed: int, threads: int = 0
 ) -> float:
@@ -113,33 +84,8 @@ def peak_memory_mib(
         forward_backward(VARIANTS[variant], *inputs, crop)
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - base) / 2**20
-    cmd = [
-        sys.executable,
-        __file__,
-        "--worker",
-        variant,
-        "--boxes",
-        str(boxes),
-        "--images",
-        str(images),
-        "--size",
-        str(size),
-        "--crop",
-        str(crop),
-        "--seed",
-        str(seed),
-        "--device",
-        device,
-        "--threads",
-        str(threads),
-    ]
-    # a fixed mmap threshold: glibc returns every large block to the OS on free, so RSS follows the live tensors
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if result.returncode != 0:
-        last = (result.stderr.strip().splitlines() or ["no output"])[-1]
-        raise RuntimeError(f"bench_crops memory worker for {variant!r} failed (exit {result.returncode}): {last}")
-    return json.loads(result.stdout.strip().splitlines()[-1])["peak_mib"]
+    arguments = dict(variant=variant, boxes=boxes, images=images, size=size, crop=crop, seed=seed, threads=threads)
+    return run_in_subprocess("cls2det.bench.crops:memory_worker", arguments)
 
 
 def _warm_up(fn, images, boxes, index, crop: int) -> None:
@@ -147,15 +93,14 @@ def _warm_up(fn, images, boxes, index, crop: int) -> None:
     forward_backward(fn, images[:1, :, :64, :64], boxes[:1] / 16, index[:1] * 0, crop)
 
 
-def _worker(args: argparse.Namespace) -> None:
-    images, boxes, index = make_inputs(args.boxes, args.images, args.size, args.device, args.seed)
-    fn = VARIANTS[args.worker]
-    _warm_up(fn, images, boxes, index, args.crop)
-    # baseline: the current RSS with the high-water mark reset to it; else the high-water mark so far
-    base = _proc_status_mib("VmRSS") if _reset_peak_rss() else None
-    base = _peak_rss_mib() if base is None else base
-    forward_backward(fn, images, boxes, index, args.crop)
-    print(json.dumps({"peak_mib": _peak_rss_mib() - base}))
+def memory_worker(variant: str, boxes: int, images: int, size: int, crop: int, seed: int, threads: int) -> float:
+    """Run in a fresh process by :func:`peak_memory_mib`: the peak extra MiB of one forward + backward."""
+    if threads > 0:
+        torch.set_num_threads(threads)
+    images_, boxes_, index = make_inputs(boxes, images, size, "cpu", seed)
+    fn = VARIANTS[variant]
+    _warm_up(fn, images_, boxes_, index, crop)
+    return peak_above(lambda: forward_backward(fn, images_, boxes_, index, crop))
 
 
 def run_crop_benchmark(
@@ -235,13 +180,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     parser.add_argument("--json", action="store_true", help="print the result dict as JSON after the table")
-    parser.add_argument("--worker", choices=sorted(VARIANTS), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    if args.worker:
-        _worker(args)
-        return
     result = run_crop_benchmark(
         boxes=args.boxes,
         images=args.images,

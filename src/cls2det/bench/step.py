@@ -23,17 +23,14 @@ from __future__ import annotations
 
 import copy
 import gc
-import json
-import os
 import random
 import statistics
-import subprocess
-import sys
 from dataclasses import dataclass
 
 import torch
 
-from cls2det.bench.crops import _peak_rss_mib, _proc_status_mib, _reset_peak_rss, seconds
+from cls2det.bench.crops import seconds
+from cls2det.bench.memory import peak_above, run_in_subprocess
 from cls2det.config import DistillConfig, StudentConfig
 from cls2det.engine.objective import distillation_losses, loss_weights, precision_autocast, total_loss
 from cls2det.engine.teacher_cache import build_gt_feature_cache, build_soft_label_cache
@@ -205,10 +202,7 @@ class StepBench:
             torch.cuda.reset_peak_memory_stats()
             self.step(variant)
             return (torch.cuda.max_memory_allocated() - base) / 2**20
-        base = _proc_status_mib("VmRSS") if _reset_peak_rss() else None
-        base = _peak_rss_mib() if base is None else base
-        self.step(variant)
-        return _peak_rss_mib() - base
+        return peak_above(lambda: self.step(variant))
 
 
 def time_train_steps(
@@ -267,27 +261,19 @@ def time_train_steps(
 
 
 def _peaks_in_subprocess(detector: str, setup: dict, teacher_precision: str | None) -> list[float]:
-    code = "import sys; from cls2det.bench.step import _memory_worker; _memory_worker(sys.argv[1])"
-    # a fixed mmap threshold: glibc returns every large block to the OS on free, so RSS follows the live tensors
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-    arguments = json.dumps({"detector": detector, "teacher_precision": teacher_precision, **setup})
-    result = subprocess.run([sys.executable, "-c", code, arguments], capture_output=True, text=True, env=env)
-    if result.returncode != 0:
-        last = (result.stderr.strip().splitlines() or ["no output"])[-1]
-        raise RuntimeError(f"bench memory worker failed (exit {result.returncode}): {last}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    arguments = {"detector": detector, "teacher_precision": teacher_precision, **setup}
+    return run_in_subprocess("cls2det.bench.step:memory_worker", arguments)
 
 
-def _memory_worker(arguments: str) -> None:
-    """Print the JSON list of each variant's peak step memory (MiB), after one warm-up step of "+all online" in each
+def memory_worker(detector: str, teacher_precision: str | None, **setup) -> list[float]:
+    """Run in a fresh process: each variant's peak step memory (MiB), after one warm-up step of "+all online" in each
     memory format (it runs every code path the other variants run, so no one-time initialisation is counted)."""
-    setup = json.loads(arguments)
-    rows = variants(setup["channels_last"], setup.pop("teacher_precision"))
-    bench = StepBench(setup.pop("detector"), **setup)
+    rows = variants(setup["channels_last"], teacher_precision)
+    bench = StepBench(detector, **setup)
     for variant in rows:
         if variant.mode == "+all" and not variant.cached:
             bench.step(variant)
-    print(json.dumps([bench.peak_memory_mib(variant) for variant in rows]))
+    return [bench.peak_memory_mib(variant) for variant in rows]
 
 
 def format_step_table(steps: dict[str, dict], title: str) -> str:
