@@ -142,11 +142,11 @@ def test_a_failed_run_keeps_its_whole_log_and_names_it(tmp_path):
     """A study run that fails leaves its full output beside the run folder, and the error points at it."""
     from cls2det.config import TrainConfig
     from cls2det.engine.run_dir import TrainingError
-    from cls2det.study.runner import _train
+    from cls2det.study.runner import train_row
 
     run = tmp_path / "ssdlite" / "baseline" / "seed0"
     config = TrainConfig(data=str(tmp_path / "no_such_data"), out=str(run), accelerator="cpu")
     with pytest.raises(TrainingError, match=r"seed0 failed \(exit 2\): error: .*no_such_data.*full log: .*seed0.log"):
-        _train(config, "baseline")
+        train_row(config, "baseline")
     log = run.with_name("seed0.log").read_text()
     assert "error:" in log and "no_such_data" in log

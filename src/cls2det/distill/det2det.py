@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import box_iou
 
-from .losses import HEADS, _compute_dtype, _kl_terms, _zero_loss
+from .losses import HEADS, compute_dtype, kl_terms, zero_loss
 
 
 def logit_kd_loss(student_logits: Tensor, teacher_logits: Tensor, *, head: str, temperature: float = 1.0) -> Tensor:
@@ -53,17 +53,17 @@ def logit_kd_loss(student_logits: Tensor, teacher_logits: Tensor, *, head: str, 
         )
     out_dtype = student_logits.dtype
     if student_logits.shape[0] == 0:
-        return _zero_loss(student_logits, out_dtype)
-    dtype = _compute_dtype(out_dtype)
+        return zero_loss(student_logits, out_dtype)
+    dtype = compute_dtype(out_dtype)
     z_s = student_logits.to(dtype) / temperature  # [K, D]
     z_t = teacher_logits.detach().to(dtype) / temperature  # [K, D]
     if head == "softmax":
         log_p_s, log_p_t = F.log_softmax(z_s, dim=1), F.log_softmax(z_t, dim=1)
-        kl = _kl_terms(log_p_t.exp(), log_p_t, log_p_s).sum(dim=1)  # [K]
+        kl = kl_terms(log_p_t.exp(), log_p_t, log_p_s).sum(dim=1)  # [K]
     else:
         log_q_s, log_1mq_s = F.logsigmoid(z_s), F.logsigmoid(-z_s)
         log_q_t, log_1mq_t = F.logsigmoid(z_t), F.logsigmoid(-z_t)
-        kl_c = _kl_terms(log_q_t.exp(), log_q_t, log_q_s) + _kl_terms(log_1mq_t.exp(), log_1mq_t, log_1mq_s)
+        kl_c = kl_terms(log_q_t.exp(), log_q_t, log_q_s) + kl_terms(log_1mq_t.exp(), log_1mq_t, log_1mq_s)
         kl = kl_c.mean(dim=1)  # [K], the 1/C of the per-class sum
     return (temperature**2 * kl.mean()).to(out_dtype)
 
@@ -143,7 +143,7 @@ def fgfi_loss(student_feat: Tensor, teacher_feat: Tensor, mask: Tensor) -> Tenso
     n, _, h, w = student_feat.shape
     if mask.shape != (n, h, w):
         raise ValueError(f"mask must be [N, H, W]={[n, h, w]}, got {list(mask.shape)}")
-    dtype = _compute_dtype(student_feat.dtype)
+    dtype = compute_dtype(student_feat.dtype)
     weight = mask.to(dtype)[:, None]  # [N, 1, H, W]
     num_pos = weight.sum()
     sq = (student_feat.to(dtype) - teacher_feat.detach().to(dtype)).square()  # [N, M, H, W]
@@ -182,7 +182,7 @@ def pkd_loss(student_feat: Tensor, teacher_feat: Tensor) -> Tensor:
     n, _, h, w = student_feat.shape
     if n * h * w < 2:
         raise ValueError(f"pkd_loss needs at least 2 values per channel, got N*H*W={n * h * w}")
-    dtype = _compute_dtype(student_feat.dtype)
+    dtype = compute_dtype(student_feat.dtype)
     s = _standardise_channels(student_feat.to(dtype))
     t = _standardise_channels(teacher_feat.detach().to(dtype))
     return (F.mse_loss(s, t) / 2).to(student_feat.dtype)

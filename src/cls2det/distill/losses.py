@@ -22,17 +22,17 @@ from .crops import crop_boxes
 HEADS = ("softmax", "sigmoid")
 
 
-def _zero_loss(x: Tensor, dtype: torch.dtype) -> Tensor:
+def zero_loss(x: Tensor, dtype: torch.dtype) -> Tensor:
     """A 0-dim zero connected to ``x``'s graph (``x`` may be empty)."""
     return x.sum().to(dtype) * 0
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """float32 at least: half-precision log-probabilities lose the small KL values the loss is made of."""
     return torch.promote_types(dtype, torch.float32)
 
 
-def _kl_terms(p: Tensor, log_p: Tensor, log_q: Tensor) -> Tensor:
+def kl_terms(p: Tensor, log_p: Tensor, log_q: Tensor) -> Tensor:
     """Elementwise ``p * (log p - log q)`` with the convention 0·log 0 = 0 (also when log q = -inf)."""
     return torch.where(p > 0, p * (log_p - log_q), torch.zeros((), dtype=p.dtype, device=p.device))
 
@@ -90,20 +90,20 @@ def kd_cls_loss(
         raise ValueError("teacher_logits must have at least one class column")
     out_dtype = student_logits.dtype
     if num_pos == 0:
-        return _zero_loss(student_logits, out_dtype)
+        return zero_loss(student_logits, out_dtype)
 
-    dtype = _compute_dtype(out_dtype)
+    dtype = compute_dtype(out_dtype)
     z_s = student_logits.to(dtype) / temperature  # [K, C+1] or [K, C]
     z_t = teacher_logits.detach().to(dtype) / temperature  # [K, C]
     if head == "softmax":
         log_p_s = F.log_softmax(z_s, dim=1)[:, 1:]  # [K, C] foreground columns; p_t(background) = 0 drops column 0
         log_p_t = F.log_softmax(z_t, dim=1)  # [K, C]
-        kl = _kl_terms(log_p_t.exp(), log_p_t, log_p_s).sum(dim=1)  # [K]
+        kl = kl_terms(log_p_t.exp(), log_p_t, log_p_s).sum(dim=1)  # [K]
     else:
         # the two states of class c: q and 1 - q, as log-probabilities (logsigmoid(-z) = log(1 - sigmoid(z)))
         log_q_s, log_1mq_s = F.logsigmoid(z_s), F.logsigmoid(-z_s)  # [K, C] each
         log_q_t, log_1mq_t = F.logsigmoid(z_t), F.logsigmoid(-z_t)
-        kl_c = _kl_terms(log_q_t.exp(), log_q_t, log_q_s) + _kl_terms(log_1mq_t.exp(), log_1mq_t, log_1mq_s)
+        kl_c = kl_terms(log_q_t.exp(), log_q_t, log_q_s) + kl_terms(log_1mq_t.exp(), log_1mq_t, log_1mq_s)
         kl = kl_c.sum(dim=1) / num_classes  # [K]
     return (temperature**2 * kl.mean()).to(out_dtype)
 
@@ -121,7 +121,7 @@ def _check_box_pairs(images: Tensor, pred_boxes: Tensor, gt_boxes: Tensor, image
 
 
 def _mean_abs_diff(a: Tensor, b: Tensor) -> Tensor:
-    dtype = _compute_dtype(a.dtype)
+    dtype = compute_dtype(a.dtype)
     return (a.to(dtype) - b.to(dtype)).abs().mean()
 
 
@@ -148,7 +148,7 @@ def loc_loss(
         graph) when K == 0. Use :func:`~cls2det.distill.crops.sanitize_boxes` on predictions first.
     """
     if _check_box_pairs(images, pred_boxes, gt_boxes, image_index) == 0:
-        return _zero_loss(pred_boxes, images.dtype)
+        return zero_loss(pred_boxes, images.dtype)
     images = images.detach()
     pred = F.adaptive_avg_pool2d(crop_boxes(images, pred_boxes, image_index, size=size), pool)  # [K, 3, P, P]
     with torch.no_grad():
@@ -209,7 +209,7 @@ def kd_loc_loss(
         raise ValueError(f"is_pixel_level has {len(is_pixel)} entries but pools has {len(pools)}: {pools}")
     num_pos = _check_box_pairs(images, pred_boxes, gt_boxes, image_index)
     if num_pos == 0:
-        return _zero_loss(pred_boxes, images.dtype)
+        return zero_loss(pred_boxes, images.dtype)
     images = images.detach()
 
     def pooled_maps(boxes: Tensor) -> list[Tensor]:

@@ -80,7 +80,7 @@ def _percent(value: float) -> float:
     return float("nan") if value < 0 else 100.0 * float(value)
 
 
-def _load_gt(gt: str | Path | dict) -> COCO:
+def load_gt(gt: str | Path | dict) -> COCO:
     """Build a pycocotools ``COCO`` index from a path or dict without touching the caller's dict.
 
     The copy gets what pycocotools needs but COCO files may omit: ``info``/``licenses``, per-annotation ``iscrowd``
@@ -136,7 +136,7 @@ def _as_int(value) -> int:
     return int(value.item()) if isinstance(value, torch.Tensor) else int(value)
 
 
-def _check_detections(coco_gt: COCO, detections: Sequence[dict]) -> list[dict]:
+def check_detections(coco_gt: COCO, detections: Sequence[dict]) -> list[dict]:
     """Validate COCO results and return fresh dicts (``loadRes`` writes ``id``/``area``/``segmentation`` into them)."""
     image_ids, cat_ids = set(coco_gt.getImgIds()), set(coco_gt.getCatIds())
     out = []
@@ -180,7 +180,7 @@ def _run_cocoeval(
     Both backends' evaluators expose the same ``params``, ``eval["precision"]`` [T, R, K, A, M] and ``stats`` [12].
     """
     backend = resolve_backend(backend)
-    dets = _check_detections(coco_gt, detections)
+    dets = check_detections(coco_gt, detections)
     ids = None
     if image_ids is not None:
         ids = sorted({int(i) for i in image_ids})
@@ -192,7 +192,7 @@ def _run_cocoeval(
             import faster_coco_eval
 
             gt = faster_coco_eval.COCO(print_function=_quiet)
-            gt.dataset = coco_gt.dataset  # already validated and renumbered by _load_gt; read only
+            gt.dataset = coco_gt.dataset  # already validated and renumbered by load_gt; read only
             gt.createIndex()
             coco_dt = gt.loadRes(dets) if dets else _empty_results(faster_coco_eval.COCO, coco_gt)
             ev = faster_coco_eval.COCOeval_faster(gt, coco_dt, iouType="bbox", print_function=_quiet)
@@ -251,7 +251,7 @@ def evaluate_coco(
         pycocotools has nothing to average, e.g. no small objects) and ``"AP_per_iou": {0.5: .., ..., 0.95: ..}``.
         With no detections every metric with ground truth is 0.0.
     """
-    return _metrics(_run_cocoeval(_load_gt(gt), detections, image_ids, backend))
+    return _metrics(_run_cocoeval(load_gt(gt), detections, image_ids, backend))
 
 
 def per_class_ap(
@@ -262,7 +262,7 @@ def per_class_ap(
     backend: str = "auto",
 ) -> dict[str, float]:
     """AP@[.5:.95] per category name, in percent (nan for a category without ground truth in the images)."""
-    coco_gt = _load_gt(gt)
+    coco_gt = load_gt(gt)
     return _per_class(_run_cocoeval(coco_gt, detections, image_ids, backend), coco_gt)
 
 
@@ -283,7 +283,7 @@ class CocoEvaluator:
 
     def __init__(self, gt: dict | str | Path, label_to_cat_id: list[int], *, backend: str = "auto"):
         self.backend = resolve_backend(backend)
-        self._coco_gt = _load_gt(gt)
+        self._coco_gt = load_gt(gt)
         self.label_to_cat_id = [int(c) for c in label_to_cat_id]
         missing = set(self.label_to_cat_id) - set(self._coco_gt.getCatIds())
         if missing:

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from .coco_eval import _check_detections, _load_gt
+from .coco_eval import check_detections, load_gt
 
 __all__ = ["ERROR_TYPES", "error_breakdown", "evaluator_errors", "fixed_ap50", "format_errors"]
 
@@ -182,8 +182,8 @@ def _fixed_map(run: _Run, kinds: Collection[str]) -> float:
 
 
 def _run(gt, detections: Sequence[dict], pos_thresh: float, bg_thresh: float, max_dets: int) -> _Run:
-    coco = _load_gt(gt)
-    dets = _check_detections(coco, detections)
+    coco = load_gt(gt)
+    dets = check_detections(coco, detections)
     for i, d in enumerate(dets):
         d["_id"] = i
     by_image: dict[int, list[dict]] = {}

@@ -63,7 +63,7 @@ def run_study(path: str | Path, overrides: list[str] = ()) -> Path:
                     config.student.backbone_weights = str(backbone)
                 if det_teacher is not None and needs_study_det_teacher(config):
                     config.distill.det_teacher = det_teacher["run"]
-                results.append(_train(config, row))
+                results.append(train_row(config, row))
     return _report(study, results, teacher_top1, out, data, notes)
 
 
@@ -158,7 +158,7 @@ def _det_teacher(study: StudyConfig, data: Path, out: Path, detector: str, backb
     config.data, config.teacher = str(data), None
     if backbone is not None:
         config.student.backbone_weights = str(backbone)  # the same ImageNet stand-in as the rows
-    return _train(config, DET_TEACHER)
+    return train_row(config, DET_TEACHER)
 
 
 def _det_teacher_note(results: dict) -> str:
@@ -169,7 +169,7 @@ def _det_teacher_note(results: dict) -> str:
     )
 
 
-def _train(config: TrainConfig, row: str) -> dict:
+def train_row(config: TrainConfig, row: str) -> dict:
     run = Path(config.out)
     if not (run / RESULTS).is_file():
         run.parent.mkdir(parents=True, exist_ok=True)
