@@ -129,18 +129,6 @@ def test_ssd300_losses_and_positives_equal_stock_detector(ssd300_loaded, tiny_ba
     assert -1e-4 < pixels.min() and pixels.max() < 1 + 1e-4
 
 
-def test_pred_boxes_are_differentiable(lite, tiny_batch):
-    lite.train()
-    lite.zero_grad()
-    pos = lite(*tiny_batch).positives
-    assert not pos.gt_boxes.requires_grad and pos.pred_boxes.requires_grad
-    pos.pred_boxes.sum().backward()
-    head = lite.detector.head
-    assert sum(p.grad.abs().sum() for p in head.regression_head.parameters() if p.grad is not None) > 0
-    assert all(p.grad is None for p in head.classification_head.parameters())
-    lite.zero_grad()
-
-
 def test_eval_returns_torchvision_detections_with_zero_based_labels(lite, tiny_batch):
     images, _ = tiny_batch
     lite.eval()
@@ -162,19 +150,6 @@ def test_image_without_boxes(lite, batch_with_empty_image):
     assert (seen["matched_idxs"][2] == -1).all()
     check_positives(out, seen)
     assert 2 not in out.positives.image_index.tolist()
-
-
-def test_one_step_updates_weights(tiny_batch):
-    torch.manual_seed(0)
-    adapter = ssdlite320_mobilenet_v3(3, StudentConfig(image_size=128)).train()
-    optimizer = torch.optim.SGD(adapter.parameters(), lr=0.01)
-    params = list(adapter.detector.head.regression_head.parameters())
-    before = [p.detach().clone() for p in params]
-    out = adapter(*tiny_batch)
-    loss = sum(out.losses.values()) + out.positives.logits.sum() * 0 + out.positives.pred_boxes.mean()
-    loss.backward()
-    optimizer.step()
-    assert torch.isfinite(loss) and any(not torch.equal(p, b) for p, b in zip(params, before))
 
 
 # ----------------------------------------------------------------------------------------------- config
