@@ -297,7 +297,12 @@ def load_config(
 
 
 def save_config(config: Any, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    """Write ``config`` as YAML to ``path`` atomically (temp file, rename): a resume that updates a run's
+    config.yaml never leaves half of one."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    tmp.replace(path)
 
 
 # ----------------------------------------------------------------------------------------------- helpers
