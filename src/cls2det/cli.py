@@ -222,13 +222,16 @@ def cmd_teacher(args) -> int:
 
 
 def train_config_from_args(args) -> TrainConfig:
-    """YAML < explicit flags (--out, the dataset, --kd, ...) < key=value overrides; --resume starts from the run's
-    saved config."""
+    """YAML < explicit flags (--out, the dataset, --kd, ...) < key=value overrides; --resume without --config starts
+    from the run's saved config (fit then refuses any change to the recipe but the few it allows)."""
     path = args.config
-    if args.resume:
+    if args.resume and path is None:
+        from cls2det.engine.run_dir import prepare_run_dir
+
+        prepare_run_dir(Path(args.out), resume=True, overwrite=args.overwrite, kind="student")  # checks only
         saved = Path(args.out) / "config.yaml"
         if not saved.is_file():
-            raise ConfigError(f"nothing to resume: {saved} not found")
+            raise ConfigError(f"nothing to resume: {saved} not found; run without --resume to start a new run")
         path = saved
     flags = {
         "data": str(args.dir),
@@ -264,13 +267,14 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from cls2det.engine.loading import load_student
+    from cls2det.data import load_split
+    from cls2det.engine.loading import check_run_classes, load_student
     from cls2det.evaluation.evaluate import evaluate_student
 
+    split = load_split(args.dir, args.split)
+    check_run_classes(args.run, split.class_names, data=args.dir)  # before the model is built
     model, config = load_student(args.run, checkpoint=args.checkpoint)
-    from cls2det.data import load_split
-
-    metrics = evaluate_student(model, load_split(args.dir, args.split), batch_size=config.batch_size)
+    metrics = evaluate_student(model, split, batch_size=config.batch_size)
     print(format_metrics(metrics, title=f"{args.run} on {args.dir} [{args.split}]"))
     if args.json is not None:
         args.json.write_text(json.dumps(metrics, indent=2, default=float))
