@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--pretrained", default=None, help="'imagenet' or a local weights file")
     p.add_argument("--config", type=Path, default=None, help="YAML with TeacherConfig keys")
+    p.add_argument("--resume", action="store_true", help="continue the teacher run in --out from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace a teacher run already in --out")
+    p.add_argument("--no-progress", action="store_true")
     p.add_argument("overrides", nargs="*", help="key=value overrides of TeacherConfig")
     p.set_defaults(func=cmd_teacher)
 
@@ -215,8 +218,16 @@ def cmd_teacher(args) -> int:
     from cls2det.teacher import train_teacher
 
     flags = {"arch": args.arch, "epochs": args.epochs, "pretrained": args.pretrained}
-    config = load_config(TeacherConfig, args.config, args.overrides, flags=flags)
-    metrics = train_teacher(args.dir, args.out, config)
+    path = args.config
+    if args.resume and path is None:  # the run's own recipe; train_teacher refuses changes but a few
+        from cls2det.run_folder import prepare_run_dir
+
+        prepare_run_dir(args.out, resume=True, overwrite=args.overwrite, kind="teacher")  # checks only
+        path = args.out / "config.yaml"
+    config = load_config(TeacherConfig, path, args.overrides, flags=flags)
+    metrics = train_teacher(
+        args.dir, args.out, config, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress
+    )
     print(f"teacher written to {args.out}: val top-1 {metrics['top1']:.2f}%")
     return 0
 
