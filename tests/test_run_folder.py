@@ -65,9 +65,12 @@ def test_a_failed_start_removes_what_it_wrote_and_nothing_else(tmp_path):
 
     kept = tmp_path / "kept"
     start = prepare_run_dir(kept, resume=False, overwrite=False)
-    (kept / "last").mkdir()  # it reached its first checkpoint: --resume continues it
+    start.started()  # the inputs were valid: what it writes from now on stays, to show how far it got
+    (kept / "metrics.csv").write_text("x")
     start.failed()
-    assert (kept / "last").is_dir()
+    assert (kept / "metrics.csv").is_file()
+    prepare_run_dir(kept, resume=False, overwrite=False)  # an unfinished start: a plain rerun takes the folder
+    assert not (kept / "metrics.csv").exists()
 
 
 def test_overwrite_puts_the_old_run_back_when_the_new_one_fails_to_start(tmp_path):

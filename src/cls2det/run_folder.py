@@ -4,9 +4,10 @@
   before it existed are recognised by their files (``teacher.json``: teacher; ``config.yaml`` / ``last/`` /
   ``results.json``: student). A command never writes into, reads from or replaces a run of the other kind.
 * A folder *holds a run* once the run has something worth keeping: a checkpoint (``last/``) or its final outputs
-  (``results.json``, ``teacher.json``). Another start there needs ``--resume`` or ``--overwrite``. A run that failed
-  before its first checkpoint leaves nothing behind (what it wrote is removed), and a folder left by one anyway (a
-  SIGKILL) is an unfinished start that a plain rerun reuses.
+  (``results.json``, ``teacher.json``). Another start there needs ``--resume`` or ``--overwrite``. A start that
+  fails on its inputs leaves nothing behind (what it wrote is removed, an empty folder too); a run that fails or is
+  killed after it started but before its first checkpoint leaves an *unfinished start* (its metrics.csv shows how
+  far it got) that a plain rerun reuses and ``--resume`` names as such.
 * ``--resume`` continues the recipe in ``RUN/config.yaml``: the newly resolved config is compared with it key by key
   and any difference is refused, except the keys a caller names as safe (e.g. more epochs), which are applied,
   written back to ``config.yaml`` and recorded in ``RUN/history.jsonl``.
@@ -116,11 +117,13 @@ class RunStart:
     replaced: Path | None = None  # the old run moved aside by --overwrite, until the new one has started
     existed: frozenset[str] | None = None  # entries of ``out`` before this start (None: the folder is new)
     changes: dict[str, tuple[Any, Any]] = field(default_factory=dict)  # config keys a resume changed: (old, new)
+    is_started: bool = False  # the inputs were valid and training began
 
     def started(self, step: int = 0, **meta: Any) -> None:
         """The new run is under way: drop the replaced run, mark the folder, log the start / resume."""
         discard_replaced(self.replaced)
         self.replaced = None
+        self.is_started = True
         marker = self.out / RUN_JSON
         if not marker.is_file():
             write_run_json(self.out, self.kind, **meta)
@@ -130,15 +133,14 @@ class RunStart:
         append_history(self.out, event)
 
     def failed(self) -> None:
-        """The run stopped on an error: put a replaced run back; keep a run that has a checkpoint (--resume
-        continues it); otherwise remove what this start wrote, so that the folder is as it was."""
-        if self.resume:
+        """The run stopped on an error: put a replaced run back; keep a run that has started (with a checkpoint
+        --resume continues it, without one it is an unfinished start that a plain rerun reuses); otherwise (its
+        inputs were refused) remove what this start wrote, so that the folder is as it was."""
+        if self.resume or self.is_started:
             return
         if self.replaced is not None:
             restore(self.out, self.replaced)
             self.replaced = None
-            return
-        if (self.out / LAST).is_dir():
             return
         if self.existed is None:
             shutil.rmtree(self.out, ignore_errors=True)

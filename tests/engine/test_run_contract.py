@@ -83,7 +83,7 @@ def test_eval_refuses_data_with_other_classes(finished_run, demo_data, tmp_path,
     check_run_classes(finished_run, load_split(demo_data, "val").class_names)
 
 
-def test_a_run_that_fails_before_its_first_checkpoint_leaves_nothing(
+def test_a_run_that_fails_before_its_first_checkpoint_is_rerun_plainly(
     demo_data, tmp_path, tiny_overrides, capsys, one_thread
 ):
     data = tmp_path / "data"
@@ -95,14 +95,13 @@ def test_a_run_that_fails_before_its_first_checkpoint_leaves_nothing(
     args = train(data, out, "--kd", "none", *tiny_overrides(DETECTOR))
     assert main(args) == 2
     assert "000005.png: image file is truncated" in capsys.readouterr().err.strip().splitlines()[-1]
-    assert not out.exists()
+    assert not (out / "last").exists() and (out / "config.yaml").is_file()  # an unfinished start
+    # a start refused on its inputs leaves no folder at all
     assert main([*train(data, tmp_path / "early", "--kd", "cls"), "accelerator=cpu"]) == 2  # no --teacher
     assert "needs a teacher" in one_error_line(capsys) and not (tmp_path / "early").exists()
 
-    # what a run killed (SIGKILL) before its first checkpoint leaves: --resume names the way out, a rerun takes it
-    out.mkdir()
-    for name in ("config.yaml", "classes.json", "metrics.csv"):
-        (out / name).write_text("left over\n")
+    # --resume names the way out of an unfinished start, and a plain rerun takes the folder (as it takes what a run
+    # killed with SIGKILL before its first checkpoint leaves)
     image.write_bytes(good)
     assert main([*args, "--resume"]) == 2
     assert "stopped before its first checkpoint; run again without --resume to start it over" in one_error_line(capsys)
