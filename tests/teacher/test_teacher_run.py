@@ -14,8 +14,7 @@ from safetensors.torch import load_file
 
 from cls2det.cli import main
 from cls2det.config import TeacherConfig
-from cls2det.files import load_state
-from cls2det.run_folder import TrainingInterrupted
+from cls2det.engine import TrainingInterrupted, load_state
 from cls2det.teacher import load_teacher, train_teacher
 
 train_module = importlib.import_module("cls2det.teacher.train")

@@ -243,6 +243,7 @@ def train_teacher(
     try:
         done = run.finished_metrics()
         if done is not None:  # a resumed run with nothing left to do: its outputs stay as they are
+            print(f"{out} finished its {config.epochs} epochs: nothing to resume; raise --epochs to train on")
             return done
         return _train_teacher(data, out, config, run, progress=progress, device=device)
     except BaseException:
