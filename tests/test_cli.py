@@ -63,7 +63,8 @@ def bad_inputs(root: Path, data: Path, teacher: Path) -> dict[str, tuple[list, l
     (broken / "annotations" / "train.json").write_text('{"images": [')
     held = root / "held"
     held.mkdir()
-    (held / "config.yaml").write_text("epochs: 1\n")  # what makes a folder "hold a run"
+    (held / "config.yaml").write_text("epochs: 1\n")
+    (held / "last").mkdir()  # a checkpoint (or results.json) is what makes a folder "hold a run"
     (root / "empty").mkdir()
     (root / "no_meta").mkdir()  # a teacher folder without teacher.json
     shutil.copy(teacher / "teacher.safetensors", root / "no_meta")

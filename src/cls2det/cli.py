@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrained", default=None, help="'imagenet' or a local weights file")
     p.add_argument("--loss", default=None, help="ce+bce (default: suits softmax and sigmoid students) | ce | bce")
     p.add_argument("--config", type=Path, default=None, help="YAML with TeacherConfig keys")
+    p.add_argument("--resume", action="store_true", help="continue the teacher run in --out from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace a teacher run already in --out")
+    p.add_argument("--no-progress", action="store_true")
     p.add_argument("overrides", nargs="*", help="key=value overrides of TeacherConfig")
     p.set_defaults(func=cmd_teacher)
 
@@ -229,20 +232,31 @@ def cmd_teacher(args) -> int:
     from cls2det.teacher import train_teacher
 
     flags = {"arch": args.arch, "epochs": args.epochs, "pretrained": args.pretrained, "loss": args.loss}
-    config = load_config(TeacherConfig, args.config, args.overrides, flags=flags)
-    metrics = train_teacher(args.dir, args.out, config)
+    path = args.config
+    if args.resume and path is None:  # the run's own recipe; train_teacher refuses changes but a few
+        from cls2det.run_folder import prepare_run_dir
+
+        prepare_run_dir(args.out, resume=True, overwrite=args.overwrite, kind="teacher")  # checks only
+        path = args.out / "config.yaml"
+    config = load_config(TeacherConfig, path, args.overrides, flags=flags)
+    metrics = train_teacher(
+        args.dir, args.out, config, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress
+    )
     print(f"teacher written to {args.out}: val top-1 {metrics['top1']:.2f}%")
     return 0
 
 
 def train_config_from_args(args) -> TrainConfig:
-    """YAML < explicit flags (--out, the dataset, --kd, ...) < key=value overrides; --resume starts from the run's
-    saved config."""
+    """YAML < explicit flags (--out, the dataset, --kd, ...) < key=value overrides; --resume without --config starts
+    from the run's saved config (fit then refuses any change to the recipe but the few it allows)."""
     path = args.config
-    if args.resume:
+    if args.resume and path is None:
+        from cls2det.engine.run_dir import prepare_run_dir
+
+        prepare_run_dir(Path(args.out), resume=True, overwrite=args.overwrite, kind="student")  # checks only
         saved = Path(args.out) / "config.yaml"
         if not saved.is_file():
-            raise ConfigError(f"nothing to resume: {saved} not found")
+            raise ConfigError(f"nothing to resume: {saved} not found; run without --resume to start a new run")
         path = saved
     flags = {
         "data": str(args.dir),
@@ -278,13 +292,13 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from cls2det.engine.loading import load_student
+    from cls2det.data import load_split
+    from cls2det.engine.loading import check_run_classes, load_student
     from cls2det.evaluation.evaluate import evaluate_student
 
-    model, config = load_student(args.run, checkpoint=args.checkpoint)
-    from cls2det.data import load_split
-
     split = load_split(args.dir, args.split)
+    check_run_classes(args.run, split.class_names, data=args.dir)  # before the model is built
+    model, config = load_student(args.run, checkpoint=args.checkpoint)
     metrics = evaluate_student(model, split, batch_size=config.batch_size, errors=args.errors)
     print(format_metrics(metrics, title=f"{args.run} on {args.dir} [{args.split}]"))
     if args.errors:

@@ -9,3 +9,7 @@ class Cls2detError(Exception):
 
 class WeightsError(Cls2detError, ValueError):
     """A weights file that cannot be read safely or does not fit the network."""
+
+
+class CheckpointError(Cls2detError, ValueError):
+    """A checkpoint that is missing, truncated, tampered with or does not fit the model."""

@@ -11,6 +11,8 @@ import shutil
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 import cls2det.teacher
 from cls2det.engine import RunDirError, TrainingError
@@ -276,13 +278,21 @@ def test_gt_feature_cache_is_kept_on_resume_and_rebuilt_for_other_settings(
     assert builds == [[4, 8]] and read_key(out / GT_FEATURES)["pools"] == "4,8"  # the release's obj 4, l0 8
     fit(make_train_config(out, "ssdlite320_mobilenet_v3", [*base, "max_steps=2"]), resume=True, progress=False)
     assert builds == [[4, 8]]  # same settings: the run folder's cache is reused
+    # other settings are another recipe: --resume refuses them (the run folder is a contract) ...
+    with pytest.raises(RunDirError, match=r"was run with distill.pools=None; --resume cannot change it to \[8, 8\]"):
+        fit(
+            make_train_config(out, "ssdlite320_mobilenet_v3", [*base, "distill.pools=[8,8]", "max_steps=3"]),
+            resume=True,
+            progress=False,
+        )
+    # ... and a cache file computed with other settings than the run's (e.g. copied from another run) is rebuilt
+    tensors = load_file(str(out / GT_FEATURES))
+    with safe_open(str(out / GT_FEATURES), framework="pt") as f:
+        stale = {**f.metadata(), "pools": "8,8"}
+    save_file(tensors, str(out / GT_FEATURES), metadata=stale)
     capsys.readouterr()
-    fit(
-        make_train_config(out, "ssdlite320_mobilenet_v3", [*base, "distill.pools=[8,8]", "max_steps=3"]),
-        resume=True,
-        progress=False,
-    )
-    assert builds == [[4, 8], [8, 8]] and read_key(out / GT_FEATURES)["pools"] == "8,8"
+    fit(make_train_config(out, "ssdlite320_mobilenet_v3", [*base, "max_steps=3"]), resume=True, progress=False)
+    assert builds == [[4, 8], [4, 8]] and read_key(out / GT_FEATURES)["pools"] == "4,8"
     assert "gt_features.safetensors was computed with" in capsys.readouterr().out
 
 

@@ -8,10 +8,12 @@ boundary and resumed reproduces the uninterrupted run exactly on CPU.
 from __future__ import annotations
 
 import inspect
+import json
 import math
 import resource
 import signal
 import subprocess
+import sys
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -19,11 +21,12 @@ from pathlib import Path
 import torch
 from lightning_fabric import Fabric
 
-from cls2det.config import TrainConfig, det_methods, save_config
+from cls2det.config import TrainConfig, det_methods, load_config, save_config, to_dict
 from cls2det.data import CocoDetection, collate, load_split
+from cls2det.engine.advice import input_notices
 from cls2det.engine.checkpoint import load_model_state, load_state, save_checkpoint
 from cls2det.engine.loading import load_det_teacher
-from cls2det.engine.logger import MetricsLogger
+from cls2det.engine.logger import MetricsLogger, truncate_metrics
 from cls2det.engine.objective import distillation_losses, loss_weights, total_loss
 from cls2det.engine.run_dir import (
     BEST,
@@ -34,11 +37,10 @@ from cls2det.engine.run_dir import (
     METRICS_CSV,
     RESULTS,
     SOFT_LABELS,
+    RunStart,
     TrainingError,
     TrainingInterrupted,
-    discard_replaced,
     prepare_run_dir,
-    restore,
     write_json,
 )
 from cls2det.engine.schedule import build_optimizer, build_scheduler
@@ -52,14 +54,37 @@ from cls2det.engine.teacher_cache import (
     soft_label_key,
 )
 from cls2det.evaluation.evaluate import evaluate_student
-from cls2det.files import atomic_write_text
+from cls2det.run_folder import ANY, UP, check_run_kind, resume_changes
 from cls2det.students import create_student
+
+# What --resume may change in a run's recipe, and how; every other key is the recipe and must stay as it was.
+# Refused on purpose: devices / num_nodes (the world size sets the global batch and the images each rank sees, so
+# the resumed steps would not be the ones the run was doing), accelerator / strategy / precision (the numbers a step
+# computes), data, the teachers, and every student / distill / optim key.
+RESUME_SAFE = {
+    "epochs": UP,  # train longer: the LR schedule is laid over the new length from the current step on
+    "max_steps": UP,  # likewise (null = no cap)
+    "eval_every": ANY,  # when the run evaluates and saves, not what it learns
+    "checkpoint_every": ANY,
+    "workers": ANY,  # data-loading processes: the batches are the same
+    "dist_timeout_s": ANY,  # how long a collective waits for a slow rank
+    "out": ANY,  # the run folder itself (moved, or spelled another way)
+}
+RESUME_PATHS = ("data", "teacher", "out", "distill.det_teacher")  # equal when they name the same file
 
 
 def fit(config: TrainConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True) -> dict:
-    """Train ``config``'s student in ``config.out`` and return the final results (also in ``results.json``)."""
+    """Train ``config``'s student in ``config.out`` and return the final results (also in ``results.json``).
+
+    ``resume``: continue the run in ``config.out`` from its last checkpoint; ``config`` must be the run's own recipe
+    (``config.yaml``) up to the keys of :data:`RESUME_SAFE`. A resumed run that has nothing left to do returns the
+    results it wrote when it finished, untouched.
+    """
     out = Path(config.out)
-    replaced = prepare_run_dir(out, resume=resume, overwrite=overwrite)
+    start = prepare_run_dir(out, resume=resume, overwrite=overwrite, kind="student")
+    if resume:
+        saved = load_config(TrainConfig, out / CONFIG)
+        start.changes = resume_changes(out, to_dict(saved), to_dict(config), RESUME_SAFE, RESUME_PATHS)
     fabric = Fabric(
         accelerator=config.accelerator,
         devices=config.devices,
@@ -67,10 +92,21 @@ def fit(config: TrainConfig, *, resume: bool = False, overwrite: bool = False, p
         strategy=fabric_strategy(config.strategy, config.dist_timeout_s),
         precision=config.precision,
     )
-    fabric.launch()
     try:
-        return _start(fabric, config, out, replaced, resume=resume, progress=progress).run()
+        fabric.launch()
+        trainer = _start(fabric, config, out, start, progress=progress)
+        if trainer.nothing_to_do:
+            if trainer.logger is not None:
+                trainer.logger.close()
+            fabric.print(
+                f"{out} finished at step {trainer.step} (epoch {trainer.epoch}): nothing to resume; "
+                "raise epochs=N (or max_steps) to train on"
+            )
+            return json.loads((out / RESULTS).read_text())
+        return trainer.run()
     except BaseException as err:
+        if fabric.is_global_zero:
+            start.failed()  # a start that failed before its first checkpoint leaves nothing behind
         # a torch.distributed error (a RuntimeError) may only mean that another rank died and closed the connection:
         # give the ranks this process launched a moment to exit, and point at the error of the one that failed
         lost_peer = isinstance(err, RuntimeError) and not isinstance(err, (TrainingError, TrainingInterrupted))
@@ -84,20 +120,18 @@ def fit(config: TrainConfig, *, resume: bool = False, overwrite: bool = False, p
         raise
 
 
-def _start(fabric: Fabric, config: TrainConfig, out: Path, replaced, *, resume: bool, progress: bool) -> _Trainer:
+def _start(fabric: Fabric, config: TrainConfig, out: Path, start: RunStart, *, progress: bool) -> _Trainer:
     """Validate the inputs and build the trainer; an old run moved aside by --overwrite comes back on failure."""
-    try:
-        trainer = _Trainer(fabric, config, out, resume=resume, progress=progress)
-    except BaseException:
-        if fabric.is_global_zero:
-            restore(out, replaced)  # --overwrite with a bad input loses nothing
-        raise
-    if fabric.is_global_zero:
-        discard_replaced(replaced)
+    trainer = _Trainer(fabric, config, out, resume=start.resume, progress=progress)
+    trainer.nothing_to_do = start.resume and trainer.is_finished() and (out / RESULTS).is_file()
+    if fabric.is_global_zero and not trainer.nothing_to_do:
         # saved only once the data, teacher and student are validated: a run that failed on a bad input leaves no
-        # config.yaml behind, so fixing the input and running again does not hit "holds another run"
-        if not resume:
+        # config.yaml behind; a resume that changed a safe key records the new recipe
+        if not start.resume or start.changes:
             save_config(config, out / CONFIG)
+        start.started(step=trainer.step, data=config.data)
+        for line in trainer.notices:
+            print(line, file=sys.stderr)
     return trainer
 
 
@@ -174,6 +208,7 @@ class _Trainer:
 
             if not config.teacher:
                 raise TrainingError(f"--kd {','.join(config.distill.kd)} needs a teacher: pass --teacher TEACHER_RUN")
+            check_run_kind(config.teacher, "teacher", role="--teacher")
             self.teacher = load_teacher(config.teacher, device=fabric.device)
             if list(self.teacher.class_names) != list(self.train_split.class_names):
                 raise TrainingError(
@@ -210,6 +245,7 @@ class _Trainer:
         student.max_negatives = distill.kd_cls_negatives  # 0: the adapter draws no negatives
         if self.teacher is not None and "cls" in distill.kd:
             check_teacher_for_head(self.teacher, student.head, allow_ce_teacher=distill.allow_ce_teacher)
+        self.notices = input_notices(config, student, self.train_split)  # printed once the run has started
         self.det_teacher = self._det_teacher(student) if det_methods(config.distill.kd) else None
         if config.channels_last:  # weights only: convolutions then return channels_last outputs for any input
             for net in (student, self.teacher, self.det_teacher):
@@ -236,6 +272,10 @@ class _Trainer:
         self.stop_signal: int | None = None
         self.logger = MetricsLogger(out / METRICS_CSV, out / "tb") if fabric.is_global_zero else None
         self.progress = progress and fabric.is_global_zero
+        self.nothing_to_do = False  # set by _start: a resumed run that had already finished
+
+    def is_finished(self) -> bool:
+        return self.epoch >= self.config.epochs or self.step >= self.total_steps
 
     # ----------------------------------------------------------------------------------------------- loop
 
@@ -508,31 +548,6 @@ def module_checksum(module: torch.nn.Module) -> torch.Tensor:
     """The float64 sum of each parameter and buffer of ``module``, [T]: equal on two copies of the same weights."""
     with torch.no_grad():
         return torch.stack([t.double().sum() for t in (*module.parameters(), *module.buffers())])
-
-
-def truncate_metrics(path: Path, step: int) -> None:
-    """Keep the header and the complete rows of steps <= ``step`` in metrics.csv.
-
-    A run killed between checkpoints logged steps that its resumed run does again; without this the CSV would hold
-    those steps twice (and a row cut short by the kill).
-    """
-    if not path.is_file():
-        return
-    with open(path, newline="") as f:  # keep the csv module's \r\n line ends as they are
-        lines = f.read().splitlines(keepends=True)
-    if not lines:
-        return
-    header, rows = lines[0], lines[1:]
-
-    def keep(line: str) -> bool:
-        if not line.endswith("\n") or line.count(",") != header.count(","):
-            return False
-        head = line.split(",", 1)[0]
-        return head.isdigit() and int(head) <= step
-
-    kept = [line for line in rows if keep(line)]
-    if len(kept) != len(rows):
-        atomic_write_text(path, header + "".join(kept))
 
 
 def _peak_memory_mb(device: torch.device) -> float:

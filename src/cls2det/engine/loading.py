@@ -11,7 +11,8 @@ from torch import nn
 
 from cls2det.config import ConfigError, TrainConfig, load_config
 from cls2det.engine.checkpoint import CheckpointError, load_model_state
-from cls2det.engine.run_dir import CLASSES, CONFIG, TrainingError
+from cls2det.engine.run_dir import CLASSES, CONFIG, RunDirError, TrainingError
+from cls2det.run_folder import check_run_kind, short_list
 from cls2det.students import create_student
 from cls2det.students.base import StudentAdapter
 
@@ -19,6 +20,7 @@ from cls2det.students.base import StudentAdapter
 def load_student(run: str | Path, *, checkpoint: str = "last") -> tuple[nn.Module, TrainConfig]:
     """The student of run folder ``run`` in eval mode, with its weights from ``run/checkpoint``, and its config."""
     run = Path(run)
+    check_run_kind(run, "student", role="run")
     for name in (CONFIG, CLASSES):
         if not (run / name).is_file():
             raise ConfigError(f"{run} is not a training run: {name} not found")
@@ -31,6 +33,27 @@ def load_student(run: str | Path, *, checkpoint: str = "last") -> tuple[nn.Modul
         culprit = (missing or unexpected)[0]
         raise CheckpointError(f"{run / checkpoint} does not fit {config.student.detector}: key {culprit}")
     return model.eval(), config
+
+
+def run_class_names(run: str | Path) -> list[str]:
+    """The class names a student run was trained on (``run/classes.json``)."""
+    check_run_kind(run, "student", role="run")
+    path = Path(run) / CLASSES
+    if not path.is_file():
+        raise ConfigError(f"{run} is not a training run: {CLASSES} not found")
+    return list(json.loads(path.read_text())["class_names"])
+
+
+def check_run_classes(run: str | Path, class_names: Sequence[str], *, data: str | Path | None = None) -> None:
+    """Refuse data whose classes are not the ones student run ``run`` was trained on (same names, same order):
+    its label indices would name other classes. ``data`` names the dataset in the message."""
+    trained = run_class_names(run)
+    if trained != [str(c) for c in class_names]:
+        where = f"{data} has" if data is not None else "the data has"
+        raise RunDirError(
+            f"{run} was trained on classes {short_list(trained)}, but {where} {short_list(list(class_names))}: "
+            "evaluate / predict a run on data with its own classes"
+        )
 
 
 def load_det_teacher(

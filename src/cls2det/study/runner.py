@@ -133,7 +133,7 @@ def _teacher(study: StudyConfig, data: Path, out: Path) -> tuple[Path, float | N
         if study.teacher_run:
             raise ConfigError(f"teacher_run {run}: teacher.json not found")
         _say(f"training the teacher ({study.teacher.arch}) in {run}")
-        train_teacher(data, run, study.teacher)
+        train_teacher(data, run, study.teacher, resume=(run / "last").is_dir())  # a study stopped mid-teacher
     top1 = json.loads(meta.read_text()).get("metrics", {}).get("top1")
     return run, top1
 

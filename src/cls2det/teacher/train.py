@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,11 +20,13 @@ import torch
 import torch.nn.functional as F
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from cls2det.config import TeacherConfig
+from cls2det.lr import capped_warmup
 from cls2det.teacher.io import save_teacher
 from cls2det.teacher.model import Teacher, TeacherError, build_teacher
+from cls2det.teacher.run import LoopState, TeacherRun
 
 
 @dataclass(frozen=True)
@@ -100,11 +103,16 @@ def fit_teacher(
     progress: bool = True,
     device: str | torch.device = "cpu",
     augment: Augment | None = None,
+    run: TeacherRun | None = None,
 ) -> dict[str, Any]:
     """Train ``teacher`` in place on (crop, label) items; returns metrics (top1 in percent on ``val_set``).
 
-    Seeded by ``config.seed`` without touching the global RNG. Leaves the best epoch's weights in ``teacher``
-    (the last epoch's when there is no val set).
+    Seeded by ``config.seed`` without touching the global RNG: the epoch's crop order is a function of (seed, epoch),
+    each step's augmentation of (seed, step), so a run stopped at a step boundary and resumed is the uninterrupted
+    run. Leaves the best epoch's weights in ``teacher`` (the last epoch's when there is no val set).
+
+    ``run``: the run folder (:class:`~cls2det.teacher.run.TeacherRun`) that gets a checkpoint at every epoch's end
+    and at SIGINT / SIGTERM, metrics.csv and TensorBoard; when it is resuming, training continues from its ``last/``.
     """
     if len(train_set) == 0:
         raise TeacherError("the teacher's training set is empty (no ground-truth boxes in the train split?)")
@@ -114,22 +122,23 @@ def fit_teacher(
     start = time.perf_counter()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        generator = torch.Generator().manual_seed(config.seed)
+        sampler = EpochOrder(len(train_set), config.seed)
         loader = DataLoader(
             train_set,
             batch_size=config.batch_size,
-            shuffle=True,
-            generator=generator,
+            sampler=sampler,
             num_workers=config.workers,
             drop_last=len(train_set) > config.batch_size,  # no 1-crop batch for BatchNorm; keep tiny sets whole
         )
-        steps = config.epochs * len(loader)
-        warmup = max(1, round(config.warmup_epochs * len(loader)))
+        steps_per_epoch = len(loader)
+        steps = config.epochs * steps_per_epoch
+        warmup = max(1, capped_warmup(round(config.warmup_epochs * steps_per_epoch), steps))
         optimizer = torch.optim.AdamW(_param_groups(teacher, config.weight_decay), lr=config.lr)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, warmup, steps))
         teacher.to(device).train()
-        history: list[dict[str, Any]] = []
-        best_top1, best_state, best_epoch = -1.0, None, 0
+        loop, best_state = LoopState(), None
+        if run is not None and run.start.resume:
+            loop, best_state = run.load(teacher.net, optimizer, scheduler)
         columns = (
             TextColumn("{task.description}"),
             BarColumn(),
@@ -137,37 +146,52 @@ def fit_teacher(
             TimeElapsedColumn(),
             TimeRemainingColumn(),
         )
-        with Progress(*columns, disable=not progress) as bar:
-            task = bar.add_task("teacher", total=steps)
-            for epoch in range(1, config.epochs + 1):
-                loss_sum = seen = 0.0
+        with Progress(*columns, disable=not progress) as bar, run.signals() if run is not None else nullcontext():
+            task = bar.add_task("teacher", total=steps, completed=loop.step)
+            for epoch in range(loop.epoch, config.epochs + 1):
+                sampler.set_epoch(epoch, skip=loop.batch_in_epoch * config.batch_size)
                 for crops, labels in loader:
+                    step_seed = config.seed * 1_000_003 + loop.step
+                    generator = torch.Generator().manual_seed(step_seed)
+                    torch.manual_seed(step_seed)  # dropout / drop-path of timm models draw from the global RNG
                     crops = augment(crops.to(device), generator)  # [B, 3, S, S]
                     labels = labels.to(device)
                     loss = classification_loss(teacher(crops), labels, config.loss, config.label_smoothing)
+                    lr = optimizer.param_groups[0]["lr"]
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()
                     scheduler.step()
-                    loss_sum, seen = loss_sum + loss.item() * len(labels), seen + len(labels)
+                    loop.step, loop.batch_in_epoch = loop.step + 1, loop.batch_in_epoch + 1
+                    loop.loss_sum, loop.seen = loop.loss_sum + loss.item() * len(labels), loop.seen + len(labels)
+                    if run is not None:
+                        run.log({"step": loop.step, "epoch": epoch, "lr": lr, "loss": loss.item()}, loop.step)
+                        run.stop_if_asked(teacher.net, optimizer, scheduler, loop)
                     bar.update(task, advance=1, description=f"teacher epoch {epoch}/{config.epochs} loss {loss:.3f}")
                 has_val = val_set is not None and len(val_set) > 0
                 top1 = evaluate_top1(teacher, val_set, device=str(device)) if has_val else None
-                history.append({"epoch": epoch, "loss": loss_sum / max(seen, 1), "top1": top1})
+                mean_loss = loop.loss_sum / max(loop.seen, 1)
+                loop.history.append({"epoch": epoch, "loss": mean_loss, "top1": top1})
                 if progress:
                     val = f"{top1:.2f}%" if top1 is not None else "n/a"
-                    mean_loss = loss_sum / max(seen, 1)
                     bar.console.print(f"teacher epoch {epoch}: train loss {mean_loss:.4f}, val top-1 {val}")
-                if top1 is not None and top1 > best_top1:
-                    best_top1, best_epoch = top1, epoch
+                new_best = top1 is not None and top1 > loop.best_top1
+                if new_best:
+                    loop.best_top1, loop.best_epoch = top1, epoch
                     best_state = {k: v.detach().clone() for k, v in teacher.net.state_dict().items()}
+                loop.epoch, loop.batch_in_epoch, loop.loss_sum, loop.seen = epoch + 1, 0, 0.0, 0
+                if run is not None:
+                    if top1 is not None:
+                        run.log({"step": loop.step, "epoch": epoch, "top1": top1}, loop.step)
+                    run.save(teacher.net, optimizer, scheduler, loop, best_state if new_best else None)
         if best_state is not None:
             teacher.net.load_state_dict(best_state)
     teacher.loss = config.loss
     teacher.eval()
+    history = loop.history
     return {
-        "top1": best_top1 if best_state is not None else None,
-        "best_epoch": best_epoch,
+        "top1": loop.best_top1 if best_state is not None else None,
+        "best_epoch": loop.best_epoch,
         "top1_last": history[-1]["top1"] if history else None,
         "epochs": config.epochs,
         "steps": steps,
@@ -178,15 +202,59 @@ def fit_teacher(
     }
 
 
-def train_teacher(
-    data: str | Path, out: str | Path, config: TeacherConfig, *, progress: bool = True, device: str = "cpu"
-) -> dict[str, Any]:
-    """Build D_cls from ``data``'s train/val splits, train ``config.arch`` on it, write it to ``out``.
+class EpochOrder(Sampler[int]):
+    """The crop order of an epoch, a pure function of (seed, epoch), from item ``skip`` on (resume mid-epoch).
 
-    Writes ``out/teacher.safetensors`` and ``out/teacher.json`` (see :func:`~cls2det.teacher.io.save_teacher`).
+    Set per epoch with :meth:`set_epoch` (as DistributedSampler), so one DataLoader serves the whole run."""
+
+    def __init__(self, num_items: int, seed: int) -> None:
+        self.num_items, self.seed, self.epoch, self.skip = num_items, seed, 1, 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.epoch, self.skip = epoch, skip
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 1000 + self.epoch)
+        return iter(torch.randperm(self.num_items, generator=generator)[self.skip :].tolist())
+
+    def __len__(self) -> int:
+        return self.num_items - self.skip
+
+
+def train_teacher(
+    data: str | Path,
+    out: str | Path,
+    config: TeacherConfig,
+    *,
+    progress: bool = True,
+    device: str = "cpu",
+    resume: bool = False,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Build D_cls from ``data``'s train/val splits, train ``config.arch`` on it, write it to run folder ``out``.
+
+    Writes ``out/teacher.safetensors`` and ``out/teacher.json`` (see :func:`~cls2det.teacher.io.save_teacher`), and
+    on the way checkpoints, metrics.csv and TensorBoard (see :mod:`cls2det.teacher.run`). ``out`` follows the run
+    folder rules of ``cls2det train``: a folder that holds a run needs ``resume`` (continue it, same recipe but more
+    epochs) or ``overwrite`` (replace it once the new run has started); a student run is refused.
 
     Returns the metrics (also stored in teacher.json): top1 (percent, best epoch, val crops), epochs, wall_s, ...
     """
+    run = TeacherRun.open(out, config, data, resume=resume, overwrite=overwrite)
+    try:
+        done = run.finished_metrics()
+        if done is not None:  # a resumed run with nothing left to do: its outputs stay as they are
+            print(f"{out} finished its {config.epochs} epochs: nothing to resume; raise --epochs to train on")
+            return done
+        return _train_teacher(data, out, config, run, progress=progress, device=device)
+    except BaseException:
+        run.failed()  # a start that failed before its first checkpoint leaves nothing behind
+        raise
+    finally:
+        run.close()
+
+
+def _train_teacher(data, out, config: TeacherConfig, run: TeacherRun, *, progress: bool, device: str):
     from cls2det.data import ClassificationCrops, load_split  # the data package imports heavier deps; load lazily
 
     train_split, val_split = load_split(data, "train"), load_split(data, "val")
@@ -203,7 +271,8 @@ def train_teacher(
         input_size=config.input_size,
         pretrained=config.pretrained,
     )
-    metrics = fit_teacher(teacher, train_set, val_set, config, progress=progress, device=device)
+    run.started(data)
+    metrics = fit_teacher(teacher, train_set, val_set, config, progress=progress, device=device, run=run)
     save_teacher(teacher, out, metrics, config=config)
     return metrics
 
