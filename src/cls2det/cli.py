@@ -268,9 +268,11 @@ def cmd_eval(args) -> int:
     from cls2det.engine.loading import load_student
 
     model, config = load_student(args.run, checkpoint=args.checkpoint)
+    from cls2det.config import resolve_workers
     from cls2det.data import load_split
 
-    metrics = evaluate_student(model, load_split(args.dir, args.split), batch_size=config.batch_size)
+    split = load_split(args.dir, args.split)
+    metrics = evaluate_student(model, split, batch_size=config.batch_size, workers=resolve_workers(config.workers))
     print(format_metrics(metrics, title=f"{args.run} on {args.dir} [{args.split}]"))
     if args.json is not None:
         args.json.write_text(json.dumps(metrics, indent=2, default=float))

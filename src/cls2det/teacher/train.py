@@ -20,7 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from cls2det.config import TeacherConfig
+from cls2det.config import TeacherConfig, resolve_workers
 from cls2det.teacher.io import save_teacher
 from cls2det.teacher.model import Teacher, TeacherError, build_teacher
 
@@ -77,12 +77,16 @@ def classification_loss(logits: Tensor, labels: Tensor, kind: str, label_smoothi
 
 
 @torch.no_grad()
-def evaluate_top1(teacher: Teacher, dataset: Dataset, *, batch_size: int = 256, device: str = "cpu") -> float:
-    """Top-1 accuracy in percent of ``teacher`` on a dataset of (crop [3, S, S] in 0..1, label) items."""
+def evaluate_top1(
+    teacher: Teacher, dataset: Dataset | DataLoader, *, batch_size: int = 256, device: str = "cpu", workers: int = 0
+) -> float:
+    """Top-1 accuracy in percent of ``teacher`` on a dataset of (crop [3, S, S] in 0..1, label) items (or a loader
+    of such batches, to reuse its workers)."""
     was_training = teacher.training
     teacher.eval()
     correct = total = 0
-    for crops, labels in DataLoader(dataset, batch_size=batch_size):
+    loader = dataset if isinstance(dataset, DataLoader) else DataLoader(dataset, batch_size, num_workers=workers)
+    for crops, labels in loader:
         pred = teacher(crops.to(device)).argmax(1).cpu()  # [B]
         correct += int((pred == labels).sum())
         total += len(labels)
@@ -113,15 +117,21 @@ def fit_teacher(
     start = time.perf_counter()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        generator = torch.Generator().manual_seed(config.seed)
-        loader = DataLoader(
-            train_set,
-            batch_size=config.batch_size,
-            shuffle=True,
-            generator=generator,
-            num_workers=config.workers,
-            drop_last=len(train_set) > config.batch_size,  # no 1-crop batch for BatchNorm; keep tiny sets whole
-        )
+        generator = torch.Generator().manual_seed(config.seed)  # augmentation
+        drop_last = len(train_set) > config.batch_size  # no 1-crop batch for BatchNorm; keep tiny sets whole
+        workers = resolve_workers(config.workers)
+        # one loader per run, its workers kept across epochs
+        common = {"num_workers": workers, "persistent_workers": workers > 0, "pin_memory": _is_cuda(device)}
+        # the order is a pure function of (seed, epoch); ClassificationCrops groups crops by image when streamed
+        if hasattr(train_set, "batch_sampler"):
+            sampler = train_set.batch_sampler(config.batch_size, seed=config.seed, drop_last=drop_last)
+        else:
+            from cls2det.data.crops import CropBatchSampler
+
+            index = torch.arange(len(train_set)).numpy()
+            sampler = CropBatchSampler(index, config.batch_size, seed=config.seed, drop_last=drop_last, by_image=False)
+        loader = DataLoader(train_set, batch_sampler=sampler, **common)
+        val_loader = DataLoader(val_set, 256, **common) if val_set is not None and len(val_set) > 0 else None
         steps = config.epochs * len(loader)
         warmup = max(1, round(config.warmup_epochs * len(loader)))
         optimizer = torch.optim.AdamW(_param_groups(teacher, config.weight_decay), lr=config.lr)
@@ -140,6 +150,7 @@ def fit_teacher(
             task = bar.add_task("teacher", total=steps)
             for epoch in range(1, config.epochs + 1):
                 loss_sum = seen = 0.0
+                sampler.set_epoch(epoch)
                 for crops, labels in loader:
                     crops = augment(crops.to(device), generator)  # [B, 3, S, S]
                     labels = labels.to(device)
@@ -150,8 +161,7 @@ def fit_teacher(
                     scheduler.step()
                     loss_sum, seen = loss_sum + loss.item() * len(labels), seen + len(labels)
                     bar.update(task, advance=1, description=f"teacher epoch {epoch}/{config.epochs} loss {loss:.3f}")
-                has_val = val_set is not None and len(val_set) > 0
-                top1 = evaluate_top1(teacher, val_set, device=str(device)) if has_val else None
+                top1 = evaluate_top1(teacher, val_loader, device=str(device)) if val_loader is not None else None
                 history.append({"epoch": epoch, "loss": loss_sum / max(seen, 1), "top1": top1})
                 if progress:
                     val = f"{top1:.2f}%" if top1 is not None else "n/a"
@@ -193,8 +203,9 @@ def train_teacher(
         raise TeacherError(
             f"{data}: val classes {val_split.class_names} differ from train classes {train_split.class_names}"
         )
-    train_set = ClassificationCrops(train_split, size=config.input_size, context=config.context)
-    val_set = ClassificationCrops(val_split, size=config.input_size, context=config.context)
+    workers = resolve_workers(config.workers)
+    train_set = ClassificationCrops(train_split, size=config.input_size, context=config.context, workers=workers)
+    val_set = ClassificationCrops(val_split, size=config.input_size, context=config.context, workers=workers)
     teacher = build_teacher(
         config.arch,
         train_split.num_classes,
@@ -205,6 +216,10 @@ def train_teacher(
     metrics = fit_teacher(teacher, train_set, val_set, config, progress=progress, device=device)
     save_teacher(teacher, out, metrics, config=config)
     return metrics
+
+
+def _is_cuda(device: str | torch.device) -> bool:
+    return torch.device(device).type == "cuda"
 
 
 def _param_groups(teacher: Teacher, weight_decay: float) -> list[dict]:
