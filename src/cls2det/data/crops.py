@@ -141,8 +141,9 @@ class ClassificationCrops(torch.utils.data.Dataset):
         self._memmap: np.ndarray | None = None
         self.crops: Tensor | None = None  # [M, 3, size, size] uint8 ("memory")
         if self.storage == "memory":
-            self.crops = torch.empty(len(self), 3, size, size, dtype=torch.uint8)
-            self._fill(self.crops.numpy(), workers)
+            crops = torch.empty(len(self), 3, size, size, dtype=torch.uint8)  # not in self while the workers run
+            self._fill(crops.numpy(), workers)
+            self.crops = crops
         elif self.storage == "memmap":
             self.cache_file = self._build_memmap(Path(cache_dir), workers)
 
