@@ -143,3 +143,17 @@ def test_every_shipped_config_parses(path):
         load_config(TeacherConfig, path)
     else:
         load_config(TrainConfig, path)
+
+
+def test_workers_auto_by_default_and_checked(monkeypatch):
+    from cls2det.config import ConfigError, TeacherConfig, TrainConfig, resolve_workers
+
+    assert TrainConfig().workers == "auto" and TeacherConfig().workers == "auto"
+    assert TrainConfig(workers="3").workers == 3 and resolve_workers(3) == 3 and resolve_workers(0) == 0
+    for bad in (-1, "many", True):
+        with pytest.raises(ConfigError, match="workers must be 'auto' or an integer >= 0"):
+            TrainConfig(workers=bad)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    assert resolve_workers("auto") == 8
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert resolve_workers("auto") == 2

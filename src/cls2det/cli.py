@@ -292,6 +292,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    from cls2det.config import resolve_workers
     from cls2det.data import load_split
     from cls2det.engine.loading import check_run_classes, load_student
     from cls2det.evaluation.evaluate import evaluate_student
@@ -299,7 +300,9 @@ def cmd_eval(args) -> int:
     split = load_split(args.dir, args.split)
     check_run_classes(args.run, split.class_names, data=args.dir)  # before the model is built
     model, config = load_student(args.run, checkpoint=args.checkpoint)
-    metrics = evaluate_student(model, split, batch_size=config.batch_size, errors=args.errors)
+    metrics = evaluate_student(
+        model, split, batch_size=config.batch_size, errors=args.errors, workers=resolve_workers(config.workers)
+    )
     print(format_metrics(metrics, title=f"{args.run} on {args.dir} [{args.split}]"))
     if args.errors:
         from cls2det.evaluation.errors import format_errors

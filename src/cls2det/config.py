@@ -7,6 +7,7 @@ from its folder alone. Unknown keys are errors that list the valid ones.
 from __future__ import annotations
 
 import dataclasses
+import os
 import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -61,11 +62,12 @@ class TeacherConfig:
     # softmax and sigmoid students alike); recorded in teacher.json, checked against the student's head
     loss: str = "ce+bce"
     hflip: bool = False  # flip half the crops (off: digits and text are not flip-invariant; on for natural objects)
-    workers: int = 0
+    workers: int | str = "auto"  # DataLoader worker processes (train, val and the crop cache); auto: min(8, cores)
     seed: int = 0
 
     def __post_init__(self) -> None:
         _check_choice("teacher.loss", self.loss, ("ce", "bce", "ce+bce"))
+        self.workers = _check_workers("teacher.workers", self.workers)
         _check_positive("teacher.input_size", self.input_size)
         if not 0 <= self.label_smoothing < 1:
             raise ConfigError(f"teacher.label_smoothing must be in [0, 1), got {self.label_smoothing}")
@@ -195,7 +197,7 @@ class TrainConfig:
     epochs: int = 12
     batch_size: int = 8
     seed: int = 0
-    workers: int = 0
+    workers: int | str = "auto"  # DataLoader worker processes (train and evaluation); auto: min(8, cores)
     eval_every: int = 1  # epochs between COCO evaluations on val
     checkpoint_every: int = 1  # epochs between checkpoints (and at SIGINT/SIGTERM)
     max_steps: int | None = None  # stop after this many optimizer steps (smoke runs)
@@ -214,6 +216,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
 
     def __post_init__(self) -> None:
+        self.workers = _check_workers("workers", self.workers)
         if not 0 < self.dist_timeout_s <= 1e9:  # NaN and inf fail too (timedelta cannot hold them)
             raise ConfigError(f"dist_timeout_s must be > 0 and <= 1e9 seconds, got {self.dist_timeout_s}")
 
@@ -419,6 +422,23 @@ def _coerce(value: Any, hint: Any, name: str) -> Any:
     if dataclasses.is_dataclass(hint) and isinstance(value, dict):
         return from_dict(hint, value, f"{name}.")
     raise ConfigError(f"{name} must be {getattr(hint, '__name__', hint)}, got {value!r}")
+
+
+def resolve_workers(workers: int | str) -> int:
+    """DataLoader worker processes for a config's ``workers``: ``"auto"`` = min(8, the CPU cores this process may
+    use), enough to keep one GPU fed with decoded JPEGs."""
+    if workers != "auto":
+        return int(workers)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return min(8, cores or 1)
+
+
+def _check_workers(name: str, value: int | str) -> int | str:
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+        return value
+    raise ConfigError(f"{name} must be 'auto' or an integer >= 0, got {value!r}")
 
 
 def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:

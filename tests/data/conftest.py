@@ -74,3 +74,21 @@ def coco() -> dict:
 def write_image_fixture() -> Callable[..., np.ndarray]:
     """:func:`write_image`, for test modules (they cannot import conftest portably)."""
     return write_image
+
+
+@pytest.fixture(scope="session")
+def coco_synth():
+    """The module ``benchmarks/coco_synth.py`` (the COCO-2017-shaped generator), imported by path."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "coco_synth.py"
+    spec = importlib.util.spec_from_file_location("coco_synth", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def synth_root(coco_synth, tmp_path_factory) -> Path:
+    """A 20-train / 5-val image COCO-shaped dataset (written once per session; do not modify)."""
+    return coco_synth.write_coco_synth(tmp_path_factory.mktemp("coco_synth"), train=20, val=5, seed=3)

@@ -149,3 +149,63 @@ def test_collate_keeps_lists(make_dataset):
     loader = torch.utils.data.DataLoader(dataset, batch_size=3, collate_fn=collate)
     images, targets = next(iter(loader))
     assert len(images) == 3 and targets[2]["boxes"].shape == (0, 4)
+
+
+# ----------------------------------------------------------------------------------------------- the lean split
+
+
+def test_split_holds_numpy_arrays_and_drops_segmentation(make_dataset, coco):
+    coco["annotations"][0]["segmentation"] = [[2, 3, 12, 3, 12, 11]]
+    coco["annotations"][2]["segmentation"] = {"counts": [0, 1200], "size": [30, 40]}
+    root = make_dataset(coco)
+    split = load_split(root)
+    assert split.image_ids.dtype == np.int64 and split.image_ids.tolist() == [3, 7, 9]
+    assert split.bboxes.dtype == np.float64 and split.bboxes.shape == (4, 4)
+    assert split.labels.dtype == np.int64 and split.ann_ids.tolist() == [14, 11, 12, 13]  # by image, then id
+    assert split.ann_start.tolist() == [0, 1, 4, 4] and split.is_crowd.tolist() == [False, False, False, True]
+    assert split.segmentations is None
+    assert all("segmentation" not in a for a in split.coco["annotations"])
+    assert all("segmentation" not in a for a in split.annotations[7])
+    kept = load_split(root, keep_segmentation=True)
+    assert {a["id"]: a.get("segmentation") for a in kept.annotations[7]} == {
+        11: [[2, 3, 12, 3, 12, 11]],
+        12: None,
+        13: {"counts": [0, 1200], "size": [30, 40]},
+    }
+    assert [a["id"] for a in kept.coco["annotations"]] == [11, 12, 13, 14]  # the JSON's order
+    with pytest.raises(KeyError):
+        split.annotations[8]
+
+
+def test_split_coco_evaluates_like_the_json(synth_root):
+    """The evaluator's GT built from the arrays gives the same metrics as the JSON file with its polygons."""
+    from cls2det.evaluation import evaluate_coco
+
+    split = load_split(synth_root, "val")
+    rng = np.random.default_rng(0)
+    detections = []
+    for ann in split.coco["annotations"]:
+        if rng.random() < 0.8:
+            x, y, w, h = ann["bbox"]
+            jitter = rng.normal(0, 0.1, 4) * [w, h, w, h]
+            box = [x + jitter[0], y + jitter[1], w + jitter[2], h + jitter[3]]
+            record = {"image_id": ann["image_id"], "category_id": ann["category_id"], "bbox": box, "score": 0.9}
+            detections.append(record)
+    assert detections
+    ours = evaluate_coco(split.coco, detections)
+    reference = evaluate_coco(synth_root / "annotations" / "val.json", detections)
+    assert json.dumps(ours, sort_keys=True) == json.dumps(reference, sort_keys=True)  # exactly, nan included
+
+
+def test_targets_from_arrays_match_the_json(synth_root):
+    split = load_split(synth_root, "train")
+    dataset = CocoDetection(split)
+    coco = json.loads((synth_root / "annotations" / "train.json").read_text())
+    image = split.images[4]
+    anns = [a for a in coco["annotations"] if a["image_id"] == image["id"] and not a["iscrowd"]]
+    anns.sort(key=lambda a: a["id"])
+    target = dataset.target(4)
+    expected = torch.tensor([[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in anns)], dtype=torch.float32)
+    assert torch.equal(target["boxes"], expected.reshape(-1, 4))
+    assert target["labels"].tolist() == [split.cat_id_to_label[a["category_id"]] for a in anns]
+    assert int(target["image_id"]) == image["id"]

@@ -143,6 +143,21 @@ def test_fit_is_seeded_and_leaves_the_global_rng_alone():
     assert ma["steps"] == 3 and ma["num_train"] == 24 and ma["epochs"] == 1 and ma["wall_s"] > 0
 
 
+def test_fit_does_not_depend_on_the_number_of_workers():
+    """One loader per run with persistent workers, its own generator: 0 or 2 workers train the same weights."""
+    data = shapes(24, size=16)
+    weights = []
+    for workers in (0, 2):
+        config = TeacherConfig(arch="test_resnet", input_size=16, epochs=2, batch_size=8, workers=workers)
+        teacher = build_teacher("test_resnet", 3, input_size=16)
+        torch.manual_seed(0)
+        teacher = build_teacher("test_resnet", 3, input_size=16)
+        metrics = fit_teacher(teacher, data, data, config, progress=False)
+        weights.append((teacher.net.state_dict(), metrics["history"]))
+    (a, ha), (b, hb) = weights
+    assert ha == hb and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_fit_refuses_an_empty_training_set_and_a_frozen_teacher():
     empty = TensorDataset(torch.zeros(0, 3, 8, 8), torch.zeros(0, dtype=torch.int64))
     with pytest.raises(TeacherError, match="training set is empty"):

@@ -18,9 +18,11 @@ Category ids may be any integers; they map to contiguous labels ``0..C-1`` in in
 
 from __future__ import annotations
 
-from collections import Counter
+import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -65,82 +67,269 @@ def split_paths(root: str | Path, split: str) -> tuple[Path, Path]:
     return root / "images", annotation_file
 
 
+@dataclass(frozen=True)
+class Strings:
+    """An immutable list of strings held as one UTF-8 byte array plus offsets: no Python object per string, so
+    forked DataLoader workers share it copy-on-write (a ``list[str]`` is touched by refcounting and gets copied)."""
+
+    data: np.ndarray  # uint8 [total bytes]
+    offsets: np.ndarray  # int64 [n + 1]
+
+    @classmethod
+    def of(cls, values: Sequence[str]) -> Strings:
+        encoded = [v.encode("utf-8", "surrogatepass") for v in values]
+        offsets = np.zeros(len(encoded) + 1, np.int64)
+        np.cumsum([len(e) for e in encoded], out=offsets[1:])
+        return cls(np.frombuffer(b"".join(encoded), np.uint8).copy(), offsets)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i: int) -> str:
+        return self.data[self.offsets[i] : self.offsets[i + 1]].tobytes().decode("utf-8", "surrogatepass")
+
+
+def _numbers(values: list) -> np.ndarray:
+    """JSON numbers as int64 when they all are (fitting) ints, else float64, so that ``.item()`` gives them back."""
+    if all(type(v) is int for v in values):
+        try:
+            return np.asarray(values, dtype=np.int64)
+        except OverflowError:
+            pass
+    return np.asarray(values, dtype=np.float64)
+
+
 @dataclass
 class DetectionSplit:
-    """One validated split of a COCO-format dataset; labels are contiguous ``0..C-1``."""
+    """One validated split of a COCO-format dataset, held as numpy arrays; labels are contiguous ``0..C-1``.
+
+    Images are sorted by id; image ``i``'s annotations (crowd included, sorted by id) are rows
+    ``ann_start[i]:ann_start[i + 1]`` of the annotation arrays (:meth:`ann_rows`). Polygons and RLE masks are dropped
+    at load time unless ``keep_segmentation``: COCO 2017's train split takes ~0.1 GB this way instead of 2.4 GB as
+    a Python dict, and forked workers share the arrays copy-on-write. ``images``, ``annotations`` and ``coco`` are
+    views that build COCO-style dicts on access (``coco`` is built on every access: evaluation only).
+    """
 
     name: str
     images_dir: Path
     annotation_file: Path
-    images: list[dict]  # COCO image records, sorted by id
-    annotations: dict[int, list[dict]]  # image id -> its annotation records (crowd included), sorted by id
+    image_ids: np.ndarray  # int64 [N], increasing
+    widths: np.ndarray  # [N] int64 (float64 if the JSON has non-integer sizes)
+    heights: np.ndarray  # [N]
+    file_names: Strings  # [N]
+    ann_start: np.ndarray  # int64 [N + 1]: image i owns annotation rows ann_start[i]:ann_start[i + 1]
+    ann_ids: np.ndarray  # int64 [M]
+    bboxes: np.ndarray  # float64 [M, 4] xywh pixels, clipped to the image (float64: the JSON's values exactly)
+    category_ids: np.ndarray  # int64 [M]
+    labels: np.ndarray  # int64 [M] in [0, C)
+    areas: np.ndarray  # float64 [M] (COCO's area: the mask's, or w*h of the clipped box when the JSON has none)
+    is_crowd: np.ndarray  # bool [M]
+    json_order: np.ndarray  # int64 [M]: position of each row in the JSON's annotation list (evaluation keeps it)
     categories: list[dict]  # sorted by id
     class_names: list[str]
     cat_id_to_label: dict[int, int]
     label_to_cat_id: list[int]
     num_classes: int
-    coco: dict  # the validated (possibly clipped) COCO dict, for evaluation
+    info: Any = None
+    licenses: Any = None
+    segmentations: list | None = None  # [M], only with keep_segmentation
     clipped: int = 0  # boxes clipped to their image within clip_tolerance
 
-    def image_path(self, image: dict) -> Path:
-        return self.images_dir / image["file_name"]
+    @property
+    def num_images(self) -> int:
+        return len(self.image_ids)
+
+    def image_record(self, i: int) -> dict:
+        """COCO image record of image ``i`` (by position): ``{"id", "file_name", "width", "height"}``."""
+        return {
+            "id": int(self.image_ids[i]),
+            "file_name": self.file_names[i],
+            "width": self.widths[i].item(),
+            "height": self.heights[i].item(),
+        }
+
+    def ann_rows(self, i: int) -> slice:
+        """Rows of image ``i``'s annotations (crowd included) in the annotation arrays."""
+        return slice(int(self.ann_start[i]), int(self.ann_start[i + 1]))
+
+    def annotation_record(self, row: int) -> dict:
+        """COCO annotation record of annotation row ``row``."""
+        record = {
+            "id": int(self.ann_ids[row]),
+            "image_id": int(self.image_ids[np.searchsorted(self.ann_start, row, side="right") - 1]),
+            "category_id": int(self.category_ids[row]),
+            "bbox": self.bboxes[row].tolist(),
+            "area": self.areas[row].item(),
+            "iscrowd": int(self.is_crowd[row]),
+        }
+        if self.segmentations is not None and self.segmentations[row] is not None:
+            record["segmentation"] = self.segmentations[row]
+        return record
+
+    @property
+    def images(self) -> _ImageRecords:
+        """The image records, sorted by id (a read-only sequence of dicts)."""
+        return _ImageRecords(self)
+
+    @property
+    def annotations(self) -> _AnnotationRecords:
+        """image id -> its annotation records (crowd included), sorted by id (a read-only mapping)."""
+        return _AnnotationRecords(self)
+
+    @property
+    def coco(self) -> dict:
+        """A COCO dict of the validated (possibly clipped) split, annotations in the JSON's order, for evaluation."""
+        return {
+            "info": self.info if self.info is not None else {},
+            "licenses": self.licenses if self.licenses is not None else [],
+            "images": list(self.images),
+            "annotations": [self.annotation_record(int(row)) for row in np.argsort(self.json_order)],
+            "categories": self.categories,
+        }
+
+    def image_path(self, image: dict | int) -> Path:
+        """Path of an image record, or of image ``i`` by position."""
+        name = self.file_names[image] if isinstance(image, (int, np.integer)) else image["file_name"]
+        return self.images_dir / name
 
 
-def load_split(root: str | Path, split: str = "train", *, clip_tolerance: float = 1.0) -> DetectionSplit:
+class _ImageRecords(Sequence):
+    def __init__(self, split: DetectionSplit) -> None:
+        self.split = split
+
+    def __len__(self) -> int:
+        return len(self.split.image_ids)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self.split.image_record(k) for k in range(*i.indices(len(self)))]
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        return self.split.image_record(i % len(self))
+
+
+class _AnnotationRecords(Mapping):
+    def __init__(self, split: DetectionSplit) -> None:
+        self.split = split
+
+    def __len__(self) -> int:
+        return len(self.split.image_ids)
+
+    def __iter__(self):
+        return iter(self.split.image_ids.tolist())
+
+    def __getitem__(self, image_id: int) -> list[dict]:
+        ids = self.split.image_ids
+        i = int(np.searchsorted(ids, image_id))
+        if i == len(ids) or ids[i] != image_id:
+            raise KeyError(image_id)
+        rows = self.split.ann_rows(i)
+        return [self.split.annotation_record(row) for row in range(rows.start, rows.stop)]
+
+
+def _drop_segmentation(record: dict) -> dict:
+    record.pop("segmentation", None)
+    return record
+
+
+def _parse(annotation_file: Path, *, keep_segmentation: bool) -> Any:
+    """Parse the JSON, dropping every ``segmentation`` value as it is decoded (the polygons never pile up).
+
+    Any failure is re-raised by :func:`read_json` itself, so error messages are exactly the validator's.
+    """
+    if keep_segmentation:
+        return read_json(annotation_file)
+    try:
+        return json.loads(annotation_file.read_bytes().decode("utf-8"), object_hook=_drop_segmentation)
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return read_json(annotation_file)  # raises the validator's DatasetError (or parses: then use that)
+
+
+def load_split(
+    root: str | Path, split: str = "train", *, clip_tolerance: float = 1.0, keep_segmentation: bool = False
+) -> DetectionSplit:
     """Load and validate ``split`` of the dataset at ``root`` (directory or data YAML).
 
     Runs every JSON check of :func:`validate_coco` (cheap); image files are only opened by :func:`check_dataset`.
+    ``segmentation`` (polygons, RLE) is dropped while parsing unless ``keep_segmentation`` (then it is kept per
+    annotation in ``segmentations`` and in ``coco``); the validator never reads it, so the checks are the same.
     """
     images_dir, annotation_file = split_paths(root, split)
     if not images_dir.is_dir():
         raise DatasetError(f"{annotation_file}: images directory not found: {images_dir}")
-    coco, clipped = validate_coco(
-        read_json(annotation_file), source=annotation_file, clip_tolerance=clip_tolerance, inplace=True
-    )
+    raw = _parse(annotation_file, keep_segmentation=keep_segmentation)
+    coco, clipped = validate_coco(raw, source=annotation_file, clip_tolerance=clip_tolerance, inplace=True)
+    del raw
     categories = sorted(coco["categories"], key=lambda c: c["id"])
-    images = sorted(coco["images"], key=lambda im: im["id"])
-    annotations: dict[int, list[dict]] = {im["id"]: [] for im in images}
-    for ann in sorted(coco["annotations"], key=lambda a: a["id"]):
-        annotations[ann["image_id"]].append(ann)
+    cat_id_to_label = {c["id"]: label for label, c in enumerate(categories)}
+    images = sorted(coco.pop("images"), key=lambda im: im["id"])
+    image_ids = np.asarray([im["id"] for im in images], dtype=np.int64)  # [N]
+    widths, heights = _numbers([im["width"] for im in images]), _numbers([im["height"] for im in images])
+    file_names = Strings.of([im["file_name"] for im in images])
+    del images
+    annotations = coco.pop("annotations")
+    m = len(annotations)
+    ann_ids = np.fromiter((a["id"] for a in annotations), np.int64, m)
+    ann_image_ids = np.fromiter((a["image_id"] for a in annotations), np.int64, m)
+    category_ids = np.fromiter((a["category_id"] for a in annotations), np.int64, m)
+    bboxes = np.asarray([a["bbox"] for a in annotations], dtype=np.float64).reshape(m, 4)  # [M, 4] xywh
+    areas = np.fromiter((a["area"] for a in annotations), np.float64, m)
+    is_crowd = np.fromiter((bool(a["iscrowd"]) for a in annotations), bool, m)
+    segmentations = [a.get("segmentation") for a in annotations] if keep_segmentation else None
+    del annotations
+    image_index = np.searchsorted(image_ids, ann_image_ids)  # [M] (every image id was validated)
+    order = np.lexsort((ann_ids, image_index))  # by image, then by annotation id
+    ann_start = np.zeros(len(image_ids) + 1, np.int64)
+    np.cumsum(np.bincount(image_index, minlength=len(image_ids)), out=ann_start[1:])
+    label_of = np.vectorize(cat_id_to_label.__getitem__, otypes=[np.int64])
+    category_ids = category_ids[order]
     return DetectionSplit(
         name=split,
         images_dir=images_dir,
         annotation_file=annotation_file,
-        images=images,
-        annotations=annotations,
+        image_ids=image_ids,
+        widths=widths,
+        heights=heights,
+        file_names=file_names,
+        ann_start=ann_start,
+        ann_ids=ann_ids[order],
+        bboxes=bboxes[order],
+        category_ids=category_ids,
+        labels=label_of(category_ids) if m else np.zeros(0, np.int64),
+        areas=areas[order],
+        is_crowd=is_crowd[order],
+        json_order=order.astype(np.int64),
         categories=categories,
         class_names=[c["name"] for c in categories],
-        cat_id_to_label={c["id"]: label for label, c in enumerate(categories)},
+        cat_id_to_label=cat_id_to_label,
         label_to_cat_id=[c["id"] for c in categories],
         num_classes=len(categories),
-        coco=coco,
+        info=coco.get("info"),
+        licenses=coco.get("licenses"),
+        segmentations=[segmentations[k] for k in order] if segmentations is not None else None,
         clipped=clipped,
     )
 
 
 def split_summary(split: DetectionSplit) -> dict:
     """Counts of one split: images, annotations, crowd, empty images, clipped boxes, per class and per size."""
-    per_class: Counter[str] = Counter({name: 0 for name in split.class_names})
-    sizes = Counter({"small": 0, "medium": 0, "large": 0})
-    crowd = empty = 0
-    for image in split.images:
-        anns = split.annotations[image["id"]]
-        empty += not any(not a["iscrowd"] for a in anns)
-        for ann in anns:
-            if ann["iscrowd"]:
-                crowd += 1
-                continue
-            per_class[split.class_names[split.cat_id_to_label[ann["category_id"]]]] += 1
-            area = ann["bbox"][2] * ann["bbox"][3]
-            sizes["small" if area < SMALL_AREA else "medium" if area < LARGE_AREA else "large"] += 1
+    fg = ~split.is_crowd  # [M]
+    row_image = np.repeat(np.arange(split.num_images), np.diff(split.ann_start))  # [M] image position of each row
+    per_image_fg = np.bincount(row_image[fg], minlength=split.num_images)  # [N]
+    per_class = np.bincount(split.labels[fg], minlength=split.num_classes)
+    area = split.bboxes[fg, 2] * split.bboxes[fg, 3]
     return {
-        "images": len(split.images),
-        "annotations": sum(len(a) for a in split.annotations.values()),
-        "crowd": crowd,
-        "empty_images": empty,
+        "images": split.num_images,
+        "annotations": len(split.ann_ids),
+        "crowd": int(split.is_crowd.sum()),
+        "empty_images": int((per_image_fg == 0).sum()),
         "clipped": split.clipped,
-        "per_class": dict(per_class),
-        "sizes": dict(sizes),  # non-crowd boxes by COCO area range
+        "per_class": {name: int(n) for name, n in zip(split.class_names, per_class)},
+        "sizes": {  # non-crowd boxes by COCO area range
+            "small": int((area < SMALL_AREA).sum()),
+            "medium": int(((area >= SMALL_AREA) & (area < LARGE_AREA)).sum()),
+            "large": int((area >= LARGE_AREA).sum()),
+        },
     }
 
 
@@ -173,8 +362,8 @@ def check_dataset(
     }
 
 
-def read_image(path: Path, image: dict, *, source: Path) -> Tensor:
-    """Decode an RGB image to float32 ``[3, H, W]`` in 0..1; its size must match the JSON record."""
+def read_pixels(path: Path, image: dict, *, source: Path) -> np.ndarray:
+    """Decode an RGB image to uint8 ``[H, W, 3]``; its size must match the JSON record."""
     try:
         with Image.open(path) as im:
             array = np.asarray(im.convert("RGB"))  # [H, W, 3] uint8
@@ -187,6 +376,12 @@ def read_image(path: Path, image: dict, *, source: Path) -> Tensor:
             f"{source}: image id {image['id']}: JSON size {image['width']}x{image['height']} differs from the real "
             f"image size {array.shape[1]}x{array.shape[0]} of {path}"
         )
+    return array
+
+
+def read_image(path: Path, image: dict, *, source: Path) -> Tensor:
+    """Decode an RGB image to float32 ``[3, H, W]`` in 0..1; its size must match the JSON record."""
+    array = read_pixels(path, image, source=source)  # [H, W, 3] uint8
     return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255)  # [3, H, W]
 
 
@@ -212,18 +407,22 @@ class CocoDetection(torch.utils.data.Dataset):
         self.hflip = hflip if train else 0.0
 
     def __len__(self) -> int:
-        return len(self.split.images)
+        return self.split.num_images
 
     def target(self, i: int) -> dict[str, Tensor]:
         """The unflipped target of image ``i``."""
-        image = self.split.images[i]
-        anns = [a for a in self.split.annotations[image["id"]] if not a["iscrowd"]]
-        boxes = torch.tensor([xywh_to_xyxy(a["bbox"]) for a in anns], dtype=torch.float32).reshape(-1, 4)
-        labels = torch.tensor([self.split.cat_id_to_label[a["category_id"]] for a in anns], dtype=torch.int64)
-        return {"boxes": boxes, "labels": labels, "image_id": torch.tensor(image["id"], dtype=torch.int64)}
+        split, rows = self.split, self.split.ann_rows(i)
+        keep = ~split.is_crowd[rows]  # [n]
+        xywh = split.bboxes[rows][keep]  # [n', 4] float64
+        xyxy = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)  # [n', 4], x2 = x + w in float64
+        return {
+            "boxes": torch.from_numpy(xyxy.astype(np.float32)).reshape(-1, 4),
+            "labels": torch.from_numpy(split.labels[rows][keep].copy()),
+            "image_id": torch.tensor(int(split.image_ids[i]), dtype=torch.int64),
+        }
 
     def __getitem__(self, i: int) -> tuple[Tensor, dict[str, Tensor]]:
-        image = self.split.images[i]
+        image = self.split.image_record(i)
         pixels = read_image(self.split.image_path(image), image, source=self.split.annotation_file)  # [3, H, W]
         target = self.target(i)
         if self.hflip > 0 and torch.rand(()) < self.hflip:

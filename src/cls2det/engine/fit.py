@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from lightning_fabric import Fabric
 
-from cls2det.config import TrainConfig, det_methods, load_config, save_config, to_dict
+from cls2det.config import TrainConfig, det_methods, load_config, resolve_workers, save_config, to_dict
 from cls2det.data import CocoDetection, collate, load_split
 from cls2det.engine.advice import input_notices
 from cls2det.engine.checkpoint import load_model_state, load_state, save_checkpoint
@@ -195,6 +195,26 @@ def hflip_batch(images: list[torch.Tensor], targets: list[dict], generator: torc
     return out_images, out_targets, torch.tensor(flips, dtype=torch.bool)
 
 
+class _EpochBatches:
+    """The trainer's batch sampler: this rank's batches of its current epoch from ``batch_in_epoch`` on, a pure
+    function of (seed, epoch, rank), read when the loader starts an epoch."""
+
+    def __init__(self, trainer: _Trainer) -> None:
+        self.trainer = trainer
+
+    def batches(self) -> list[list[int]]:
+        t = self.trainer
+        order = epoch_order(len(t.dataset), t.config.seed, t.epoch)[t.fabric.global_rank :: t.fabric.world_size]
+        batches = [order[i : i + t.config.batch_size] for i in range(0, len(order), t.config.batch_size)]
+        return batches[: t.steps_per_epoch][t.batch_in_epoch :]
+
+    def __iter__(self):
+        return iter(self.batches())
+
+    def __len__(self) -> int:
+        return len(self.batches())
+
+
 class _Trainer:
     def __init__(self, fabric: Fabric, config: TrainConfig, out: Path, *, resume: bool, progress: bool) -> None:
         self.fabric, self.config, self.out = fabric, config, out
@@ -202,6 +222,7 @@ class _Trainer:
         self.train_split = load_split(config.data, "train")
         self.val_split = load_split(config.data, "val")
         self.dataset = CocoDetection(self.train_split)
+        self.loader = None  # built by _batches
         self.teacher = None
         if needs_teacher(config):
             from cls2det.teacher import check_teacher_for_head, load_teacher
@@ -334,18 +355,17 @@ class _Trainer:
 
     def _batches(self):
         """This rank's batches of the current epoch, from ``batch_in_epoch`` on (resume mid-epoch)."""
-        config, fabric = self.config, self.fabric
-        order = epoch_order(len(self.dataset), config.seed, self.epoch)[fabric.global_rank :: fabric.world_size]
-        batches = [order[i : i + config.batch_size] for i in range(0, len(order), config.batch_size)]
-        batches = batches[: self.steps_per_epoch][self.batch_in_epoch :]
-        loader = torch.utils.data.DataLoader(
-            self.dataset,
-            batch_sampler=batches,
-            collate_fn=collate,
-            num_workers=config.workers,
-            pin_memory=fabric.device.type == "cuda",
-        )
-        yield from loader
+        if self.loader is None:  # one loader per run: its workers persist across epochs
+            workers = resolve_workers(self.config.workers)
+            self.loader = torch.utils.data.DataLoader(
+                self.dataset,
+                batch_sampler=_EpochBatches(self),
+                collate_fn=collate,
+                num_workers=workers,
+                persistent_workers=workers > 0,
+                pin_memory=self.fabric.device.type == "cuda",
+            )
+        yield from self.loader
 
     def _train_step(self, images, targets) -> None:
         config, fabric = self.config, self.fabric
@@ -506,6 +526,7 @@ class _Trainer:
             device=self.fabric.device,
             batch_size=self.config.batch_size,
             errors=errors,
+            workers=resolve_workers(self.config.workers),
         )
 
     def _evaluate_and_keep_best(self, final: bool = False) -> None:

@@ -31,7 +31,12 @@ def evaluate_student(
     """COCO metrics of ``model`` on ``split`` (see :func:`cls2det.evaluation.evaluate_coco`); with ``errors`` also
     ``metrics["errors"]``, the AP50 points lost to each TIDE error type (:mod:`cls2det.evaluation.errors`)."""
     loader = torch.utils.data.DataLoader(
-        CocoDetection(split), batch_size=batch_size, shuffle=False, collate_fn=collate, num_workers=workers
+        CocoDetection(split),
+        batch_size=batch_size,
+        shuffle=False,
+        collate_fn=collate,
+        num_workers=workers,
+        pin_memory=torch.device(device).type == "cuda",
     )
     evaluator = CocoEvaluator(split.coco, split.label_to_cat_id)
     for images, targets in loader:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cls2det.config import StudentConfig, TeacherConfig
+from cls2det.config import StudentConfig, TeacherConfig, resolve_workers
 from cls2det.files import save_safetensors
 from cls2det.students import create_student
 from cls2det.students.registry import backbone_classifier
@@ -39,7 +39,7 @@ def pretrain_backbone(
         mean=transform.image_mean,
         std=transform.image_std,
     )
-    crops = ClassificationCrops(split, size=config.input_size)
+    crops = ClassificationCrops(split, size=config.input_size, workers=resolve_workers(config.workers))
     metrics = fit_teacher(classifier, crops, None, config, progress=progress)
     save_safetensors(out_file, net.state_dict())
     return metrics

@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 
-from cls2det.config import TeacherConfig
+from cls2det.config import TeacherConfig, resolve_workers
 from cls2det.lr import capped_warmup
 from cls2det.teacher.io import save_teacher
 from cls2det.teacher.model import Teacher, TeacherError, build_teacher
@@ -81,12 +81,16 @@ def classification_loss(logits: Tensor, labels: Tensor, kind: str, label_smoothi
 
 
 @torch.no_grad()
-def evaluate_top1(teacher: Teacher, dataset: Dataset, *, batch_size: int = 256, device: str = "cpu") -> float:
-    """Top-1 accuracy in percent of ``teacher`` on a dataset of (crop [3, S, S] in 0..1, label) items."""
+def evaluate_top1(
+    teacher: Teacher, dataset: Dataset | DataLoader, *, batch_size: int = 256, device: str = "cpu", workers: int = 0
+) -> float:
+    """Top-1 accuracy in percent of ``teacher`` on a dataset of (crop [3, S, S] in 0..1, label) items (or a loader
+    of such batches, to reuse its workers)."""
     was_training = teacher.training
     teacher.eval()
     correct = total = 0
-    for crops, labels in DataLoader(dataset, batch_size=batch_size):
+    loader = dataset if isinstance(dataset, DataLoader) else DataLoader(dataset, batch_size, num_workers=workers)
+    for crops, labels in loader:
         pred = teacher(crops.to(device)).argmax(1).cpu()  # [B]
         correct += int((pred == labels).sum())
         total += len(labels)
@@ -122,15 +126,21 @@ def fit_teacher(
     start = time.perf_counter()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        sampler = EpochOrder(len(train_set), config.seed)
-        loader = DataLoader(
-            train_set,
-            batch_size=config.batch_size,
-            sampler=sampler,
-            num_workers=config.workers,
-            drop_last=len(train_set) > config.batch_size,  # no 1-crop batch for BatchNorm; keep tiny sets whole
-        )
-        steps_per_epoch = len(loader)
+        drop_last = len(train_set) > config.batch_size  # no 1-crop batch for BatchNorm; keep tiny sets whole
+        workers = resolve_workers(config.workers)
+        # one loader per run, its workers kept across epochs
+        common = {"num_workers": workers, "persistent_workers": workers > 0, "pin_memory": _is_cuda(device)}
+        # the order is a pure function of (seed, epoch); ClassificationCrops groups crops by image when streamed
+        if hasattr(train_set, "batch_sampler"):
+            sampler = train_set.batch_sampler(config.batch_size, seed=config.seed, drop_last=drop_last)
+        else:
+            from cls2det.data.crops import CropBatchSampler
+
+            index = torch.arange(len(train_set)).numpy()
+            sampler = CropBatchSampler(index, config.batch_size, seed=config.seed, drop_last=drop_last, by_image=False)
+        steps_per_epoch = len(sampler)
+        loader = DataLoader(train_set, batch_sampler=sampler, **common)
+        val_loader = DataLoader(val_set, 256, **common) if val_set is not None and len(val_set) > 0 else None
         steps = config.epochs * steps_per_epoch
         warmup = max(1, capped_warmup(round(config.warmup_epochs * steps_per_epoch), steps))
         optimizer = torch.optim.AdamW(_param_groups(teacher, config.weight_decay), lr=config.lr)
@@ -149,7 +159,7 @@ def fit_teacher(
         with Progress(*columns, disable=not progress) as bar, run.signals() if run is not None else nullcontext():
             task = bar.add_task("teacher", total=steps, completed=loop.step)
             for epoch in range(loop.epoch, config.epochs + 1):
-                sampler.set_epoch(epoch, skip=loop.batch_in_epoch * config.batch_size)
+                sampler.set_epoch(epoch, skip=loop.batch_in_epoch)
                 for crops, labels in loader:
                     step_seed = config.seed * 1_000_003 + loop.step
                     generator = torch.Generator().manual_seed(step_seed)
@@ -168,8 +178,7 @@ def fit_teacher(
                         run.log({"step": loop.step, "epoch": epoch, "lr": lr, "loss": loss.item()}, loop.step)
                         run.stop_if_asked(teacher.net, optimizer, scheduler, loop)
                     bar.update(task, advance=1, description=f"teacher epoch {epoch}/{config.epochs} loss {loss:.3f}")
-                has_val = val_set is not None and len(val_set) > 0
-                top1 = evaluate_top1(teacher, val_set, device=str(device)) if has_val else None
+                top1 = evaluate_top1(teacher, val_loader, device=str(device)) if val_loader is not None else None
                 mean_loss = loop.loss_sum / max(loop.seen, 1)
                 loop.history.append({"epoch": epoch, "loss": mean_loss, "top1": top1})
                 if progress:
@@ -200,25 +209,6 @@ def fit_teacher(
         "wall_s": round(time.perf_counter() - start, 2),
         "history": history,
     }
-
-
-class EpochOrder(Sampler[int]):
-    """The crop order of an epoch, a pure function of (seed, epoch), from item ``skip`` on (resume mid-epoch).
-
-    Set per epoch with :meth:`set_epoch` (as DistributedSampler), so one DataLoader serves the whole run."""
-
-    def __init__(self, num_items: int, seed: int) -> None:
-        self.num_items, self.seed, self.epoch, self.skip = num_items, seed, 1, 0
-
-    def set_epoch(self, epoch: int, skip: int = 0) -> None:
-        self.epoch, self.skip = epoch, skip
-
-    def __iter__(self):
-        generator = torch.Generator().manual_seed(self.seed * 1000 + self.epoch)
-        return iter(torch.randperm(self.num_items, generator=generator)[self.skip :].tolist())
-
-    def __len__(self) -> int:
-        return self.num_items - self.skip
 
 
 def train_teacher(
@@ -262,8 +252,9 @@ def _train_teacher(data, out, config: TeacherConfig, run: TeacherRun, *, progres
         raise TeacherError(
             f"{data}: val classes {val_split.class_names} differ from train classes {train_split.class_names}"
         )
-    train_set = ClassificationCrops(train_split, size=config.input_size)
-    val_set = ClassificationCrops(val_split, size=config.input_size)
+    workers = resolve_workers(config.workers)
+    train_set = ClassificationCrops(train_split, size=config.input_size, workers=workers)
+    val_set = ClassificationCrops(val_split, size=config.input_size, workers=workers)
     teacher = build_teacher(
         config.arch,
         train_split.num_classes,
@@ -275,6 +266,10 @@ def _train_teacher(data, out, config: TeacherConfig, run: TeacherRun, *, progres
     metrics = fit_teacher(teacher, train_set, val_set, config, progress=progress, device=device, run=run)
     save_teacher(teacher, out, metrics, config=config)
     return metrics
+
+
+def _is_cuda(device: str | torch.device) -> bool:
+    return torch.device(device).type == "cuda"
 
 
 def _param_groups(teacher: Teacher, weight_decay: float) -> list[dict]:
