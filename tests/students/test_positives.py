@@ -10,7 +10,14 @@ SIZES = {"ssd300_vgg16": 270, "fasterrcnn_resnet50": 96, "retinanet_resnet50": 9
 
 
 @pytest.mark.parametrize(
-    "name", ["fasterrcnn_mobilenet_v3", "ssdlite320_mobilenet_v3", "retinanet_resnet50", "fcos_resnet50"]
+    "name",
+    [
+        "fasterrcnn_mobilenet_v3",
+        "ssdlite320_mobilenet_v3",
+        "retinanet_resnet50",
+        "retinanet_mobilenet_v3",
+        "fcos_resnet50",
+    ],
 )
 def test_gt_index_points_at_the_assigned_box(name, batch_with_empty_image, num_classes):
     """gt_index (used by the soft-label cache) selects each positive's GT box and label in its image's targets."""
