@@ -176,3 +176,30 @@ def test_detector_overrides_apply_to_their_detector_before_the_rows(tmp_path):
     bad = from_dict(StudyConfig, {**values, "detector_overrides": {retina: ["student.anchor_sizez=[8]"]}})
     with pytest.raises(ConfigError, match="unknown key student.anchor_sizez"):
         check_study(bad, tmp_path)  # every detector's runs are checked, not only the first detector's
+
+
+def test_families_study_runs_three_families_on_the_full_studys_recipe():
+    study = load_config(StudyConfig, shipped_config("study_families.yaml"))
+    full = load_config(StudyConfig, shipped_config("study_full.yaml"))
+    check_study(study, Path("runs"))
+    families = ["ssdlite320_mobilenet_v3", "fasterrcnn_mobilenet_v3", "retinanet_mobilenet_v3"]
+    assert study.detectors == families and study.seeds == [0, 1, 2]
+    assert (study.demo_data, study.teacher, study.backbone_pretrain) == (
+        full.demo_data,
+        full.teacher,
+        full.backbone_pretrain,
+    )
+    assert study.teacher.loss == "ce+bce"  # RetinaNet is a sigmoid student
+    assert (study.train.epochs, full.train.epochs) == (8, 12)  # the budget's cut (see the YAML)
+    assert study.train.optim == full.train.optim and study.train.distill == full.train.distill
+    rows = {"baseline": [], "kd_cls": ["cls"], "kd_loc": ["kd_loc"], "kd_cls+kd_loc": ["cls", "kd_loc"]}
+    for detector in families:
+        kd = {row: row_config(study, row, detector, Path("runs"), 0).distill.kd for row in study.rows}
+        assert {row: kd[row] for row in rows} == rows, detector
+        assert set(kd) - set(rows) <= {"loc"} and kd.get("loc", ["loc"]) == ["loc"]
+    students = {d: row_config(study, "baseline", d, Path("runs"), 0).student for d in families}
+    assert students["ssdlite320_mobilenet_v3"] == full.train.student  # study_full's measured SSDlite recipe
+    assert students["retinanet_mobilenet_v3"].anchor_sizes == [12, 24, 48, 96, 192]
+    assert students["fasterrcnn_mobilenet_v3"].anchor_sizes == [14, 20, 28, 40, 56]
+    assert students["fasterrcnn_mobilenet_v3"].options["rpn_post_nms_top_n_train"] == 100
+    assert all(s.image_size == 128 for s in students.values())
