@@ -189,5 +189,7 @@ def test_backbone_weight_errors(tmp_path, monkeypatch):
     with pytest.raises(WeightsError, match="backbone_weights='imagenet': could not load .*no network") as err:
         build(backbone_weights="imagenet")
     assert "\n" not in str(err.value)
+    assert backbone_classifier("retinanet_resnet50", 5).fc.out_features == 5  # the ResNet RetinaNet's, for the study
+    assert backbone_classifier(NAME, 5).classifier[-1].out_features == 5
     with pytest.raises(ValueError, match="unknown RetinaNet detector 'retinanet_x'"):
         retinanet_backbone_classifier("retinanet_x")
