@@ -254,6 +254,9 @@ class StudyConfig:
     det_teacher: list[str] | None = None
     train: TrainConfig = field(default_factory=TrainConfig)
     detectors: list[str] = field(default_factory=lambda: ["fasterrcnn_mobilenet_v3"])
+    # Per-detector key=value overrides of ``train``, applied before the row's (e.g. anchor sizes, RPN options):
+    # {detector: [student.anchor_sizes=[12,24,48,96,192], ...]}; every key must be one of ``detectors``.
+    detector_overrides: dict[str, list[str]] = field(default_factory=dict)
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     rows: dict[str, list[str]] = field(default_factory=dict)
     baseline_row: str = "baseline"
@@ -264,6 +267,11 @@ class StudyConfig:
             raise ConfigError("study.rows is empty: name at least one row")
         if not self.seeds:
             raise ConfigError("study.seeds is empty")
+        stray = sorted(set(self.detector_overrides) - set(self.detectors))
+        if stray:
+            raise ConfigError(
+                f"study.detector_overrides: {stray[0]!r} is not in study.detectors ({', '.join(self.detectors)})"
+            )
         if "det_teacher" in self.rows:
             raise ConfigError("study.rows: 'det_teacher' names the detector teacher's run folder; rename the row")
 

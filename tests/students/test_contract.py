@@ -10,7 +10,13 @@ from cls2det.students import create_student
 SIZES = {"ssd300_vgg16": 270, "fasterrcnn_resnet50": 96, "retinanet_resnet50": 96, "fcos_resnet50": 96}
 
 
-FAMILIES = ["fasterrcnn_mobilenet_v3", "ssdlite320_mobilenet_v3", "retinanet_resnet50", "fcos_resnet50"]
+FAMILIES = [
+    "fasterrcnn_mobilenet_v3",
+    "ssdlite320_mobilenet_v3",
+    "retinanet_resnet50",
+    "retinanet_mobilenet_v3",
+    "fcos_resnet50",
+]
 
 
 def build(name: str, num_classes: int):

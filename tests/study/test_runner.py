@@ -150,3 +150,56 @@ def test_a_failed_run_keeps_its_whole_log_and_names_it(tmp_path):
         train_row(config, "baseline")
     log = run.with_name("seed0.log").read_text()
     assert "error:" in log and "no_such_data" in log
+
+
+def test_detector_overrides_apply_to_their_detector_before_the_rows(tmp_path):
+    retina = "retinanet_mobilenet_v3"
+    values = {
+        "train": {"epochs": 3},
+        "detectors": ["ssdlite320_mobilenet_v3", retina],
+        "detector_overrides": {retina: ["student.anchor_sizes=[12,24,48,96,192]", "epochs=5"]},
+        "det_teacher": ["seed=3"],
+        "rows": {"baseline": ["distill.kd=[]"], "long": ["epochs=7"], "pkd": ["distill.kd=[det:pkd]"]},
+    }
+    study = from_dict(StudyConfig, values)
+    check_study(study, tmp_path)
+    mine = row_config(study, "baseline", retina, tmp_path, 0)
+    assert (mine.student.detector, mine.student.anchor_sizes, mine.epochs) == (retina, [12, 24, 48, 96, 192], 5)
+    other = row_config(study, "baseline", "ssdlite320_mobilenet_v3", tmp_path, 0)
+    assert (other.student.anchor_sizes, other.epochs) == (None, 3)  # another detector's overrides do not leak
+    assert row_config(study, "long", retina, tmp_path, 0).epochs == 7  # the row's override comes last
+    teacher = det_teacher_config(study, retina, tmp_path)  # the detector teacher has the detector's settings too
+    assert (teacher.student.anchor_sizes, teacher.epochs, teacher.seed) == ([12, 24, 48, 96, 192], 5, 3)
+
+    with pytest.raises(ConfigError, match=r"detector_overrides: 'fcos_resnet50' is not in study.detectors"):
+        from_dict(StudyConfig, {**values, "detector_overrides": {"fcos_resnet50": ["epochs=2"]}})
+    bad = from_dict(StudyConfig, {**values, "detector_overrides": {retina: ["student.anchor_sizez=[8]"]}})
+    with pytest.raises(ConfigError, match="unknown key student.anchor_sizez"):
+        check_study(bad, tmp_path)  # every detector's runs are checked, not only the first detector's
+
+
+def test_families_study_runs_three_families_on_the_full_studys_recipe():
+    study = load_config(StudyConfig, shipped_config("study_families.yaml"))
+    full = load_config(StudyConfig, shipped_config("study_full.yaml"))
+    check_study(study, Path("runs"))
+    families = ["ssdlite320_mobilenet_v3", "fasterrcnn_mobilenet_v3", "retinanet_mobilenet_v3"]
+    assert study.detectors == families and study.seeds == [0, 1, 2]
+    assert (study.demo_data, study.teacher, study.backbone_pretrain) == (
+        full.demo_data,
+        full.teacher,
+        full.backbone_pretrain,
+    )
+    assert study.teacher.loss == "ce+bce"  # RetinaNet is a sigmoid student
+    assert (study.train.epochs, full.train.epochs) == (8, 12)  # the budget's cut (see the YAML)
+    assert study.train.optim == full.train.optim and study.train.distill == full.train.distill
+    rows = {"baseline": [], "kd_cls": ["cls"], "kd_loc": ["kd_loc"], "kd_cls+kd_loc": ["cls", "kd_loc"]}
+    for detector in families:
+        kd = {row: row_config(study, row, detector, Path("runs"), 0).distill.kd for row in study.rows}
+        assert {row: kd[row] for row in rows} == rows, detector
+        assert set(kd) - set(rows) <= {"loc"} and kd.get("loc", ["loc"]) == ["loc"]
+    students = {d: row_config(study, "baseline", d, Path("runs"), 0).student for d in families}
+    assert students["ssdlite320_mobilenet_v3"] == full.train.student  # study_full's measured SSDlite recipe
+    assert students["retinanet_mobilenet_v3"].anchor_sizes == [12, 24, 48, 96, 192]
+    assert students["fasterrcnn_mobilenet_v3"].anchor_sizes == [14, 20, 28, 40, 56]
+    assert students["fasterrcnn_mobilenet_v3"].options["rpn_post_nms_top_n_train"] == 100
+    assert all(s.image_size == 128 for s in students.values())

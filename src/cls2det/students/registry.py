@@ -16,6 +16,7 @@ from cls2det.students.base import StudentAdapter
 STUDENTS: dict[str, str] = {
     "fasterrcnn_mobilenet_v3": "cls2det.students.faster_rcnn:fasterrcnn_mobilenet_v3",
     "fasterrcnn_resnet50": "cls2det.students.faster_rcnn:fasterrcnn_resnet50",
+    "retinanet_mobilenet_v3": "cls2det.students.retinanet:retinanet_mobilenet_v3",
     "retinanet_resnet50": "cls2det.students.retinanet:retinanet_resnet50",
     "ssd300_vgg16": "cls2det.students.ssd:ssd300_vgg16",
     "ssdlite320_mobilenet_v3": "cls2det.students.ssd:ssdlite320_mobilenet_v3",

@@ -1,4 +1,5 @@
-"""RetinaNet (torchvision ``retinanet_resnet50_fpn``) as a student: a sigmoid head with C outputs.
+"""RetinaNet (torchvision ``retinanet_resnet50_fpn``, and the same detector over a MobileNetV3-Large FPN) as a
+student: a sigmoid head with C outputs.
 
 The adapter runs the stock ``RetinaNet.forward`` step by step (transform -> backbone -> head -> anchors ->
 matching -> ``head.compute_loss``), so the loss numbers are torchvision's own, and reads off the positives:
@@ -9,12 +10,26 @@ from __future__ import annotations
 
 from typing import Any
 
-from torch import Tensor
-from torchvision.models.detection import retinanet_resnet50_fpn
+from torch import Tensor, nn
+from torchvision.models import MobileNet_V3_Large_Weights, mobilenet_v3_large, resnet50
+from torchvision.models.detection import RetinaNet, retinanet_resnet50_fpn
 from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.backbone_utils import _mobilenet_extractor, _validate_trainable_layers
+from torchvision.ops import FrozenBatchNorm2d
+from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 from cls2det.config import ConfigError, StudentConfig
-from cls2det.students.backbones import build_resnet_fpn_detector, fpn_level_sizes, transform_kwargs
+from cls2det.students.backbones import (
+    build_detector,
+    build_resnet_fpn_detector,
+    features_view,
+    fpn_level_sizes,
+    freeze_batchnorm,
+    freeze_stages,
+    load_view_weights,
+    stage_indices,
+    transform_kwargs,
+)
 from cls2det.students.dense import DenseHeadAdapter
 from cls2det.students.forward_steps import match_anchors
 
@@ -51,11 +66,95 @@ def retinanet_resnet50(num_classes: int, config: StudentConfig, **options: Any) 
     (see :func:`retinanet_anchor_generator`); config.backbone_weights / trainable_backbone_layers -> see
     :func:`cls2det.students.backbones.build_resnet_fpn_detector`.
     """
+    kwargs = _kwargs(num_classes, config, "retinanet_resnet50", options)
+    detector = build_resnet_fpn_detector(retinanet_resnet50_fpn, num_classes, config, **kwargs)
+    return RetinaNetAdapter(detector, num_classes)
+
+
+# MobileNetV3-Large stages (torchvision's ``_mobilenet_extractor`` rule: stem, the 4 strided blocks, the last conv)
+# that feed the FPN: the stride-8, stride-16 blocks and the last conv (stride 32), as C3, C4, C5 of the ResNet
+# RetinaNet; P6, P7 come from P5 (``LastLevelP6P7(256, 256)``), so the 5 levels P3..P7 of the stock anchors.
+MOBILENET_RETURNED_STAGES = [2, 3, 5]
+MOBILENET_STAGES = 6
+
+
+def retinanet_mobilenet_v3_large_fpn(
+    *,
+    weights: None = None,
+    weights_backbone: MobileNet_V3_Large_Weights | None = None,
+    num_classes: int = 91,
+    trainable_backbone_layers: int | None = None,
+    **kwargs: Any,
+) -> RetinaNet:
+    """torchvision's :class:`RetinaNet` over a MobileNetV3-Large FPN backbone, built as torchvision builds
+    ``fasterrcnn_mobilenet_v3_large_fpn`` (pretrained backbone: ``FrozenBatchNorm2d`` and the last
+    ``trainable_backbone_layers`` of 6 stages trainable, default 3; random: ``BatchNorm2d``, all trainable) with
+    RetinaNet's feature levels (:data:`MOBILENET_RETURNED_STAGES` + P6, P7). torchvision has no such detector, so
+    there are no detection ``weights``; kwargs go to :class:`RetinaNet` (``anchor_generator``, ``min_size`` ...).
+    """
+    if weights is not None:
+        raise ConfigError("retinanet_mobilenet_v3 has no pretrained detection weights; use backbone weights")
+    weights_backbone = MobileNet_V3_Large_Weights.verify(weights_backbone)
+    is_trained = weights_backbone is not None
+    trainable = _validate_trainable_layers(is_trained, trainable_backbone_layers, MOBILENET_STAGES, 3)
+    norm_layer = FrozenBatchNorm2d if is_trained else nn.BatchNorm2d
+    body = mobilenet_v3_large(weights=weights_backbone, norm_layer=norm_layer)
+    backbone = _mobilenet_extractor(
+        body, True, trainable, returned_layers=MOBILENET_RETURNED_STAGES, extra_blocks=LastLevelP6P7(256, 256)
+    )
+    kwargs.setdefault("anchor_generator", retinanet_anchor_generator([32, 64, 128, 256, 512]))
+    return RetinaNet(backbone, num_classes, **kwargs)
+
+
+def retinanet_mobilenet_v3(num_classes: int, config: StudentConfig, **options: Any) -> RetinaNetAdapter:
+    """RetinaNet-MobileNetV3-Large-FPN (:func:`retinanet_mobilenet_v3_large_fpn`) for ``num_classes`` classes.
+
+    config.image_size -> transform min_size = max_size; config.anchor_sizes -> 5 base sizes, one per level P3..P7
+    (strides 8..128, see :func:`retinanet_anchor_generator`). config.backbone_weights:
+      * ``None``: random init, BatchNorm, all layers trainable (``trainable_backbone_layers`` ignored, with
+        torchvision's warning);
+      * ``"imagenet"``: ``MobileNet_V3_Large_Weights.IMAGENET1K_V1`` (needs the download / torch hub cache);
+      * a local ``mobilenet_v3_large`` state dict (see :func:`backbone_classifier`): loaded into ``backbone.body``,
+        BatchNorm frozen, only the last ``trainable_backbone_layers`` (default 3, max 6) stages trainable, as the
+        ``"imagenet"`` path does.
+    options go to torchvision's :class:`RetinaNet` (e.g. ``score_thresh``, ``topk_candidates``).
+    """
+    kwargs = _kwargs(num_classes, config, "retinanet_mobilenet_v3", options)
+
+    def load_local(detector: nn.Module, path: str, trainable: int | None) -> None:
+        body = detector.backbone.body  # IntermediateLayerGetter over all of mobilenet_v3_large().features
+        freeze_batchnorm(body)
+        view = features_view(body.values())
+        load_view_weights(view, path, "mobilenet_v3_large")
+        freeze_stages(view.features, stage_indices(view.features, "mobilenet"), 3 if trainable is None else trainable)
+
+    detector = build_detector(
+        retinanet_mobilenet_v3_large_fpn,
+        config,
+        MobileNet_V3_Large_Weights.IMAGENET1K_V1,
+        load_local,
+        num_classes=num_classes,
+        **kwargs,
+    )
+    return RetinaNetAdapter(detector, num_classes)
+
+
+def _kwargs(num_classes: int, config: StudentConfig, detector: str, options: dict[str, Any]) -> dict[str, Any]:
+    """The RetinaNet kwargs of a builder: transform size, anchor generator, then the user's options."""
     if num_classes <= 0:
         raise ConfigError(f"num_classes must be > 0, got {num_classes}")
     kwargs = {**transform_kwargs(config), **options}
-    sizes = fpn_level_sizes(config.anchor_sizes, "retinanet_resnet50")
+    sizes = fpn_level_sizes(config.anchor_sizes, detector)
     if sizes is not None:
         kwargs["anchor_generator"] = retinanet_anchor_generator(sizes)
-    detector = build_resnet_fpn_detector(retinanet_resnet50_fpn, num_classes, config, **kwargs)
-    return RetinaNetAdapter(detector, num_classes)
+    return kwargs
+
+
+def backbone_classifier(detector: str, num_classes: int = 1000) -> nn.Module:
+    """The torchvision classifier whose ``state_dict()`` ``student.backbone_weights`` expects for ``detector``
+    (pre-train it, save its state dict, pass the file): its head is ignored when loading."""
+    if detector == "retinanet_mobilenet_v3":
+        return mobilenet_v3_large(num_classes=num_classes)
+    if detector == "retinanet_resnet50":
+        return resnet50(num_classes=num_classes)
+    raise ConfigError(f"unknown RetinaNet detector {detector!r}; valid: retinanet_mobilenet_v3, retinanet_resnet50")

@@ -70,15 +70,16 @@ def run_study(path: str | Path, overrides: list[str] = ()) -> Path:
 def check_study(study: StudyConfig, out: Path) -> None:
     """Raise :class:`ConfigError` unless every row (and the detector teacher's run) makes a valid TrainConfig and
     every det2det row has a detector teacher (``study.det_teacher`` or its own ``distill.det_teacher``)."""
-    for row in study.rows:
-        config = row_config(study, row, study.detectors[0], out, 0)
-        if needs_study_det_teacher(config) and study.det_teacher is None:
-            raise ConfigError(
-                f"row {row!r} uses {','.join(config.distill.kd)} but the study has no det_teacher "
-                "block and the row sets no distill.det_teacher"
-            )
-    if study.det_teacher is not None:
-        det_teacher_config(study, study.detectors[0], out)
+    for detector in study.detectors:
+        for row in study.rows:
+            config = row_config(study, row, detector, out, 0)
+            if needs_study_det_teacher(config) and study.det_teacher is None:
+                raise ConfigError(
+                    f"row {row!r} uses {','.join(config.distill.kd)} but the study has no det_teacher "
+                    "block and the row sets no distill.det_teacher"
+                )
+        if study.det_teacher is not None:
+            det_teacher_config(study, detector, out)
 
 
 def needs_study_det_teacher(config: TrainConfig) -> bool:
@@ -95,16 +96,22 @@ def uses_det_teacher(study: StudyConfig) -> bool:
 def det_teacher_config(study: StudyConfig, detector: str, out: Path) -> TrainConfig:
     """The detector teacher's run: the study's ``train`` section, then ``study.det_teacher``'s overrides, without
     KD terms, the row's detector (so the same family, input size and anchors), in ``out/<detector>/det_teacher``."""
-    values = apply_overrides(copy.deepcopy(to_dict(study.train)), study.det_teacher or [])
+    values = detector_train_values(study, detector)
+    values = apply_overrides(values, study.det_teacher or [])
     values["student"]["detector"] = detector
     values["distill"]["kd"], values["distill"]["kd_cls_negatives"] = [], 0
     values["out"] = str(out / detector / DET_TEACHER)
     return from_dict(TrainConfig, values)
 
 
+def detector_train_values(study: StudyConfig, detector: str) -> dict:
+    """The study's ``train`` section as a dict (a copy), with ``study.detector_overrides[detector]`` applied."""
+    return apply_overrides(copy.deepcopy(to_dict(study.train)), study.detector_overrides.get(detector, []))
+
+
 def row_config(study: StudyConfig, row: str, detector: str, out: Path, seed: int) -> TrainConfig:
-    """The TrainConfig of one run: the study's ``train`` section, then the row's overrides."""
-    values = apply_overrides(copy.deepcopy(to_dict(study.train)), study.rows[row])
+    """The TrainConfig of one run: the study's ``train`` section, the detector's overrides, then the row's."""
+    values = apply_overrides(detector_train_values(study, detector), study.rows[row])
     values["seed"] = seed
     values["student"]["detector"] = detector
     values["out"] = str(out / detector / row / f"seed{seed}")
