@@ -17,7 +17,7 @@ import pytest
 from lightning_fabric.strategies import DDPStrategy
 from safetensors.torch import load_file
 
-from cls2det.engine.fit import fabric_strategy
+from cls2det.engine.distributed import fabric_strategy
 from cls2det.engine.run_dir import LAST, METRICS_CSV, RESULTS, SOFT_LABELS
 
 

@@ -279,7 +279,7 @@ def test_gt_feature_cache_is_kept_on_resume_and_rebuilt_for_other_settings(
     fit(make_train_config(out, "ssdlite320_mobilenet_v3", [*base, "max_steps=2"]), resume=True, progress=False)
     assert builds == [[4, 8]]  # same settings: the run folder's cache is reused
     # other settings are another recipe: --resume refuses them (the run folder is a contract) ...
-    with pytest.raises(RunDirError, match=r"was run with distill.pools=None; --resume cannot change it to \[8, 8\]"):
+    with pytest.raises(RunDirError, match=r"was run with distill.pools=null; --resume cannot change it to \[8, 8\]"):
         fit(
             make_train_config(out, "ssdlite320_mobilenet_v3", [*base, "distill.pools=[8,8]", "max_steps=3"]),
             resume=True,

@@ -19,7 +19,8 @@ import torch
 
 from cls2det.config import TrainConfig, load_config
 from cls2det.engine import load_state
-from cls2det.engine.fit import fit, truncate_metrics
+from cls2det.engine.fit import fit
+from cls2det.engine.logger import truncate_metrics
 from cls2det.engine.run_dir import CONFIG, LAST, METRICS_CSV, RESULTS
 
 STEPS = 6

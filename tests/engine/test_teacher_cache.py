@@ -5,14 +5,13 @@ online loss and its box gradients on flipped and unflipped images; a cache built
 
 from __future__ import annotations
 
-import importlib
-
 import pytest
 import torch
 from safetensors.torch import save_file
 
 from cls2det.data import CocoDetection, load_split
 from cls2det.distill import crop_boxes_naive, kd_loc_loss
+from cls2det.engine.sampling import hflip_batch
 from cls2det.engine.teacher_cache import (
     GTFeatureCache,
     SoftLabelCache,
@@ -24,8 +23,6 @@ from cls2det.engine.teacher_cache import (
     soft_label_key,
 )
 from cls2det.teacher import load_teacher
-
-hflip_batch = importlib.import_module("cls2det.engine.fit").hflip_batch
 
 FP16 = {"rtol": 2e-3, "atol": 2e-3}  # the cache stores float16 logits (10 bits of mantissa: 4.9e-4 relative)
 

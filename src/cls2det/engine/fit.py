@@ -7,15 +7,11 @@ boundary and resumed reproduces the uninterrupted run exactly on CPU.
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
-import resource
 import signal
-import subprocess
 import sys
 import time
-from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -25,8 +21,9 @@ from cls2det.config import TrainConfig, det_methods, load_config, resolve_worker
 from cls2det.data import CocoDetection, collate, load_split
 from cls2det.engine.advice import input_notices
 from cls2det.engine.checkpoint import load_model_state, load_state, save_checkpoint
+from cls2det.engine.distributed import end_launched_ranks, fabric_strategy, module_checksum
 from cls2det.engine.loading import load_det_teacher
-from cls2det.engine.logger import MetricsLogger, truncate_metrics
+from cls2det.engine.logger import MetricsLogger, ProgressBar, peak_memory_mb, truncate_metrics
 from cls2det.engine.objective import distillation_losses, loss_weights, total_loss
 from cls2det.engine.run_dir import (
     BEST,
@@ -36,6 +33,8 @@ from cls2det.engine.run_dir import (
     LAST,
     METRICS_CSV,
     RESULTS,
+    RESUME_PATHS,
+    RESUME_SAFE,
     SOFT_LABELS,
     RunStart,
     TrainingError,
@@ -43,6 +42,7 @@ from cls2det.engine.run_dir import (
     prepare_run_dir,
     write_json,
 )
+from cls2det.engine.sampling import epoch_order, hflip_batch
 from cls2det.engine.schedule import build_optimizer, build_scheduler
 from cls2det.engine.teacher_cache import (
     GTFeatureCache,
@@ -54,23 +54,8 @@ from cls2det.engine.teacher_cache import (
     soft_label_key,
 )
 from cls2det.evaluation.evaluate import evaluate_student
-from cls2det.run_folder import ANY, UP, check_run_kind, resume_changes
+from cls2det.run_folder import check_run_kind, resume_changes
 from cls2det.students import create_student
-
-# What --resume may change in a run's recipe, and how; every other key is the recipe and must stay as it was.
-# Refused on purpose: devices / num_nodes (the world size sets the global batch and the images each rank sees, so
-# the resumed steps would not be the ones the run was doing), accelerator / strategy / precision (the numbers a step
-# computes), data, the teachers, and every student / distill / optim key.
-RESUME_SAFE = {
-    "epochs": UP,  # train longer: the LR schedule is laid over the new length from the current step on
-    "max_steps": UP,  # likewise (null = no cap)
-    "eval_every": ANY,  # when the run evaluates and saves, not what it learns
-    "checkpoint_every": ANY,
-    "workers": ANY,  # data-loading processes: the batches are the same
-    "dist_timeout_s": ANY,  # how long a collective waits for a slow rank
-    "out": ANY,  # the run folder itself (moved, or spelled another way)
-}
-RESUME_PATHS = ("data", "teacher", "out", "distill.det_teacher")  # equal when they name the same file
 
 
 def fit(config: TrainConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True) -> dict:
@@ -135,64 +120,8 @@ def _start(fabric: Fabric, config: TrainConfig, out: Path, start: RunStart, *, p
     return trainer
 
 
-def fabric_strategy(name: str, timeout_s: float):
-    """Fabric's registered strategy ``name`` built with a collective timeout of ``timeout_s`` seconds where it has a
-    process group (ddp*, fsdp*, deepspeed*); any other name ("auto", "dp", ...) is returned for Fabric to resolve."""
-    from lightning_fabric.strategies import STRATEGY_REGISTRY
-
-    entry = STRATEGY_REGISTRY[name] if name in STRATEGY_REGISTRY else None  # (.get() would build the strategy)
-    if entry is None or "timeout" not in inspect.signature(entry["strategy"]).parameters:
-        return name
-    return entry["strategy"](timeout=timedelta(seconds=timeout_s), **entry["init_params"])
-
-
-def end_launched_ranks(fabric: Fabric, grace_s: float = 0.0) -> list[tuple[int, int]]:
-    """End the ranks this process launched (rank 0 of a node, under Fabric's subprocess launcher): wait up to
-    ``grace_s`` seconds for them to exit, then kill the rest. Returns (local rank, exit code) of those that failed.
-
-    A rank that fails leaves the others waiting in their next collective: gloo notices the closed connection, NCCL
-    waits for the timeout. Fabric's launcher kills the node's ranks when a launched rank dies, but leaves them running
-    when the launching rank fails.
-    """
-    procs = getattr(fabric.strategy.launcher, "procs", None) or []
-    deadline = time.monotonic() + grace_s
-    failed = []
-    for rank, proc in enumerate(procs, start=1):
-        try:
-            code = proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            proc.kill()  # SIGKILL: a rank blocked inside a collective runs no Python signal handler
-            proc.wait()
-        else:
-            if code != 0:
-                failed.append((rank, code))
-    return failed
-
-
 def needs_teacher(config: TrainConfig) -> bool:
     return any(term in ("cls", "kd_loc") for term in config.distill.kd)
-
-
-def epoch_order(num_items: int, seed: int, epoch: int) -> list[int]:
-    """The shuffled image order of ``epoch``: a pure function of (seed, epoch)."""
-    return torch.randperm(num_items, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
-
-
-def hflip_batch(images: list[torch.Tensor], targets: list[dict], generator: torch.Generator, p: float = 0.5):
-    """Flip each image and its boxes horizontally with probability ``p`` (boxes xyxy in pixels).
-
-    Returns (images, targets, flipped [N] bool).
-    """
-    flips = (torch.rand(len(images), generator=generator) < p).tolist()
-    out_images, out_targets = [], []
-    for image, target, flip in zip(images, targets, flips):
-        if flip:
-            width = image.shape[-1]
-            boxes = target["boxes"][:, [2, 1, 0, 3]] * torch.tensor([-1, 1, -1, 1]) + torch.tensor([width, 0, width, 0])
-            image, target = image.flip(-1), {**target, "boxes": boxes}
-        out_images.append(image)
-        out_targets.append(target)
-    return out_images, out_targets, torch.tensor(flips, dtype=torch.bool)
 
 
 class _EpochBatches:
@@ -305,7 +234,7 @@ class _Trainer:
         start = time.perf_counter()
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
-            with _progress(self.progress, self.total_steps, self.step) as bar:
+            with ProgressBar(self.progress, self.total_steps, self.step) as bar:
                 while self.epoch < config.epochs and self.step < self.total_steps:
                     for images, targets in self._batches():
                         self._train_step(images, targets)
@@ -341,7 +270,7 @@ class _Trainer:
             "epochs": self.epoch,
             "nonfinite_steps": self.nonfinite_total,
             "wall_s": time.perf_counter() - start,
-            "peak_mem_mb": _peak_memory_mb(fabric.device),
+            "peak_mem_mb": peak_memory_mb(fabric.device),
             "detector": config.student.detector,
             "kd": list(config.distill.kd),
             "seed": config.seed,
@@ -563,43 +492,3 @@ class _Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         self.best_map, self.nonfinite_total = state["best_map"], state["nonfinite_total"]
-
-
-def module_checksum(module: torch.nn.Module) -> torch.Tensor:
-    """The float64 sum of each parameter and buffer of ``module``, [T]: equal on two copies of the same weights."""
-    with torch.no_grad():
-        return torch.stack([t.double().sum() for t in (*module.parameters(), *module.buffers())])
-
-
-def _peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-class _progress:
-    """A rich progress bar with ETA (or nothing), called as ``bar(step, epoch)``."""
-
-    def __init__(self, enabled: bool, total: int, completed: int) -> None:
-        self.enabled, self.total, self.completed = enabled, total, completed
-
-    def __enter__(self):
-        if not self.enabled:
-            return lambda step, epoch: None
-        from rich import progress
-
-        self.bar = progress.Progress(
-            progress.TextColumn("{task.description}"),
-            progress.BarColumn(),
-            progress.MofNCompleteColumn(),
-            progress.TimeElapsedColumn(),
-            progress.TimeRemainingColumn(),
-            transient=True,
-        )
-        self.bar.start()
-        task = self.bar.add_task("train", total=self.total, completed=self.completed)
-        return lambda step, epoch: self.bar.update(task, completed=step, description=f"train epoch {epoch}")
-
-    def __exit__(self, *exc) -> None:
-        if self.enabled:
-            self.bar.stop()

@@ -6,6 +6,7 @@ from __future__ import annotations
 from cls2det.errors import Cls2detError
 from cls2det.files import write_json
 from cls2det.run_folder import (
+    ANY,
     BEST,
     CLASSES,
     CONFIG,
@@ -16,6 +17,7 @@ from cls2det.run_folder import (
     RESULTS,
     RUN_JSON,
     SOFT_LABELS,
+    UP,
     RunDirError,
     RunStart,
     TrainingInterrupted,
@@ -25,6 +27,8 @@ from cls2det.run_folder import (
 )
 
 __all__ = [
+    "RESUME_PATHS",
+    "RESUME_SAFE",
     "BEST",
     "CLASSES",
     "CONFIG",
@@ -48,3 +52,19 @@ __all__ = [
 
 class TrainingError(Cls2detError, RuntimeError):
     """Training cannot go on (e.g. too many non-finite losses in a row)."""
+
+
+# What --resume may change in a run's recipe, and how; every other key is the recipe and must stay as it was.
+# Refused on purpose: devices / num_nodes (the world size sets the global batch and the images each rank sees, so
+# the resumed steps would not be the ones the run was doing), accelerator / strategy / precision (the numbers a step
+# computes), data, the teachers, and every student / distill / optim key.
+RESUME_SAFE = {
+    "epochs": UP,  # train longer: the LR schedule is laid over the new length from the current step on
+    "max_steps": UP,  # likewise (null = no cap)
+    "eval_every": ANY,  # when the run evaluates and saves, not what it learns
+    "checkpoint_every": ANY,
+    "workers": ANY,  # data-loading processes: the batches are the same
+    "dist_timeout_s": ANY,  # how long a collective waits for a slow rank
+    "out": ANY,  # the run folder itself (moved, or spelled another way)
+}
+RESUME_PATHS = ("data", "teacher", "out", "distill.det_teacher")  # equal when they name the same file

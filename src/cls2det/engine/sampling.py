@@ -1,0 +1,28 @@
+"""The student's batches: the epoch's image order and the per-step horizontal flips, each a pure function of the
+seed and the epoch / step, so a run stopped at a step boundary and resumed sees exactly the same batches."""
+
+from __future__ import annotations
+
+import torch
+
+
+def epoch_order(num_items: int, seed: int, epoch: int) -> list[int]:
+    """The shuffled image order of ``epoch``: a pure function of (seed, epoch)."""
+    return torch.randperm(num_items, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
+
+
+def hflip_batch(images: list[torch.Tensor], targets: list[dict], generator: torch.Generator, p: float = 0.5):
+    """Flip each image and its boxes horizontally with probability ``p`` (boxes xyxy in pixels).
+
+    Returns (images, targets, flipped [N] bool).
+    """
+    flips = (torch.rand(len(images), generator=generator) < p).tolist()
+    out_images, out_targets = [], []
+    for image, target, flip in zip(images, targets, flips):
+        if flip:
+            width = image.shape[-1]
+            boxes = target["boxes"][:, [2, 1, 0, 3]] * torch.tensor([-1, 1, -1, 1]) + torch.tensor([width, 0, width, 0])
+            image, target = image.flip(-1), {**target, "boxes": boxes}
+        out_images.append(image)
+        out_targets.append(target)
+    return out_images, out_targets, torch.tensor(flips, dtype=torch.bool)
