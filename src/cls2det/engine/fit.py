@@ -22,6 +22,7 @@ from lightning_fabric import Fabric
 
 from cls2det.config import TrainConfig, det_methods, save_config
 from cls2det.data import CocoDetection, collate, load_split
+from cls2det.determinism import deterministic_algorithms
 from cls2det.distill.cache import (
     GTFeatureCache,
     SoftLabelCache,
@@ -69,7 +70,8 @@ def fit(config: TrainConfig, *, resume: bool = False, overwrite: bool = False, p
     )
     fabric.launch()
     try:
-        return _start(fabric, config, out, replaced, resume=resume, progress=progress).run()
+        with deterministic_algorithms(config.deterministic):
+            return _start(fabric, config, out, replaced, resume=resume, progress=progress).run()
     except BaseException as err:
         # a torch.distributed error (a RuntimeError) may only mean that another rank died and closed the connection:
         # give the ranks this process launched a moment to exit, and point at the error of the one that failed

@@ -21,6 +21,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from cls2det.config import TeacherConfig
+from cls2det.determinism import deterministic_algorithms
 from cls2det.teacher.io import save_teacher
 from cls2det.teacher.model import Teacher, TeacherError, build_teacher
 
@@ -102,7 +103,8 @@ def fit_teacher(
 ) -> dict[str, Any]:
     """Train ``teacher`` in place on (crop, label) items; returns metrics (top1 in percent on ``val_set``).
 
-    Seeded by ``config.seed`` without touching the global RNG. Leaves the best epoch's weights in ``teacher``
+    Seeded by ``config.seed`` without touching the global RNG; ``config.deterministic`` allows deterministic kernels
+    only (:mod:`cls2det.determinism`). Leaves the best epoch's weights in ``teacher``
     (the last epoch's when there is no val set).
     """
     if len(train_set) == 0:
@@ -111,7 +113,7 @@ def fit_teacher(
         raise TeacherError(f"teacher {teacher.arch!r} is frozen (a distillation teacher); build a new one to train")
     augment = augment if augment is not None else Augment(hflip=config.hflip)
     start = time.perf_counter()
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), deterministic_algorithms(config.deterministic):
         torch.manual_seed(config.seed)
         generator = torch.Generator().manual_seed(config.seed)
         loader = DataLoader(
@@ -195,13 +197,15 @@ def train_teacher(
         )
     train_set = ClassificationCrops(train_split, size=config.input_size, context=config.context)
     val_set = ClassificationCrops(val_split, size=config.input_size, context=config.context)
-    teacher = build_teacher(
-        config.arch,
-        train_split.num_classes,
-        class_names=train_split.class_names,
-        input_size=config.input_size,
-        pretrained=config.pretrained,
-    )
+    with torch.random.fork_rng(devices=[]):  # the head's (and a from-scratch net's) initial weights: from the seed
+        torch.manual_seed(config.seed)
+        teacher = build_teacher(
+            config.arch,
+            train_split.num_classes,
+            class_names=train_split.class_names,
+            input_size=config.input_size,
+            pretrained=config.pretrained,
+        )
     metrics = fit_teacher(teacher, train_set, val_set, config, progress=progress, device=device)
     save_teacher(teacher, out, metrics, config=config)
     return metrics
