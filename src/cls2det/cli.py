@@ -23,6 +23,7 @@ from cls2det.config import (
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
+MAX_PROBLEMS = 20  # `data check` prints this many of a dataset's problems, then how many more there are
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -189,14 +190,21 @@ def cmd_data_demo(args) -> int:
 
 
 def cmd_data_check(args) -> int:
-    from cls2det.data import check_dataset
+    from cls2det.data import DatasetError, check_dataset
 
-    summary = check_dataset(
-        args.dir,
-        splits=tuple(s for s in args.splits.split(",") if s),
-        check_images=not args.no_images,
-        clip_tolerance=args.clip_tolerance,
-    )
+    try:
+        summary = check_dataset(
+            args.dir,
+            splits=tuple(s for s in args.splits.split(",") if s),
+            check_images=not args.no_images,
+            clip_tolerance=args.clip_tolerance,
+        )
+    except DatasetError as err:  # every problem on its own line, the first MAX_PROBLEMS of them
+        for problem in err.problems[:MAX_PROBLEMS]:
+            print(f"error: {_one_line(problem)}", file=sys.stderr)
+        if len(err.problems) > MAX_PROBLEMS:
+            print(f"error: ... and {len(err.problems) - MAX_PROBLEMS} more problems", file=sys.stderr)
+        return EXIT_BAD_INPUT
     print(json.dumps(summary, indent=2, default=str))
     print(f"{args.dir}: OK")
     return 0
