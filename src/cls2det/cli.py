@@ -86,6 +86,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("format", choices=["voc", "yolo"])
     p.add_argument("src", type=Path)
     p.add_argument("--out", required=True, type=Path)
+    p.add_argument(
+        "--classes",
+        default=None,
+        help="class names, a comma list or a file with one per line (default: voc: the names in the XML files, "
+        "sorted; yolo: data.yaml's names or classes.txt)",
+    )
+    p.add_argument(
+        "--splits",
+        default=None,
+        help="voc: split=image list, e.g. train=train.txt,val=val.txt (default: ImageSets/Main/trainval.txt + "
+        "test.txt, else train.txt + val.txt); yolo: split names (default train,val)",
+    )
     p.set_defaults(func=cmd_data_import)
 
     p = commands.add_parser("teacher", help="train the classifier teacher on the GT crops of a dataset")
@@ -213,7 +225,21 @@ def cmd_data_check(args) -> int:
 def cmd_data_import(args) -> int:
     from cls2det.data import import_voc, import_yolo
 
-    summary = (import_voc if args.format == "voc" else import_yolo)(args.src, args.out)
+    classes = None
+    if args.classes is not None:
+        path = Path(args.classes)
+        text = path.read_text(encoding="utf-8") if path.is_file() else args.classes.replace(",", "\n")
+        classes = [name.strip() for name in text.splitlines() if name.strip()]
+        if not classes:
+            raise ConfigError(f"--classes {args.classes!r} names no class")
+    entries = [e.strip() for e in (args.splits or "").split(",") if e.strip()]
+    if args.format == "voc":
+        splits = dict(e.split("=", 1) if "=" in e else (e, e) for e in entries) or None
+        summary = import_voc(args.src, args.out, splits=splits, class_names=classes)
+    else:
+        if any("=" in e for e in entries):
+            raise ConfigError("--splits of a YOLO import names the splits only (images/<split>/), e.g. train,val")
+        summary = import_yolo(args.src, args.out, names=classes, **({"splits": tuple(entries)} if entries else {}))
     print(json.dumps(summary, indent=2, default=str))
     print(f"{args.format} dataset imported to {args.out}")
     return 0
