@@ -60,14 +60,8 @@ from cls2det.students import create_student
 def fit(config: TrainConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True) -> dict:
     """Train ``config``'s student in ``config.out`` and return the final results (also in ``results.json``)."""
     out = Path(config.out)
+    fabric = build_fabric(config)  # before the run folder is touched: a machine that cannot run it changes nothing
     replaced = prepare_run_dir(out, resume=resume, overwrite=overwrite)
-    fabric = Fabric(
-        accelerator=config.accelerator,
-        devices=config.devices,
-        num_nodes=config.num_nodes,
-        strategy=fabric_strategy(config.strategy, config.dist_timeout_s),
-        precision=config.precision,
-    )
     fabric.launch()
     try:
         with deterministic_algorithms(config.deterministic):
@@ -84,6 +78,26 @@ def fit(config: TrainConfig, *, resume: bool = False, overwrite: bool = False, p
                 f"{str(err).splitlines()[0] if str(err) else type(err).__name__}"
             ) from err
         raise
+
+
+def build_fabric(config: TrainConfig) -> Fabric:
+    """Fabric for ``config``'s accelerator / devices / strategy / precision; a machine without them (``cuda`` without
+    CUDA, a strategy's missing package, devices of the wrong kind) is a one-line :class:`TrainingError`."""
+    try:
+        return Fabric(
+            accelerator=config.accelerator,
+            devices=config.devices,
+            num_nodes=config.num_nodes,
+            strategy=fabric_strategy(config.strategy, config.dist_timeout_s),
+            precision=config.precision,
+        )
+    except (RuntimeError, ImportError, TypeError, ValueError) as err:  # Lightning's checks raise all of these
+        setting = (
+            f"accelerator={config.accelerator!r}, devices={config.devices!r}, strategy={config.strategy!r}, "
+            f"precision={config.precision!r}"
+        )
+        reason = " ".join(str(err).split()) or type(err).__name__
+        raise TrainingError(f"cannot train with {setting} on this machine: {reason}") from None
 
 
 def _start(fabric: Fabric, config: TrainConfig, out: Path, replaced, *, resume: bool, progress: bool) -> _Trainer:

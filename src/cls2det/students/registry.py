@@ -46,3 +46,9 @@ def create_student(name: str, num_classes: int, config: StudentConfig | None = N
         return builder(num_classes, config, **config.options)
     except TypeError as err:  # an option the torchvision builder does not take
         raise ValueError(f"student.options for {name}: {err}") from None
+    except RuntimeError as err:
+        # build_imagenet_detector's one-line error (offline and not in the torch hub cache): a user's input, which the
+        # CLI prints as one line like a ValueError, not a bug with a traceback
+        if config.backbone_weights == "imagenet" and str(err).startswith("student.backbone_weights='imagenet'"):
+            raise ValueError(str(err)) from None
+        raise
