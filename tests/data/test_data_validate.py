@@ -199,6 +199,13 @@ def test_problems_of_every_split_and_image_file(make_dataset, coco):
     assert "val.json: categories differ from those of split 'train'" in problems[2]
 
 
+def test_a_missing_root_is_one_problem_not_one_per_split(tmp_path):
+    with pytest.raises(DatasetError) as info:
+        check_dataset(tmp_path / "nowhere")
+    message = "dataset directory not found (expected a directory or a data YAML)"
+    assert info.value.problems == [f"{tmp_path / 'nowhere'}: {message}"]  # was: once for train, once for val
+
+
 def test_duplicate_category_names_are_refused(make_dataset, coco):
     coco["categories"][2]["name"] = "zebra"  # ids 90 and 17 would both print as "zebra"
     raises(lambda: load_split(make_dataset(coco)), "category ids 90 and 17 share the name 'zebra'")

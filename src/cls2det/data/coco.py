@@ -181,8 +181,8 @@ def check_dataset(
                 f"{split.annotation_file}: categories differ from those of split '{loaded[0].name}' "
                 f"({loaded[0].annotation_file})"
             )
-    if problems:
-        raise DatasetError(*problems)
+    if problems:  # (a missing root or data YAML is the same problem for every split: once)
+        raise DatasetError(*dict.fromkeys(problems))
     first = loaded[0] if loaded else None
     return {
         "root": str(root),
