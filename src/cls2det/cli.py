@@ -228,6 +228,8 @@ def cmd_data_import(args) -> int:
     classes = None
     if args.classes is not None:
         path = Path(args.classes)
+        if not path.is_file() and path.suffix in (".txt", ".names"):
+            raise ConfigError(f"--classes: file not found: {path}")
         text = path.read_text(encoding="utf-8") if path.is_file() else args.classes.replace(",", "\n")
         classes = [name.strip() for name in text.splitlines() if name.strip()]
         if not classes:

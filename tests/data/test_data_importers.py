@@ -141,6 +141,8 @@ def test_voc_import_cli_splits_and_classes(custom_voc, tmp_path, capsys):
     assert main([*argv, "--classes", "widget"]) == 2
     (line,) = capsys.readouterr().err.splitlines()
     assert "img_a.xml: object 2: unknown class 'bolt' (classes: widget)" in line
+    assert main([*argv, "--classes", str(tmp_path / "clases.txt")]) == 2  # a typo is not a class named so
+    assert capsys.readouterr().err == f"error: --classes: file not found: {tmp_path / 'clases.txt'}\n"
 
 
 def test_voc_without_known_lists_says_what_it_found(custom_voc, tmp_path, capsys):
