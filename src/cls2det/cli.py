@@ -23,6 +23,7 @@ from cls2det.config import (
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
+MAX_PROBLEMS = 20  # `data check` prints this many of a dataset's problems, then how many more there are
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,6 +76,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("format", choices=["voc", "yolo"])
     p.add_argument("src", type=Path)
     p.add_argument("--out", required=True, type=Path)
+    p.add_argument(
+        "--classes",
+        default=None,
+        help="class names, a comma list or a file with one per line (default: voc: the names in the XML files, "
+        "sorted; yolo: data.yaml's names or classes.txt)",
+    )
+    p.add_argument(
+        "--splits",
+        default=None,
+        help="voc: split=image list, e.g. train=train.txt,val=val.txt (default: ImageSets/Main/trainval.txt + "
+        "test.txt, else train.txt + val.txt); yolo: split names (default train,val)",
+    )
     p.set_defaults(func=cmd_data_import)
 
     p = commands.add_parser("teacher", help="train the classifier teacher on the GT crops of a dataset")
@@ -206,14 +219,21 @@ def cmd_data_demo(args) -> int:
 
 
 def cmd_data_check(args) -> int:
-    from cls2det.data import check_dataset
+    from cls2det.data import DatasetError, check_dataset
 
-    summary = check_dataset(
-        args.dir,
-        splits=tuple(s for s in args.splits.split(",") if s),
-        check_images=not args.no_images,
-        clip_tolerance=args.clip_tolerance,
-    )
+    try:
+        summary = check_dataset(
+            args.dir,
+            splits=tuple(s for s in args.splits.split(",") if s),
+            check_images=not args.no_images,
+            clip_tolerance=args.clip_tolerance,
+        )
+    except DatasetError as err:  # every problem on its own line, the first MAX_PROBLEMS of them
+        for problem in err.problems[:MAX_PROBLEMS]:
+            print(f"error: {_one_line(problem)}", file=sys.stderr)
+        if len(err.problems) > MAX_PROBLEMS:
+            print(f"error: ... and {len(err.problems) - MAX_PROBLEMS} more problems", file=sys.stderr)
+        return EXIT_BAD_INPUT
     print(json.dumps(summary, indent=2, default=str))
     print(f"{args.dir}: OK")
     return 0
@@ -222,7 +242,23 @@ def cmd_data_check(args) -> int:
 def cmd_data_import(args) -> int:
     from cls2det.data import import_voc, import_yolo
 
-    summary = (import_voc if args.format == "voc" else import_yolo)(args.src, args.out)
+    classes = None
+    if args.classes is not None:
+        path = Path(args.classes)
+        if not path.is_file() and path.suffix in (".txt", ".names"):
+            raise ConfigError(f"--classes: file not found: {path}")
+        text = path.read_text(encoding="utf-8") if path.is_file() else args.classes.replace(",", "\n")
+        classes = [name.strip() for name in text.splitlines() if name.strip()]
+        if not classes:
+            raise ConfigError(f"--classes {args.classes!r} names no class")
+    entries = [e.strip() for e in (args.splits or "").split(",") if e.strip()]
+    if args.format == "voc":
+        splits = dict(e.split("=", 1) if "=" in e else (e, e) for e in entries) or None
+        summary = import_voc(args.src, args.out, splits=splits, class_names=classes)
+    else:
+        if any("=" in e for e in entries):
+            raise ConfigError("--splits of a YOLO import names the splits only (images/<split>/), e.g. train,val")
+        summary = import_yolo(args.src, args.out, names=classes, **({"splits": tuple(entries)} if entries else {}))
     print(json.dumps(summary, indent=2, default=str))
     print(f"{args.format} dataset imported to {args.out}")
     return 0

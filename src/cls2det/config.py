@@ -64,6 +64,7 @@ class TeacherConfig:
     hflip: bool = False  # flip half the crops (off: digits and text are not flip-invariant; on for natural objects)
     workers: int | str = "auto"  # DataLoader worker processes (train, val and the crop cache); auto: min(8, cores)
     seed: int = 0
+    deterministic: bool = False  # deterministic kernels only (an op without one is an error): see cls2det.determinism
 
     def __post_init__(self) -> None:
         _check_choice("teacher.loss", self.loss, ("ce", "bce", "ce+bce"))
@@ -197,6 +198,7 @@ class TrainConfig:
     epochs: int = 12
     batch_size: int = 8
     seed: int = 0
+    deterministic: bool = False  # deterministic kernels only (an op without one is an error): see cls2det.determinism
     workers: int | str = "auto"  # DataLoader worker processes (train and evaluation); auto: min(8, cores)
     eval_every: int = 1  # epochs between COCO evaluations on val
     checkpoint_every: int = 1  # epochs between checkpoints (and at SIGINT/SIGTERM)

@@ -49,7 +49,8 @@ def voc_dir(tmp_path: Path, write_image) -> Path:
 def test_voc_round_trip(voc_dir, tmp_path):
     out = tmp_path / "coco"
     summary = import_voc(voc_dir, out)
-    assert summary["num_classes"] == 20 and summary["splits"]["train"]["images"] == 2
+    assert summary["class_names"] == ["cat", "dog"]  # the names in the XML files (was: Pascal's 20 always)
+    assert summary["splits"]["train"]["images"] == 2
     train = load_split(out, "train")
     assert [im["file_name"] for im in train.images] == ["train/000001.jpg", "train/000003.jpg"]
     assert (train.images[0]["width"], train.images[0]["height"]) == (48, 32)
@@ -81,17 +82,93 @@ def test_voc_custom_splits_and_classes(voc_dir, tmp_path):
     assert summary["class_names"] == ["cat", "dog"] and summary["splits"]["val"]["crowd"] == 1
 
 
+def test_voc_unknown_class_of_a_given_list(voc_dir, tmp_path):
+    (voc_dir / "Annotations" / "000001.xml").write_text(voc_xml("000001", 48, 32, [("cow!", 1, 1, 5, 5, 0)]))
+    with pytest.raises(DatasetError, match=r"000001.xml: object 1: unknown class 'cow!' \(classes: cat, dog\)"):
+        import_voc(voc_dir, tmp_path / "out", class_names=["cat", "dog"])
+    with pytest.raises(DatasetError, match="image list not found: nope"):
+        import_voc(voc_dir, tmp_path / "out", splits={"train": "nope"})
+
+
+def test_voc_pascal_classes_on_request(voc_dir, tmp_path):
+    from cls2det.data.importers import VOC_CLASSES
+
+    assert import_voc(voc_dir, tmp_path / "p", class_names=VOC_CLASSES)["num_classes"] == 20
+
+
+@pytest.fixture
+def custom_voc(tmp_path: Path, write_image) -> Path:
+    """A VOC export of a label tool: its own classes, train.txt / val.txt beside Annotations/ (no ImageSets)."""
+    root = tmp_path / "export"
+    images = {
+        "img_a": (40, 30, [("widget", 2, 2, 12, 12, 0), ("bolt", 15, 3, 30, 20, 0)]),
+        "img_b": (32, 32, [("nut", 4, 4, 20, 20, 0)]),
+        "img_c": (36, 24, [("widget", 1, 1, 10, 10, 0)]),
+    }
+    for k, (name, (width, height, objects)) in enumerate(images.items()):
+        write_image(root / "JPEGImages" / f"{name}.jpg", width, height, seed=k, fmt="JPEG")
+        (root / "Annotations").mkdir(parents=True, exist_ok=True)
+        (root / "Annotations" / f"{name}.xml").write_text(voc_xml(name, width, height, objects))
+    (root / "train.txt").write_text("img_a\nimg_b\n")
+    (root / "val.txt").write_text("img_c\n")
+    return root
+
+
+def test_voc_custom_export_classes_from_the_xml_files(custom_voc, tmp_path):
+    summary = import_voc(custom_voc, tmp_path / "out")
+    assert summary["class_names"] == ["bolt", "nut", "widget"]  # sorted; the 20 Pascal classes would refuse them
+    assert {name: s["images"] for name, s in summary["splits"].items()} == {"train": 2, "val": 1}
+    assert summary["splits"]["train"]["per_class"] == {"bolt": 1, "nut": 1, "widget": 1}
+    val = load_split(tmp_path / "out", "val")
+    assert val.class_names == ["bolt", "nut", "widget"]  # val's categories are train's, though val has one class
+
+
+def test_voc_import_cli_splits_and_classes(custom_voc, tmp_path, capsys):
+    from cls2det.cli import main
+
+    (custom_voc / "ImageSets" / "Main").mkdir(parents=True)
+    (custom_voc / "ImageSets" / "Main" / "mine.txt").write_text("img_a\nimg_c\n")
+    classes = tmp_path / "classes.txt"
+    classes.write_text("widget\nbolt\nnut\nscrew\n")
+    out = tmp_path / "cli"
+    argv = ["data", "import", "voc", str(custom_voc), "--out", str(out), "--splits", "train=mine,val=val.txt"]
+    assert main([*argv, "--classes", str(classes)]) == 0
+    train = load_split(out, "train")
+    assert train.class_names == ["widget", "bolt", "nut", "screw"] and len(train.images) == 2
+    assert main([*argv, "--classes", "widget,bolt,nut"]) == 0
+    assert load_split(out, "train").class_names == ["widget", "bolt", "nut"]
+    capsys.readouterr()
+    assert main([*argv, "--classes", "widget"]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert "img_a.xml: object 2: unknown class 'bolt' (classes: widget)" in line
+    assert main([*argv, "--classes", str(tmp_path / "clases.txt")]) == 2  # a typo is not a class named so
+    assert capsys.readouterr().err == f"error: --classes: file not found: {tmp_path / 'clases.txt'}\n"
+
+
+def test_voc_without_known_lists_says_what_it_found(custom_voc, tmp_path, capsys):
+    from cls2det.cli import main
+
+    (custom_voc / "val.txt").rename(custom_voc / "test_list.txt")
+    with pytest.raises(DatasetError, match=r"no image lists for the default splits .* found: test_list.txt, train.txt"):
+        import_voc(custom_voc, tmp_path / "out")
+    assert main(["data", "import", "voc", str(custom_voc), "--out", str(tmp_path / "o")]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("error: ") and "--splits train=FILE,val=FILE" in line
+    # named explicitly, any list works
+    summary = import_voc(custom_voc, tmp_path / "out", splits={"train": "train.txt", "val": "test_list.txt"})
+    assert summary["splits"]["val"]["images"] == 1
+
+
 XML_1 = "Annotations/000001.xml"
 # (file to overwrite, its new text or None to delete it, fragments the error must contain)
 VOC_ERRORS = {
     "malformed": (XML_1, "<annotation>\n<filename>x</filename>\n<size>", ["000001.xml:3:", "malformed XML"]),
-    "unknown-class": (XML_1, voc_xml("000001", 48, 32, [("cow!", 1, 1, 5, 5, 0)]), ["object 1", "class 'cow!'"]),
     "not-a-number": (XML_1, voc_xml("000001", 48, 32, [("cat", 1, 1, "a", 5, 0)]), ["<bndbox/xmax> is not a num"]),
     "outside": (XML_1, voc_xml("000001", 48, 32, [("cat", 1, 1, 60, 5, 0)]), ["object 1", "leaves the 48x32"]),
     "missing-size": (XML_1, "<annotation><filename>a.jpg</filename></annotation>", ["missing <size/width>"]),
     "missing-xml": ("ImageSets/Main/trainval.txt", "000001\n\n000009\n", ["trainval.txt:3", "no annotation file"]),
     "missing-image": ("JPEGImages/000003.jpg", None, ["000003.xml", "image file not found"]),
-    "missing-list": ("ImageSets/Main/test.txt", None, ["image list not found", "test.txt"]),
+    "missing-list": ("ImageSets/Main/test.txt", None, ["no image lists", "found: ImageSets/Main/trainval.txt"]),
     # a wrong <size> is caught by the final check_dataset, against the real image
     "wrong-size": ("Annotations/000003.xml", voc_xml("000003", 37, 30, []), ["image id 2", "JSON size 37x30"]),
 }

@@ -141,7 +141,8 @@ def test_valid_dataset_summary(make_dataset):
 
 def test_summary_counts_image_with_only_crowd_as_empty(make_dataset, coco):
     coco["annotations"] = [a for a in coco["annotations"] if a["id"] == 13]
-    assert check_dataset(make_dataset(coco))["splits"]["train"]["empty_images"] == 3
+    # (a train split like that is refused: nothing to train on; see test_train_split_without_boxes_is_refused)
+    assert check_dataset(make_dataset(coco), splits=("val",))["splits"]["val"]["empty_images"] == 3
 
 
 def test_images_dir_missing(make_dataset):
@@ -157,3 +158,76 @@ def test_validate_coco_copies_unless_inplace(coco):
     assert coco["annotations"][0]["bbox"] == [-0.5, 3, 10, 8]  # input untouched
     same, _ = validate_coco(coco, source="mem.json", inplace=True)
     assert same is coco and coco["annotations"][0]["bbox"] == [0.0, 3.0, 9.5, 8.0]
+
+
+# ----------------------------------------------------------------------------------------------- every problem
+
+
+def test_check_dataset_collects_every_problem(make_dataset, coco):
+    _ann(coco, 11).update(bbox=[2, 3, 5])
+    _ann(coco, 12).update(category_id=4)
+    coco["images"][1]["width"] = 0  # image 3: its annotation 14 is not reported again
+    coco["categories"].append({"id": 6, "name": "cat"})
+    root = make_dataset(coco)
+    (root / "images" / "empty.png").unlink()
+    with pytest.raises(DatasetError) as info:
+        check_dataset(root, splits=("train",))
+    source = root / "annotations" / "train.json"
+    assert info.value.problems == [
+        f"{source}: image id 3 has invalid width/height 0/20",
+        f"{source}: category ids 5 and 6 share the name 'cat' (their classes would merge in per-class reports)",
+        f"{source}: annotation id 11 bbox must be 4 finite numbers [x, y, w, h], got [2, 3, 5]",
+        f"{source}: annotation id 12 points to unknown category id 4",
+    ]  # the JSON's problems stop the split before its image files are opened
+    assert str(info.value) == f"{info.value.problems[0]} (and 3 more problems)"
+    # load_split raises the same collected list (str: the first problem and the count, one line)
+    raises(lambda: load_split(root, "train"), "image id 3 has invalid width/height", "(and 3 more problems)")
+
+
+def test_problems_of_every_split_and_image_file(make_dataset, coco):
+    root = make_dataset(coco)
+    (root / "images" / "empty.png").unlink()
+    val = json.loads((root / "annotations" / "val.json").read_text())
+    val["categories"][0]["name"] = "horse"
+    (root / "annotations" / "val.json").write_text(json.dumps(val))
+    with pytest.raises(DatasetError) as info:
+        check_dataset(root)
+    problems = info.value.problems
+    assert len(problems) == 3, problems
+    assert "train.json: image id 9 (empty.png): image file not found" in problems[0]
+    assert "val.json: image id 9 (empty.png): image file not found" in problems[1]
+    assert "val.json: categories differ from those of split 'train'" in problems[2]
+
+
+def test_a_missing_root_is_one_problem_not_one_per_split(tmp_path):
+    with pytest.raises(DatasetError) as info:
+        check_dataset(tmp_path / "nowhere")
+    message = "dataset directory not found (expected a directory or a data YAML)"
+    assert info.value.problems == [f"{tmp_path / 'nowhere'}: {message}"]  # was: once for train, once for val
+
+
+def test_duplicate_category_names_are_refused(make_dataset, coco):
+    coco["categories"][2]["name"] = "zebra"  # ids 90 and 17 would both print as "zebra"
+    raises(lambda: load_split(make_dataset(coco)), "category ids 90 and 17 share the name 'zebra'")
+
+
+def test_train_split_without_boxes_is_refused(make_dataset, coco):
+    coco["annotations"] = []
+    root = make_dataset(coco)
+    assert load_split(root, "train").num_classes == 3  # loading alone does not judge
+    raises(lambda: check_dataset(root), "train.json: split 'train' has 3 images but no (non-crowd) annotations")
+    assert check_dataset(root, splits=("val",))["splits"]["val"]["annotations"] == 0  # a val split may be empty
+
+
+def test_data_check_cli_prints_every_problem_then_a_count(make_dataset, coco, capsys):
+    from cls2det.cli import MAX_PROBLEMS, main
+
+    for k in range(MAX_PROBLEMS + 5):
+        coco["annotations"].append({"id": 100 + k, "image_id": 7, "category_id": 90, "bbox": [1, 1, -1, 1]})
+    root = make_dataset(coco)
+    assert main(["data", "check", str(root), "--splits", "train", "--no-images"]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == MAX_PROBLEMS + 1
+    assert all(line.startswith("error: ") and "non-positive box width/height" in line for line in lines[:-1])
+    assert "annotation id 100 " in lines[0] and f"annotation id {100 + MAX_PROBLEMS - 1} " in lines[-2]
+    assert lines[-1] == "error: ... and 5 more problems"

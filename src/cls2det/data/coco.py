@@ -339,20 +339,39 @@ def check_dataset(
     """Validate every split of a dataset and return a summary.
 
     Beyond :func:`load_split`'s JSON checks: every image file must exist and, with ``check_images``, decode fully
-    and match its JSON width/height; all splits must share the same categories. Raises :class:`DatasetError`.
+    and match its JSON width/height; all splits must share the same categories; a train split with images must have
+    at least one (non-crowd) box. Raises one :class:`DatasetError` whose ``problems`` lists every problem found in
+    every split (:func:`load_split` alone raises the same for one split's JSON, before any image is opened).
 
     Returns ``{"root", "class_names", "num_classes", "splits": {name: split_summary}}``.
     """
-    loaded = [load_split(root, name, clip_tolerance=clip_tolerance) for name in splits]
+    problems: list[str] = []
+    loaded: list[DetectionSplit] = []
+    for name in splits:
+        try:
+            loaded.append(load_split(root, name, clip_tolerance=clip_tolerance))
+        except DatasetError as err:
+            problems.extend(err.problems)
     for split in loaded:
         for image in split.images:
-            check_image_file(split.image_path(image), image, source=split.annotation_file, load=check_images)
+            try:
+                check_image_file(split.image_path(image), image, source=split.annotation_file, load=check_images)
+            except DatasetError as err:
+                problems.extend(err.problems)
+        boxes = sum(not a["iscrowd"] for anns in split.annotations.values() for a in anns)
+        if split.name == "train" and split.images and not boxes:
+            problems.append(
+                f"{split.annotation_file}: split 'train' has {len(split.images)} images but no (non-crowd) "
+                "annotations: nothing to train on"
+            )
     for split in loaded[1:]:
         if split.categories != loaded[0].categories:
-            raise DatasetError(
+            problems.append(
                 f"{split.annotation_file}: categories differ from those of split '{loaded[0].name}' "
                 f"({loaded[0].annotation_file})"
             )
+    if problems:  # (a missing root or data YAML is the same problem for every split: once)
+        raise DatasetError(*dict.fromkeys(problems))
     first = loaded[0] if loaded else None
     return {
         "root": str(root),

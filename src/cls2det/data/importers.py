@@ -81,12 +81,13 @@ def _xml_number(node: ET.Element, path: str, where: str) -> float:
         raise DatasetError(f"{where}: <{path}> is not a number: {text!r}") from None
 
 
-def read_voc_xml(path: Path, class_names: list[str]) -> tuple[dict, list[dict]]:
+def read_voc_xml(path: Path, class_names: list[str] | None = None) -> tuple[dict, list[dict]]:
     """One VOC annotation file -> ``({"file_name", "width", "height"}, [{"bbox", "category_id", "iscrowd"}])``.
 
     VOC boxes are 1-based inclusive pixel indices; as a continuous 0-based box that is
     ``[xmin - 1, ymin - 1, xmax, ymax]`` (as Detectron2's VOC loader). ``difficult`` objects become
     ``iscrowd=1`` (ignored by training and by COCO evaluation), as in torchvision's references.
+    With ``class_names=None`` each object has its class ``"name"`` instead of a ``category_id``.
     """
     try:
         root = ET.parse(path).getroot()
@@ -104,25 +105,60 @@ def read_voc_xml(path: Path, class_names: list[str]) -> tuple[dict, list[dict]]:
     for index, obj in enumerate(root.findall("object"), start=1):
         where = f"{path}: object {index}"
         name = _xml_text(obj, "name", where)
-        if name not in class_names:
-            raise DatasetError(f"{where}: unknown class {name!r} (classes: {', '.join(class_names)})")
         difficult = obj.find("difficult")
         is_difficult = difficult is not None and (difficult.text or "0").strip() == "1"
         x1, y1, x2, y2 = (_xml_number(obj, f"bndbox/{k}", where) for k in ("xmin", "ymin", "xmax", "ymax"))
         bbox = _clip_box(x1 - 1, y1 - 1, x2, y2, image["width"], image["height"], where)
-        objects.append({"bbox": bbox, "category_id": class_names.index(name) + 1, "iscrowd": int(is_difficult)})
+        objects.append({"bbox": bbox, "name": name, "iscrowd": int(is_difficult), "where": where})
+    if class_names is not None:
+        objects = [_with_category_id(obj, class_names) for obj in objects]
     return image, objects
 
 
+def _with_category_id(obj: dict, class_names: list[str]) -> dict:
+    """A read object with ``category_id`` (1..C, the index in ``class_names`` + 1) in place of its name."""
+    name, where = obj["name"], obj["where"]
+    if name not in class_names:
+        raise DatasetError(f"{where}: unknown class {name!r} (classes: {', '.join(class_names)})")
+    return {"bbox": obj["bbox"], "category_id": class_names.index(name) + 1, "iscrowd": obj["iscrowd"]}
+
+
+def _voc_list_file(voc_dir: Path, list_name: str) -> Path | None:
+    """An image list named ``list_name``: a path, or a file under ``voc_dir`` or ``voc_dir/ImageSets/Main``
+    (``.txt`` may be left out)."""
+    main = voc_dir / "ImageSets" / "Main"
+    names = (list_name, f"{list_name}.txt")
+    for candidate in (Path(list_name), *(voc_dir / n for n in names), *(main / n for n in names)):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
 def _voc_ids(voc_dir: Path, list_name: str) -> tuple[Path, list[tuple[int, str]]]:
-    """Image ids of an ImageSets list (a name under ImageSets/Main or a path), with their line numbers."""
-    list_file = Path(list_name)
-    if not list_file.is_file():
-        list_file = voc_dir / "ImageSets" / "Main" / f"{list_name}.txt"
-    if not list_file.is_file():
-        raise DatasetError(f"{voc_dir}: image list not found: {list_file}")
+    """Image ids of an image list (see :func:`_voc_list_file`), with their line numbers."""
+    list_file = _voc_list_file(voc_dir, list_name)
+    if list_file is None:
+        raise DatasetError(f"{voc_dir}: image list not found: {list_name} (nor under ImageSets/Main)")
     lines = list_file.read_text(encoding="utf-8").splitlines()
     return list_file, [(n, line.split()[0]) for n, line in enumerate(lines, start=1) if line.strip()]
+
+
+def voc_default_splits(voc_dir: Path) -> dict[str, str]:
+    """The split -> image list mapping of a VOC folder: Pascal's ``trainval`` / ``test`` lists (VOC2007) when both
+    are there, else ``train`` / ``val`` (VOC2012, custom exports), under ``ImageSets/Main`` or the folder itself."""
+    for train, val in (("trainval", "test"), ("train", "val")):
+        if _voc_list_file(voc_dir, f"{train}.txt") and _voc_list_file(voc_dir, f"{val}.txt"):
+            return {"train": train, "val": val}
+    found = sorted(
+        str(p.relative_to(voc_dir))
+        for folder in (voc_dir, voc_dir / "ImageSets" / "Main")
+        if folder.is_dir()
+        for p in folder.glob("*.txt")
+    )
+    raise DatasetError(
+        f"{voc_dir}: no image lists for the default splits (ImageSets/Main/trainval.txt + test.txt, or train.txt + "
+        f"val.txt); found: {', '.join(found) or 'no .txt file'}; name them with --splits train=FILE,val=FILE"
+    )
 
 
 def import_voc(
@@ -130,26 +166,39 @@ def import_voc(
     out: str | Path,
     *,
     splits: dict[str, str] | None = None,
-    class_names: list[str] | tuple[str, ...] = VOC_CLASSES,
+    class_names: list[str] | tuple[str, ...] | None = None,
     link: bool = True,
 ) -> dict:
-    """Convert a VOC2007-like folder (Annotations/*.xml, JPEGImages/, ImageSets/Main/*.txt) to COCO format.
+    """Convert a VOC-like folder (Annotations/*.xml, JPEGImages/, image lists) to COCO format.
 
-    ``splits`` maps an output split to an ImageSets/Main list name (or a list file path); default
-    ``{"train": "trainval", "val": "test"}``. Categories are ``class_names`` (default the 20 VOC classes),
-    ids 1..C. Returns :func:`check_dataset`'s summary of ``out``.
+    ``splits`` maps an output split to an image list: a path, or a file name under the folder or its
+    ``ImageSets/Main`` (``.txt`` optional); default :func:`voc_default_splits`. Categories are ``class_names``
+    or, if None, the class names found in the splits' XML files, sorted; ids 1..C (:data:`VOC_CLASSES` are Pascal's
+    20). Returns :func:`check_dataset`'s summary of ``out``.
     """
     voc_dir, out = Path(voc_dir), Path(out)
-    splits = splits or {"train": "trainval", "val": "test"}
-    class_names = list(class_names)
+    if not voc_dir.is_dir():
+        raise DatasetError(f"{voc_dir}: VOC folder not found")
+    splits = splits or voc_default_splits(voc_dir)
+    read: dict[str, list[tuple[Path, dict, list[dict]]]] = {}
     for split, list_name in splits.items():
         list_file, ids = _voc_ids(voc_dir, list_name)
-        images, annotations = [], []
-        for image_id, (line, name) in enumerate(ids, start=1):
+        read[split] = []
+        for line, name in ids:
             xml_path = voc_dir / "Annotations" / f"{name}.xml"
             if not xml_path.is_file():
                 raise DatasetError(f"{list_file}:{line}: no annotation file {xml_path}")
-            record, objects = read_voc_xml(xml_path, class_names)
+            read[split].append((xml_path, *read_voc_xml(xml_path)))
+    if class_names is None:
+        class_names = sorted({obj["name"] for items in read.values() for _, _, objects in items for obj in objects})
+        if not class_names:
+            raise DatasetError(f"{voc_dir}: no <object> in the splits' annotation files: no class to import")
+    class_names = list(class_names)
+    if len(set(class_names)) != len(class_names):
+        raise DatasetError(f"{voc_dir}: class names repeat: {', '.join(class_names)}")
+    for split, items in read.items():
+        images, annotations = [], []
+        for image_id, (xml_path, record, objects) in enumerate(items, start=1):
             source = voc_dir / "JPEGImages" / record["file_name"]
             if not source.is_file():
                 raise DatasetError(f"{xml_path}: image file not found: {source}")
@@ -159,6 +208,7 @@ def import_voc(
                 {"id": image_id, "file_name": file_name, "width": record["width"], "height": record["height"]}
             )
             for obj in objects:
+                obj = _with_category_id(obj, class_names)
                 area = obj["bbox"][2] * obj["bbox"][3]
                 annotations.append({"id": len(annotations) + 1, "image_id": image_id, "area": area, **obj})
         _write_coco(out, split, images, annotations, class_names)

@@ -1,7 +1,7 @@
 """Validation of COCO-format detection annotations: cheap JSON checks and image-file checks.
 
-Every problem raises :class:`DatasetError` with a one-line message that names the culprit (file, image id,
-annotation id or category id), so the CLI can print it as is.
+Every problem is a one-line message that names the culprit (file, image id, annotation id or category id); a
+:class:`DatasetError` carries all those found (``problems``), so the CLI can print them as they are.
 
 Box convention: COCO ``bbox`` = ``[x, y, w, h]`` in pixels, ``(x, y)`` the top-left corner, the image spanning
 ``[0, width] x [0, height]``. A box that leaves the image by at most ``clip_tolerance`` pixels (rounding in
@@ -14,6 +14,7 @@ import copy
 import json
 import math
 import reprlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,19 @@ from cls2det.errors import Cls2detError
 
 
 class DatasetError(Cls2detError, ValueError):
-    """A dataset that cannot be used as is; the message is one line naming the file / image id / annotation id."""
+    """A dataset that cannot be used as is. Each problem is one line naming the file / image id / annotation id.
+
+    ``problems`` holds every problem found (at least one); ``str(err)`` is the first, one line, with the count of
+    the others (``(and 2 more problems)``): what a fail-fast caller prints, while ``cls2det data check`` lists all.
+    """
+
+    def __init__(self, *problems: str) -> None:
+        if not problems:
+            raise TypeError("DatasetError needs at least one problem")
+        self.problems = list(problems)
+        more = len(problems) - 1
+        suffix = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
+        super().__init__(problems[0] + suffix)
 
 
 IMAGE_KEYS = ("id", "file_name", "width", "height")
@@ -69,28 +82,51 @@ def _show(value: Any) -> str:
     return reprlib.repr(value)
 
 
-def _records(coco: dict, key: str, required: tuple[str, ...], source: Path) -> list[dict]:
-    """The list ``coco[key]``, each record a dict holding ``required`` keys and an int id."""
+@dataclass
+class _Records:
+    """The records of ``coco[key]`` that passed :func:`_records`, and what a reference to a failed one needs."""
+
+    good: list[dict]  # dicts with every required key and a unique int64 id
+    bad_ids: set[int]  # ids of records that failed (references to them are not reported again)
+    complete: bool  # False when some record has no usable id (or the list itself is broken): unknown ids are unsure
+
+
+def _records(coco: dict, key: str, required: tuple[str, ...], source: Path, problems: list[str]) -> _Records:
+    """The list ``coco[key]``, each record a dict holding ``required`` keys and an int id; problems are appended."""
     if key not in coco:
-        raise DatasetError(f"{source}: missing key '{key}'")
+        problems.append(f"{source}: missing key '{key}'")
+        return _Records([], set(), False)
     records = coco[key]
     if not isinstance(records, list):
-        raise DatasetError(f"{source}: '{key}' must be a list, got {type(records).__name__}")
+        problems.append(f"{source}: '{key}' must be a list, got {type(records).__name__}")
+        return _Records([], set(), False)
     kind = {"images": "image", "annotations": "annotation", "categories": "category"}[key]
+    result = _Records([], set(), True)
     seen: set[int] = set()
     for index, record in enumerate(records):
         if not isinstance(record, dict):
-            raise DatasetError(f"{source}: {key}[{index}] must be an object, got {type(record).__name__}")
-        name = f"{kind} id {record['id']}" if _is_id(record.get("id")) else f"{key}[{index}]"
-        for field in required:
-            if field not in record:
-                raise DatasetError(f"{source}: {name} is missing key '{field}'")
-        if not _is_id(record["id"]):
-            raise DatasetError(f"{source}: {key}[{index}] id must be an integer (int64), got {_show(record['id'])}")
-        if record["id"] in seen:
-            raise DatasetError(f"{source}: duplicate {kind} id {record['id']}")
-        seen.add(record["id"])
-    return records
+            problems.append(f"{source}: {key}[{index}] must be an object, got {type(record).__name__}")
+            result.complete = False
+            continue
+        has_id = _is_id(record.get("id"))
+        name = f"{kind} id {record['id']}" if has_id else f"{key}[{index}]"
+        missing = [field for field in required if field not in record]
+        if missing:
+            problems.append(f"{source}: {name} is missing key '{missing[0]}'")
+        elif not has_id:
+            problems.append(f"{source}: {key}[{index}] id must be an integer (int64), got {_show(record['id'])}")
+        elif record["id"] in seen:
+            problems.append(f"{source}: duplicate {kind} id {record['id']}")
+            continue  # the first record of that id stands
+        if has_id:
+            seen.add(record["id"])
+        if missing or not has_id:
+            result.complete = result.complete and has_id
+            if has_id:
+                result.bad_ids.add(record["id"])
+            continue
+        result.good.append(record)
+    return result
 
 
 def validate_coco(
@@ -102,6 +138,9 @@ def validate_coco(
     and ``area`` defaulted to ``w * h`` of the clipped box (pycocotools' evaluation needs both). The input is
     modified only with ``inplace`` (which saves a deep copy of COCO-size dicts). Image files are not touched
     here (see :func:`check_image_file`).
+
+    Raises one :class:`DatasetError` holding every problem found (one per record at most; a reference to a record
+    that is itself broken is not reported again).
     """
     source = Path(source)
     if not isinstance(coco, dict):
@@ -110,76 +149,103 @@ def validate_coco(
         raise ValueError(f"clip_tolerance must be >= 0, got {clip_tolerance}")
     if not inplace:
         coco = copy.deepcopy(coco)
-    images = _records(coco, "images", IMAGE_KEYS, source)
-    annotations = _records(coco, "annotations", ANNOTATION_KEYS, source)
-    categories = _records(coco, "categories", CATEGORY_KEYS, source)
-    if not categories:
-        raise DatasetError(f"{source}: 'categories' is empty")
+    problems: list[str] = []
+    images = _records(coco, "images", IMAGE_KEYS, source, problems)
+    annotations = _records(coco, "annotations", ANNOTATION_KEYS, source, problems)
+    categories = _records(coco, "categories", CATEGORY_KEYS, source, problems)
+    if isinstance(coco.get("categories"), list) and not coco["categories"]:
+        problems.append(f"{source}: 'categories' is empty")
+        categories.complete = False  # every category id is unknown: not worth one line per annotation
 
     sizes: dict[int, tuple[float, float]] = {}
-    for image in images:
+    for image in images.good:
         width, height = image["width"], image["height"]
         if not (_is_number(width) and _is_number(height) and width > 0 and height > 0):
-            raise DatasetError(
-                f"{source}: image id {image['id']} has invalid width/height {_show(width)}/{_show(height)}"
-            )
+            problems.append(f"{source}: image id {image['id']} has invalid width/height {_show(width)}/{_show(height)}")
+            images.bad_ids.add(image["id"])
+            continue
         # one non-empty line: the name goes into messages (and a line break in a file name is a bug upstream)
         if not isinstance(image["file_name"], str) or image["file_name"].splitlines() != [image["file_name"]]:
-            raise DatasetError(f"{source}: image id {image['id']} has invalid file_name {_show(image['file_name'])}")
+            problems.append(f"{source}: image id {image['id']} has invalid file_name {_show(image['file_name'])}")
         sizes[image["id"]] = (float(width), float(height))
-    for category in categories:
-        if not isinstance(category["name"], str):
-            raise DatasetError(f"{source}: category id {category['id']} name must be a string")
-    category_ids = {c["id"] for c in categories}
+    category_ids: set[int] = set()
+    names: dict[str, int] = {}
+    for category in categories.good:
+        name = category["name"]
+        if not isinstance(name, str):
+            problems.append(f"{source}: category id {category['id']} name must be a string")
+        elif name in names:
+            problems.append(
+                f"{source}: category ids {names[name]} and {category['id']} share the name {_show(name)} "
+                "(their classes would merge in per-class reports)"
+            )
+        else:
+            names[name] = category["id"]
+        category_ids.add(category["id"])
 
     clipped = 0
-    for ann in annotations:
-        name = f"annotation id {ann['id']}"
-        for field in ("image_id", "category_id"):
-            if not _is_id(ann[field]):  # (also keeps unhashable values out of the lookups below)
-                raise DatasetError(f"{source}: {name} {field} must be an integer (int64), got {_show(ann[field])}")
-        if ann["image_id"] not in sizes:
-            raise DatasetError(f"{source}: {name} points to unknown image id {ann['image_id']}")
-        if ann["category_id"] not in category_ids:
-            raise DatasetError(f"{source}: {name} points to unknown category id {ann['category_id']}")
-        bbox = ann["bbox"]
-        if not (isinstance(bbox, list) and len(bbox) == 4 and all(_is_number(v) for v in bbox)):
-            raise DatasetError(f"{source}: {name} bbox must be 4 finite numbers [x, y, w, h], got {_show(bbox)}")
-        x, y, w, h = (float(v) for v in bbox)
-        if w <= 0 or h <= 0:
-            raise DatasetError(f"{source}: {name} has non-positive box width/height {w:g}/{h:g}")
-        width, height = sizes[ann["image_id"]]
-        if (
-            x < -clip_tolerance
-            or y < -clip_tolerance
-            or x + w > width + clip_tolerance
-            or y + h > height + clip_tolerance
-        ):
-            raise DatasetError(
-                f"{source}: {name} box [{x:g}, {y:g}, {w:g}, {h:g}] (xywh) leaves image id {ann['image_id']} "
-                f"({width:g}x{height:g}) by more than clip_tolerance={clip_tolerance:g} px"
-            )
-        x1, y1 = max(x, 0.0), max(y, 0.0)
-        x2, y2 = min(x + w, width), min(y + h, height)
-        # in float32, as the training targets hold it: a box thinner than its resolution would be degenerate there
-        if np.float32(x2) <= np.float32(x1) or np.float32(y2) <= np.float32(y1):
-            raise DatasetError(
-                f"{source}: {name} box is empty after clipping to image id {ann['image_id']} (in float32: "
-                f"[{x:g}, {y:g}, {w:g}, {h:g}] xywh)"
-            )
-        if (x1, y1, x2, y2) != (x, y, x + w, y + h):
-            clipped += 1
-            ann["bbox"] = [x1, y1, x2 - x1, y2 - y1]
-        iscrowd = ann.setdefault("iscrowd", 0)
-        if iscrowd not in (0, 1):
-            raise DatasetError(f"{source}: {name} iscrowd must be 0 or 1, got {_show(iscrowd)}")
-        if "area" not in ann:
-            ann["area"] = (x2 - x1) * (y2 - y1)
-        elif not _is_number(ann["area"]) or ann["area"] < 0:
-            raise DatasetError(f"{source}: {name} has invalid area {_show(ann['area'])}")
+    for ann in annotations.good:
+        problem, was_clipped = _check_annotation(ann, sizes, category_ids, images, categories, clip_tolerance)
+        if problem:
+            problems.append(f"{source}: annotation id {ann['id']} {problem}")
+        clipped += was_clipped
+    if problems:
+        raise DatasetError(*problems)
     coco.setdefault("info", {})
     coco.setdefault("licenses", [])
     return coco, clipped
+
+
+def _check_annotation(
+    ann: dict,
+    sizes: dict[int, tuple[float, float]],
+    category_ids: set[int],
+    images: _Records,
+    categories: _Records,
+    clip_tolerance: float,
+) -> tuple[str | None, bool]:
+    """``(problem after "annotation id N ", or None; whether the box was clipped)``; fixes ``ann`` in place."""
+    for field in ("image_id", "category_id"):
+        if not _is_id(ann[field]):  # (also keeps unhashable values out of the lookups below)
+            return f"{field} must be an integer (int64), got {_show(ann[field])}", False
+    if ann["image_id"] not in sizes:
+        if ann["image_id"] in images.bad_ids or not images.complete:
+            return None, False  # the image's own problem is reported (or it may be the record without an id)
+        return f"points to unknown image id {ann['image_id']}", False
+    if ann["category_id"] not in category_ids:
+        if ann["category_id"] in categories.bad_ids or not categories.complete:
+            return None, False
+        return f"points to unknown category id {ann['category_id']}", False
+    bbox = ann["bbox"]
+    if not (isinstance(bbox, list) and len(bbox) == 4 and all(_is_number(v) for v in bbox)):
+        return f"bbox must be 4 finite numbers [x, y, w, h], got {_show(bbox)}", False
+    x, y, w, h = (float(v) for v in bbox)
+    if w <= 0 or h <= 0:
+        return f"has non-positive box width/height {w:g}/{h:g}", False
+    width, height = sizes[ann["image_id"]]
+    if x < -clip_tolerance or y < -clip_tolerance or x + w > width + clip_tolerance or y + h > height + clip_tolerance:
+        return (
+            f"box [{x:g}, {y:g}, {w:g}, {h:g}] (xywh) leaves image id {ann['image_id']} "
+            f"({width:g}x{height:g}) by more than clip_tolerance={clip_tolerance:g} px"
+        ), False
+    x1, y1 = max(x, 0.0), max(y, 0.0)
+    x2, y2 = min(x + w, width), min(y + h, height)
+    # in float32, as the training targets hold it: a box thinner than its resolution would be degenerate there
+    if np.float32(x2) <= np.float32(x1) or np.float32(y2) <= np.float32(y1):
+        return (
+            f"box is empty after clipping to image id {ann['image_id']} (in float32: [{x:g}, {y:g}, {w:g}, {h:g}] xywh)"
+        ), False
+    iscrowd = ann.setdefault("iscrowd", 0)
+    if iscrowd not in (0, 1):
+        return f"iscrowd must be 0 or 1, got {_show(iscrowd)}", False
+    if "area" in ann and (not _is_number(ann["area"]) or ann["area"] < 0):
+        return f"has invalid area {_show(ann['area'])}", False
+    was_clipped = (x1, y1, x2, y2) != (x, y, x + w, y + h)
+    if was_clipped:
+        ann["bbox"] = [x1, y1, x2 - x1, y2 - y1]
+    if "area" not in ann:
+        ann["area"] = (x2 - x1) * (y2 - y1)
+    return None, was_clipped
 
 
 def check_image_file(path: Path, image: dict, *, source: Path, load: bool = True) -> None:

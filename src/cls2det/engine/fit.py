@@ -19,6 +19,7 @@ from lightning_fabric import Fabric
 
 from cls2det.config import TrainConfig, det_methods, load_config, resolve_workers, save_config, to_dict
 from cls2det.data import CocoDetection, collate, load_split
+from cls2det.determinism import deterministic_algorithms
 from cls2det.engine.advice import input_notices
 from cls2det.engine.checkpoint import load_model_state, load_state, save_checkpoint
 from cls2det.engine.distributed import end_launched_ranks, fabric_strategy, module_checksum
@@ -66,29 +67,24 @@ def fit(config: TrainConfig, *, resume: bool = False, overwrite: bool = False, p
     results it wrote when it finished, untouched.
     """
     out = Path(config.out)
+    fabric = build_fabric(config)  # before the run folder is touched: a machine that cannot run it changes nothing
     start = prepare_run_dir(out, resume=resume, overwrite=overwrite, kind="student")
     if resume:
         saved = load_config(TrainConfig, out / CONFIG)
         start.changes = resume_changes(out, to_dict(saved), to_dict(config), RESUME_SAFE, RESUME_PATHS)
-    fabric = Fabric(
-        accelerator=config.accelerator,
-        devices=config.devices,
-        num_nodes=config.num_nodes,
-        strategy=fabric_strategy(config.strategy, config.dist_timeout_s),
-        precision=config.precision,
-    )
     try:
         fabric.launch()
-        trainer = _start(fabric, config, out, start, progress=progress)
-        if trainer.nothing_to_do:
-            if trainer.logger is not None:
-                trainer.logger.close()
-            fabric.print(
-                f"{out} finished at step {trainer.step} (epoch {trainer.epoch}): nothing to resume; "
-                "raise epochs=N (or max_steps) to train on"
-            )
-            return json.loads((out / RESULTS).read_text())
-        return trainer.run()
+        with deterministic_algorithms(config.deterministic):
+            trainer = _start(fabric, config, out, start, progress=progress)
+            if trainer.nothing_to_do:
+                if trainer.logger is not None:
+                    trainer.logger.close()
+                fabric.print(
+                    f"{out} finished at step {trainer.step} (epoch {trainer.epoch}): nothing to resume; "
+                    "raise epochs=N (or max_steps) to train on"
+                )
+                return json.loads((out / RESULTS).read_text())
+            return trainer.run()
     except BaseException as err:
         if fabric.is_global_zero:
             start.failed()  # a start that failed before its first checkpoint leaves nothing behind
@@ -103,6 +99,26 @@ def fit(config: TrainConfig, *, resume: bool = False, overwrite: bool = False, p
                 f"{str(err).splitlines()[0] if str(err) else type(err).__name__}"
             ) from err
         raise
+
+
+def build_fabric(config: TrainConfig) -> Fabric:
+    """Fabric for ``config``'s accelerator / devices / strategy / precision; a machine without them (``cuda`` without
+    CUDA, a strategy's missing package, devices of the wrong kind) is a one-line :class:`TrainingError`."""
+    try:
+        return Fabric(
+            accelerator=config.accelerator,
+            devices=config.devices,
+            num_nodes=config.num_nodes,
+            strategy=fabric_strategy(config.strategy, config.dist_timeout_s),
+            precision=config.precision,
+        )
+    except (RuntimeError, ImportError, TypeError, ValueError) as err:  # Lightning's checks raise all of these
+        setting = (
+            f"accelerator={config.accelerator!r}, devices={config.devices!r}, strategy={config.strategy!r}, "
+            f"precision={config.precision!r}"
+        )
+        reason = " ".join(str(err).split()) or type(err).__name__
+        raise TrainingError(f"cannot train with {setting} on this machine: {reason}") from None
 
 
 def _start(fabric: Fabric, config: TrainConfig, out: Path, start: RunStart, *, progress: bool) -> _Trainer:

@@ -35,7 +35,7 @@ def save_teacher(teacher: Teacher, run_dir: str | Path, metrics: dict, *, config
     run_dir.mkdir(parents=True, exist_ok=True)
     # clone: safetensors refuses tensors that share storage; contiguous CPU copies are what it writes anyway
     state = {k: v.detach().to("cpu").contiguous().clone() for k, v in teacher.net.state_dict().items()}
-    blob = save_safetensors(state, metadata={"arch": teacher.arch, "format": str(FORMAT_VERSION)})
+    blob = sorted_metadata(save_safetensors(state, metadata={"arch": teacher.arch, "format": str(FORMAT_VERSION)}))
     meta = {
         "format": FORMAT_VERSION,
         "arch": teacher.arch,
@@ -56,6 +56,22 @@ def save_teacher(teacher: Teacher, run_dir: str | Path, metrics: dict, *, config
     # the JSON goes last: a directory with a valid JSON always has the weights it describes
     write_json(run_dir / META_FILE, meta)
     return run_dir
+
+
+def sorted_metadata(blob: bytes) -> bytes:
+    """A safetensors file's bytes with its metadata keys sorted.
+
+    safetensors writes the metadata map in the order of a Rust ``HashMap``, which is seeded per process: the same
+    weights saved by two processes differed in their header (and SHA-256) half the time. The tensors' entries keep
+    their (already fixed) order; the header is padded with spaces to 8 bytes, as safetensors pads it.
+    """
+    size = int.from_bytes(blob[:8], "little")  # header length, u64 little-endian
+    header = json.loads(blob[8 : 8 + size])
+    if "__metadata__" in header:
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + blob[8 + size :]
 
 
 def read_teacher_meta(run_dir: str | Path) -> dict:

@@ -23,6 +23,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from cls2det.config import TeacherConfig, resolve_workers
+from cls2det.determinism import deterministic_algorithms
 from cls2det.lr import capped_warmup
 from cls2det.teacher.io import save_teacher
 from cls2det.teacher.model import Teacher, TeacherError, build_teacher
@@ -113,7 +114,8 @@ def fit_teacher(
 
     Seeded by ``config.seed`` without touching the global RNG: the epoch's crop order is a function of (seed, epoch),
     each step's augmentation of (seed, step), so a run stopped at a step boundary and resumed is the uninterrupted
-    run. Leaves the best epoch's weights in ``teacher`` (the last epoch's when there is no val set).
+    run; ``config.deterministic`` allows deterministic kernels only (:mod:`cls2det.determinism`). Leaves the best
+    epoch's weights in ``teacher`` (the last epoch's when there is no val set).
 
     ``run``: the run folder (:class:`~cls2det.teacher.run.TeacherRun`) that gets a checkpoint at every epoch's end
     and at SIGINT / SIGTERM, metrics.csv and TensorBoard; when it is resuming, training continues from its ``last/``.
@@ -124,7 +126,7 @@ def fit_teacher(
         raise TeacherError(f"teacher {teacher.arch!r} is frozen (a distillation teacher); build a new one to train")
     augment = augment if augment is not None else Augment(hflip=config.hflip)
     start = time.perf_counter()
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), deterministic_algorithms(config.deterministic):
         torch.manual_seed(config.seed)
         drop_last = len(train_set) > config.batch_size  # no 1-crop batch for BatchNorm; keep tiny sets whole
         workers = resolve_workers(config.workers)
@@ -255,13 +257,15 @@ def _train_teacher(data, out, config: TeacherConfig, run: TeacherRun, *, progres
     workers = resolve_workers(config.workers)
     train_set = ClassificationCrops(train_split, size=config.input_size, workers=workers)
     val_set = ClassificationCrops(val_split, size=config.input_size, workers=workers)
-    teacher = build_teacher(
-        config.arch,
-        train_split.num_classes,
-        class_names=train_split.class_names,
-        input_size=config.input_size,
-        pretrained=config.pretrained,
-    )
+    with torch.random.fork_rng(devices=[]):  # the head's (and a from-scratch net's) initial weights: from the seed
+        torch.manual_seed(config.seed)
+        teacher = build_teacher(
+            config.arch,
+            train_split.num_classes,
+            class_names=train_split.class_names,
+            input_size=config.input_size,
+            pretrained=config.pretrained,
+        )
     run.started(data)
     metrics = fit_teacher(teacher, train_set, val_set, config, progress=progress, device=device, run=run)
     save_teacher(teacher, out, metrics, config=config)
