@@ -19,9 +19,11 @@ from cls2det.engine.teacher_cache import (
     StaleCacheError,
     build_gt_feature_cache,
     build_soft_label_cache,
+    dataset_fingerprint,
     gt_feature_key,
     read_key,
     soft_label_key,
+    teacher_fingerprint,
 )
 from cls2det.teacher import load_teacher
 
@@ -183,7 +185,7 @@ def test_gt_feature_cache_gives_the_online_kd_loc_loss_and_box_gradients(teacher
     gradients w.r.t. the predicted boxes within float16 tolerance; the teacher then runs on the predicted crops only."""
     items = synthetic_items()
     cache = build_gt_feature_cache(teacher, ListDataset(items), taps=TAPS, size=SIZE, pool=POOL)
-    assert cache.taps == TAPS and cache.key == gt_feature_key(teacher, TAPS, SIZE, POOL)
+    assert cache.taps == TAPS and cache.key == gt_feature_key(teacher, ListDataset(items), TAPS, SIZE, POOL)
     assert [cache.tables[t].shape for t in TAPS] == [
         (5, 2, 3, POOL, POOL),
         (5, 2, 64, POOL, POOL),
@@ -226,24 +228,32 @@ def test_gt_features_of_the_wrong_shape_are_refused(teacher):
 
 
 def test_gt_feature_cache_round_trip_and_stale_key(teacher, tmp_path):
-    cache = build_gt_feature_cache(teacher, ListDataset(synthetic_items()), taps=TAPS, size=SIZE, pool=POOL)
+    dataset = ListDataset(synthetic_items())
+    cache = build_gt_feature_cache(teacher, dataset, taps=TAPS, size=SIZE, pool=POOL)
     path = tmp_path / "gt_features.safetensors"
     cache.save(path)
     assert [p.name for p in tmp_path.iterdir()] == [path.name]
-    assert read_key(path) == {"teacher": "resnet18", "taps": "obj,l0,l1", "sample_size": "32", "pool": "4"}
+    assert read_key(path) == {
+        "teacher": "resnet18",
+        "teacher_sha256": teacher_fingerprint(teacher),
+        "data": dataset_fingerprint(dataset),
+        "taps": "obj,l0,l1",
+        "sample_size": "32",
+        "pool": "4",
+    }
     loaded = GTFeatureCache.load(path, key=cache.key)
     assert loaded.taps == TAPS and all(torch.equal(loaded.tables[t], cache.tables[t]) for t in TAPS)
     ids, gt, flips = torch.tensor([9, 7]), torch.tensor([2, 0]), torch.tensor([False, True])
     assert all(torch.equal(a, b) for a, b in zip(loaded.lookup(ids, gt, flips), cache.lookup(ids, gt, flips)))
     # another pool size or tap list: the file is stale, and the error names what differs
     with pytest.raises(StaleCacheError, match=r"pool='4' \(asked '8'\)$"):
-        GTFeatureCache.load(path, key=gt_feature_key(teacher, TAPS, SIZE, 8))
+        GTFeatureCache.load(path, key=gt_feature_key(teacher, dataset, TAPS, SIZE, 8))
     with pytest.raises(StaleCacheError, match=r"taps='obj,l0,l1' \(asked 'obj,l0'\)$"):
-        GTFeatureCache.load(path, key=gt_feature_key(teacher, ["obj", "l0"], SIZE, POOL))
+        GTFeatureCache.load(path, key=gt_feature_key(teacher, dataset, ["obj", "l0"], SIZE, POOL))
     # a soft-label cache of the old format (no key) is stale for any key
     save_file({"logits": torch.zeros(2, 2, 10, dtype=torch.float16)}, str(tmp_path / "old.safetensors"))
     with pytest.raises(StaleCacheError, match="input_size=None"):
-        SoftLabelCache.load(tmp_path / "old.safetensors", key=soft_label_key(teacher))
+        SoftLabelCache.load(tmp_path / "old.safetensors", key=soft_label_key(teacher, dataset))
 
 
 def test_empty_dataset_gives_empty_tables_of_the_right_shape(teacher):
