@@ -5,14 +5,16 @@ online loss and its box gradients on flipped and unflipped images; a cache built
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from cls2det.data import CocoDetection, load_split
+from cls2det.data import CocoDetection, generate_demo, load_split
 from cls2det.distill import crop_boxes_naive, kd_loc_loss
+from cls2det.engine.run_dir import SOFT_LABELS
 from cls2det.engine.teacher_cache import (
     GTFeatureCache,
     SoftLabelCache,
@@ -25,7 +27,7 @@ from cls2det.engine.teacher_cache import (
     soft_label_key,
     teacher_fingerprint,
 )
-from cls2det.teacher import load_teacher
+from cls2det.teacher import load_teacher, save_teacher
 
 hflip_batch = importlib.import_module("cls2det.engine.fit").hflip_batch
 
@@ -266,3 +268,85 @@ def test_empty_dataset_gives_empty_tables_of_the_right_shape(teacher):
             torch.tensor([], dtype=torch.int64), torch.tensor([], dtype=torch.int64), torch.tensor([], dtype=torch.bool)
         )
     ] == [(0, 3, 4, 4), (0, 64, 4, 4), (0, 64, 4, 4)]
+
+
+# ----------------------------------------------------------------------------------------------- stale keys (#18.1)
+
+
+@pytest.fixture(scope="module")
+def other_teacher_run(teacher_run, tmp_path_factory):
+    """The session's teacher with other weights (same architecture, classes and input size): its stem conv scaled."""
+    teacher = load_teacher(teacher_run)
+    with torch.no_grad():
+        teacher.net.conv1.weight.mul_(1.5)
+    return save_teacher(teacher, tmp_path_factory.mktemp("other_teacher"), {})
+
+
+@pytest.fixture(scope="module")
+def other_demo_data(tmp_path_factory):
+    """Another demo dataset with the same classes (another seed: other images and boxes)."""
+    return generate_demo(tmp_path_factory.mktemp("other") / "data", seed=1, train_images=8, val_images=4, image_size=96)
+
+
+def test_fingerprints_follow_the_weights_and_the_data(teacher, teacher_run, other_teacher_run, demo_data):
+    assert teacher_fingerprint(load_teacher(teacher_run)) == teacher_fingerprint(teacher)
+    assert teacher_fingerprint(load_teacher(teacher_run).to(memory_format=torch.channels_last)) == (
+        teacher_fingerprint(teacher)
+    )
+    assert teacher_fingerprint(load_teacher(other_teacher_run)) != teacher_fingerprint(teacher)
+    dataset = CocoDetection(load_split(demo_data, "train"))
+    assert dataset_fingerprint(dataset).startswith("annotations:")
+    assert dataset_fingerprint(CocoDetection(load_split(demo_data, "train"))) == dataset_fingerprint(dataset)
+    assert dataset_fingerprint(CocoDetection(load_split(demo_data, "val"))) != dataset_fingerprint(dataset)
+    items = synthetic_items()
+    moved = synthetic_items()
+    moved[2][1]["boxes"][1, 0] += 0.5  # one coordinate of one box
+    assert dataset_fingerprint(ListDataset(items)).startswith("boxes:")
+    assert dataset_fingerprint(ListDataset(moved)) != dataset_fingerprint(ListDataset(items))
+    assert dataset_fingerprint(ListDataset(synthetic_items())) == dataset_fingerprint(ListDataset(items))
+
+
+def test_resume_rebuilds_the_soft_labels_for_other_weights_or_data_and_reuses_them_otherwise(
+    make_train_config, other_teacher_run, other_demo_data, tmp_path, monkeypatch, capsys
+):
+    """The run folder's soft labels: reused (file untouched) when nothing changed; rebuilt when the run resumes
+    with a teacher of the same architecture but other weights, or with another dataset."""
+    fit_module = importlib.import_module("cls2det.engine.fit")
+    builds = []
+    real = fit_module.build_soft_label_cache
+
+    def counting(teacher, dataset, **kwargs):
+        builds.append(teacher_fingerprint(teacher))
+        return real(teacher, dataset, **kwargs)
+
+    monkeypatch.setattr(fit_module, "build_soft_label_cache", counting)
+    out = tmp_path / "run"
+
+    def run(max_steps, **change):
+        config = make_train_config(out, "ssdlite320_mobilenet_v3", ["distill.kd=[cls]", f"max_steps={max_steps}"])
+        fit_module.fit(dataclasses.replace(config, **change), resume=max_steps > 1, progress=False)
+        return read_key(out / SOFT_LABELS)
+
+    first = run(1)
+    assert len(builds) == 1
+    stat = (out / SOFT_LABELS).stat()
+    capsys.readouterr()
+    assert run(2) == first and len(builds) == 1  # same teacher, same data: reused, the file not even rewritten
+    after = (out / SOFT_LABELS).stat()
+    assert (after.st_ino, after.st_mtime_ns, after.st_size) == (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+
+    other = run(3, teacher=str(other_teacher_run))  # same architecture, other weights
+    assert len(builds) == 2 and builds[1] != builds[0]
+    assert other["teacher"] == first["teacher"] and other["teacher_sha256"] != first["teacher_sha256"]
+    assert "soft_labels.safetensors was computed with" in capsys.readouterr().out
+    # the file now holds the other teacher's logits
+    new_teacher = load_teacher(other_teacher_run)
+    dataset = CocoDetection(load_split(make_train_config(out).data, "train"))
+    image, target = dataset[0]
+    cache = SoftLabelCache.load(out / SOFT_LABELS, key=other)
+    got = cache.lookup(target["image_id"].view(1), torch.tensor([0]), torch.tensor([False]))[0]
+    torch.testing.assert_close(got, reference_logits(new_teacher, image, target["boxes"][0]), **FP16)
+
+    moved = run(4, teacher=str(other_teacher_run), data=str(other_demo_data))  # another dataset, same classes
+    assert len(builds) == 3 and moved["data"] != other["data"] and moved["teacher_sha256"] == other["teacher_sha256"]
+    assert "soft_labels.safetensors was computed with" in capsys.readouterr().out
