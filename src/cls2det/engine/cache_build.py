@@ -7,13 +7,15 @@
   into its own shard file (a cache file of its images). Rank 0 then assembles the shards into ONE preallocated file,
   copying a chunk of rows at a time; every rank works for ~1/world of the build, so the barrier after it waits for
   the slowest shard only (not for a whole single-rank build, which at COCO scale outlives ``dist_timeout_s``).
-* **O(batch) memory.** Rows go straight into memory-mapped files (:mod:`cls2det.engine.cache_file`); no step holds
-  more than one batch of crops and outputs (or one copy chunk), whatever the number of boxes. What does grow with
-  the data is the row index (an int64 per image and per box).
+* **O(batch) memory.** Rows are written in place into preallocated files with ``pwrite``
+  (:class:`~cls2det.engine.cache_file.TableFile`: the pages go to the page cache, not into the process's resident
+  set, as they would through a writable memory map); no step holds more than one batch of crops and outputs (or one
+  copy chunk), whatever the number of boxes. What does grow with the data is the row index (an int64 per image).
 """
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -64,7 +66,7 @@ def output_shapes(outputs: Outputs, size: int, device: str | torch.device) -> di
 
 @torch.no_grad()
 def fill_rows(
-    tables: dict[str, np.ndarray],
+    write: Callable[[str, int, np.ndarray], None],
     dataset,
     indices: Sequence[int],
     first_rows: Sequence[int],
@@ -76,8 +78,8 @@ def fill_rows(
     batch_boxes: int = 128,
     progress: Callable[[int], None] | None = None,
 ) -> None:
-    """Write ``outputs`` of the GT crops of image ``indices[j]`` (index 0 of each row) and of their flips (index 1)
-    into rows ``first_rows[j]`` onwards of ``tables`` ({name: [M, 2, ...] float16 array}).
+    """``write(name, row, values [n, 2, ...] float16)`` the ``outputs`` of the GT crops of image ``indices[j]`` (index
+    0 of each row) and of their flips (index 1) as rows ``first_rows[j]`` onwards of the tables.
 
     The images' rows must follow each other (``first_rows[j + 1] = first_rows[j] + boxes of image j``). Crops of
     several images are batched up to ``batch_boxes`` boxes per teacher call (the teacher is in eval mode, so a crop's
@@ -99,9 +101,7 @@ def fill_rows(
         crops = torch.cat(pending).to(device, non_blocking=True)  # [n, 3, s, s]
         out = outputs(torch.cat([crops, crops.flip(-1)]))  # each [2n, ...]
         for name, value in out.items():
-            tables[name][start : start + len(crops)] = (
-                torch.stack(value.chunk(2), 1).half().cpu().numpy()
-            )  # [n, 2, ...]
+            write(name, start, torch.stack(value.chunk(2), 1).half().cpu().numpy())  # [n, 2, ...]
         start += len(crops)
         pending.clear()
         if progress is not None:
@@ -150,13 +150,13 @@ def build_shard(
     }
     shard = shard_path(path, rank, world)
     tmp = shard.with_name(shard.name + ".tmp")
-    arrays = cache_file.create(tmp, specs, key)
-    arrays["image_ids"][:], arrays["offsets"][:] = image_ids[mine], offsets
-    tables = {name[len(TABLE) :]: a for name, a in arrays.items() if name.startswith(TABLE)}
+    out = cache_file.create(tmp, specs, key)
+    out.write("image_ids", 0, image_ids[mine])
+    out.write("offsets", 0, offsets)
     has_boxes = counts[mine] > 0  # images without boxes are not even read
     with _bar(progress, rows, f"teacher cache {Path(path).name} ({rank + 1}/{world})") as advance:
         fill_rows(
-            tables,
+            lambda name, row, values: out.write(TABLE + name, row, values),
             dataset,
             mine[has_boxes],
             offsets[has_boxes],
@@ -167,7 +167,7 @@ def build_shard(
             batch_boxes=batch_boxes,
             progress=advance,
         )
-    cache_file.flush(arrays)
+    out.close(sync=True)
     os.replace(tmp, shard)
     return shard
 
@@ -180,31 +180,40 @@ def assemble(path: str | Path, world: int, *, chunk_bytes: int = 64 << 20) -> No
     if world == 1:  # the one shard already is the file
         os.replace(shards[0], path)
         return
-    parts = [cache_file.open_tensors(shard) for shard in shards]
-    key = parts[0][1]
-    names = [name for name in parts[0][0] if name.startswith(TABLE)]
-    num_images = sum(len(arrays["image_ids"]) for arrays, _ in parts)
+    parts = [cache_file.TableFile(shard) for shard in shards]
+    names = [name for name in parts[0].entries if name.startswith(TABLE)]
+    num_images = sum(part.shape("image_ids")[0] for part in parts)
     image_ids, counts = np.zeros(num_images, np.int64), np.zeros(num_images, np.int64)
-    for rank, (arrays, _) in enumerate(parts):  # image i of the dataset is image i // world of shard i % world
-        rows = len(arrays[names[0]])
-        image_ids[rank::world] = arrays["image_ids"]
-        counts[rank::world] = np.diff(np.append(arrays["offsets"], rows))
+    shard_offsets = [part.read("offsets", 0, part.shape("offsets")[0]) for part in parts]
+    for rank, part in enumerate(parts):  # image i of the dataset is image i // world of shard i % world
+        image_ids[rank::world] = part.read("image_ids", 0, part.shape("image_ids")[0])
+        counts[rank::world] = np.diff(np.append(shard_offsets[rank], part.shape(names[0])[0]))
     offsets = np.cumsum(counts) - counts
     specs = {"image_ids": (np.int64, (num_images,)), "offsets": (np.int64, (num_images,))}
-    specs |= {name: (np.float16, (int(counts.sum()), *parts[0][0][name].shape[1:])) for name in names}
+    specs |= {name: (np.float16, (int(counts.sum()), *parts[0].shape(name)[1:])) for name in names}
     tmp = path.with_name(path.name + ".tmp")
-    out = cache_file.create(tmp, specs, key)
-    out["image_ids"][:], out["offsets"][:] = image_ids, offsets
-    for rank, (arrays, _) in enumerate(parts):
-        # the destination row of each of the shard's rows: its image's first row in the file + its GT index
-        shard_counts = counts[rank::world]
-        dest = np.repeat(offsets[rank::world] - arrays["offsets"], shard_counts) + np.arange(shard_counts.sum())
-        for name in names:
-            source = arrays[name]  # [M_r, 2, ...] memory-mapped
-            step = max(1, chunk_bytes // max(1, source[:1].nbytes))
-            for a in range(0, len(source), step):
-                out[name][dest[a : a + step]] = source[a : a + step]
-    cache_file.flush(out)
+    out = cache_file.create(tmp, specs, parts[0].metadata)
+    out.write("image_ids", 0, image_ids)
+    out.write("offsets", 0, offsets)
+    row_bytes = sum(2 * math.prod(parts[0].shape(name)[1:]) for name in names)  # float16
+    for rank, part in enumerate(parts):
+        # a chunk of the shard's images at a time: read their rows, write each image's rows where the file wants them
+        first, count, dest = shard_offsets[rank], counts[rank::world], offsets[rank::world]
+        a = 0
+        while a < len(first):
+            b = a + 1
+            while b < len(first) and (first[b] + count[b] - first[a]) * row_bytes <= chunk_bytes:
+                b += 1
+            lo, hi = int(first[a]), int(first[b - 1] + count[b - 1])
+            for name in names:
+                rows = part.read(name, lo, hi)  # [hi - lo, 2, ...]
+                for j in range(a, b):
+                    if count[j]:
+                        out.write(name, int(dest[j]), rows[first[j] - lo : first[j] - lo + count[j]])
+            a = b
+    for part in parts:
+        part.close()
+    out.close(sync=True)
     os.replace(tmp, path)
     for shard in shards:
         shard.unlink()
@@ -270,7 +279,7 @@ def build_in_memory(
     has_boxes = counts > 0
     with _bar(progress, rows, "teacher cache") as advance:
         fill_rows(
-            tables,
+            lambda name, row, values: tables[name].__setitem__(slice(row, row + len(values)), values),
             dataset,
             np.flatnonzero(has_boxes),
             offsets[has_boxes],

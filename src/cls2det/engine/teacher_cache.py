@@ -96,10 +96,10 @@ class GTBoxCache:
         tensors = {"image_ids": self.image_ids, "offsets": self.offsets}
         tensors |= {TABLE + name: table for name, table in self.tables.items()}
         specs = {name: (torch_to_numpy_dtype(t.dtype), tuple(t.shape)) for name, t in tensors.items()}
-        arrays = cache_file.create(tmp, specs, self.key)
+        out = cache_file.create(tmp, specs, self.key)
         for name, t in tensors.items():
-            arrays[name][...] = t.cpu().numpy()
-        cache_file.flush(arrays)
+            out.write(name, 0, t.cpu().numpy())
+        out.close(sync=True)
         os.replace(tmp, path)
 
     @classmethod
