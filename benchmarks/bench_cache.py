@@ -5,6 +5,7 @@ Standalone; each measurement in a fresh process so that its peak RSS is its own:
     python benchmarks/bench_cache.py data  --out /tmp/synth --images 300          # COCO-shaped: 640x480, ~7.3 boxes
     python benchmarks/bench_cache.py build --data /tmp/synth --cache soft --workers 2
     python benchmarks/bench_cache.py build --data /tmp/synth --cache gt --former   # the former in-RAM build
+    python benchmarks/bench_cache.py build --data /tmp/synth --cache crops --workers 2  # no teacher: the loader alone
     python benchmarks/bench_cache.py fake  --out /tmp/soft.safetensors --boxes 860000
     python benchmarks/bench_cache.py read  --file /tmp/soft.safetensors --lookups 2000
 
@@ -119,6 +120,8 @@ def build(args) -> None:
     teacher = build_teacher(args.arch, CLASSES, input_size=args.teacher_size).freeze()
     if args.cache == "soft":
         outputs, size = soft_label_outputs(teacher), args.teacher_size
+    elif args.cache == "crops":  # no teacher: the loader's pace (decode + crop), what a GPU teacher leaves to wait on
+        outputs, size = (lambda crops: {"mean": crops.mean((2, 3))}), args.teacher_size
     else:
         outputs, size = gt_feature_outputs(teacher, args.taps.split(","), args.pool), args.sample_size
     out = Path(args.out)
@@ -203,7 +206,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p = sub.add_parser("build")
     p.add_argument("--data", required=True)
-    p.add_argument("--cache", choices=("soft", "gt"), default="soft")
+    p.add_argument("--cache", choices=("soft", "gt", "crops"), default="soft")
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--former", action="store_true", help="the former single-process in-RAM build")
     p.add_argument("--out", default="/tmp/bench_cache.safetensors")
