@@ -450,13 +450,12 @@ class _Trainer:
         if fabric.broadcast(stored != key, 0):  # rank 0 decides, so that every rank takes the same branch
             if stored is not None:
                 fabric.print(f"{path} was computed with {stored}, the run asks {key}: rebuilding it")
-            world, barrier = fabric.world_size, fabric.barrier
             return build(
                 path=path,
                 key=key,
                 rank=fabric.global_rank,
-                world=world,
-                barrier=barrier,
+                world=fabric.world_size,
+                barrier=fabric.barrier,
                 workers=self.config.workers,
                 progress=progress and fabric.is_global_zero,
             )
