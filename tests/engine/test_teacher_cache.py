@@ -5,24 +5,32 @@ online loss and its box gradients on flipped and unflipped images; a cache built
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
+import shutil
+
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from cls2det.data import CocoDetection, load_split
+from cls2det.data import CocoDetection, generate_demo, load_split
 from cls2det.distill import crop_boxes_naive, kd_loc_loss
-from cls2det.engine.sampling import hflip_batch
+from cls2det.engine.run_dir import SOFT_LABELS
 from cls2det.engine.teacher_cache import (
     GTFeatureCache,
     SoftLabelCache,
     StaleCacheError,
     build_gt_feature_cache,
     build_soft_label_cache,
+    dataset_fingerprint,
     gt_feature_key,
     read_key,
     soft_label_key,
+    teacher_fingerprint,
 )
-from cls2det.teacher import load_teacher
+from cls2det.teacher import load_teacher, save_teacher
+
+hflip_batch = importlib.import_module("cls2det.engine.fit").hflip_batch
 
 FP16 = {"rtol": 2e-3, "atol": 2e-3}  # the cache stores float16 logits (10 bits of mantissa: 4.9e-4 relative)
 
@@ -148,7 +156,8 @@ def test_save_load_round_trip(teacher, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------- KD_loc's GT branch
-TAPS, SIZE, POOLS = ["obj", "l0", "l1"], 32, [4, 8, 16]  # the release's rule: obj 4, l_j 4·2^(j+1)
+TAPS, SIZE, POOL = ["obj", "l0", "l1"], 32, 4
+POOLS = [POOL] * len(TAPS)
 
 
 def mixed_flip_batch(items):
@@ -180,11 +189,11 @@ def test_gt_feature_cache_gives_the_online_kd_loc_loss_and_box_gradients(teacher
     gradients w.r.t. the predicted boxes within float16 tolerance; the teacher then runs on the predicted crops only."""
     items = synthetic_items()
     cache = build_gt_feature_cache(teacher, ListDataset(items), taps=TAPS, size=SIZE, pools=POOLS)
-    assert cache.taps == TAPS and cache.key == gt_feature_key(teacher, TAPS, SIZE, POOLS)
+    assert cache.taps == TAPS and cache.key == gt_feature_key(teacher, ListDataset(items), TAPS, SIZE, POOLS)
     assert [cache.tables[t].shape for t in TAPS] == [
-        (5, 2, 3, 4, 4),
-        (5, 2, 64, 8, 8),
-        (5, 2, 64, 16, 16),
+        (5, 2, 3, POOL, POOL),
+        (5, 2, 64, POOL, POOL),
+        (5, 2, 64, POOL, POOL),
     ]
     assert all(cache.tables[t].dtype == torch.float16 for t in TAPS)
     pixels, pred_boxes, gt_boxes, index, rows = mixed_flip_batch(items)
@@ -193,15 +202,7 @@ def test_gt_feature_cache_gives_the_online_kd_loc_loss_and_box_gradients(teacher
         features, calls = counting_taps(teacher, TAPS)
         boxes = pred_boxes.clone().requires_grad_()
         loss = kd_loc_loss(
-            features,
-            pixels,
-            boxes,
-            gt_boxes,
-            index,
-            size=SIZE,
-            pools=POOLS,
-            gt_features=gt_features,
-            is_pixel_level=[tap == "obj" for tap in TAPS],
+            features, pixels, boxes, gt_boxes, index, size=SIZE, pools=[POOL] * 3, gt_features=gt_features
         )
         return loss, torch.autograd.grad(loss, boxes)[0], calls
 
@@ -231,33 +232,131 @@ def test_gt_features_of_the_wrong_shape_are_refused(teacher):
 
 
 def test_gt_feature_cache_round_trip_and_stale_key(teacher, tmp_path):
-    cache = build_gt_feature_cache(teacher, ListDataset(synthetic_items()), taps=TAPS, size=SIZE, pools=POOLS)
+    dataset = ListDataset(synthetic_items())
+    cache = build_gt_feature_cache(teacher, dataset, taps=TAPS, size=SIZE, pools=POOLS)
     path = tmp_path / "gt_features.safetensors"
     cache.save(path)
     assert [p.name for p in tmp_path.iterdir()] == [path.name]
-    assert read_key(path) == {"teacher": "resnet18", "taps": "obj,l0,l1", "sample_size": "32", "pools": "4,8,16"}
+    assert read_key(path) == {
+        "teacher": "resnet18",
+        "teacher_sha256": teacher_fingerprint(teacher),
+        "data": dataset_fingerprint(dataset),
+        "taps": "obj,l0,l1",
+        "sample_size": "32",
+        "pools": "4,4,4",
+    }
     loaded = GTFeatureCache.load(path, key=cache.key)
     assert loaded.taps == TAPS and all(torch.equal(loaded.tables[t], cache.tables[t]) for t in TAPS)
     ids, gt, flips = torch.tensor([9, 7]), torch.tensor([2, 0]), torch.tensor([False, True])
     assert all(torch.equal(a, b) for a, b in zip(loaded.lookup(ids, gt, flips), cache.lookup(ids, gt, flips)))
     # another pool size or tap list: the file is stale, and the error names what differs
-    with pytest.raises(StaleCacheError, match=r"pools='4,8,16' \(asked '8,8,8'\)$"):
-        GTFeatureCache.load(path, key=gt_feature_key(teacher, TAPS, SIZE, [8, 8, 8]))
+    with pytest.raises(StaleCacheError, match=r"pools='4,4,4' \(asked '4,8,16'\)$"):
+        GTFeatureCache.load(path, key=gt_feature_key(teacher, dataset, TAPS, SIZE, [4, 8, 16]))
     with pytest.raises(StaleCacheError, match=r"taps='obj,l0,l1' \(asked 'obj,l0'\)$"):
-        GTFeatureCache.load(path, key=gt_feature_key(teacher, ["obj", "l0"], SIZE, POOLS[:2]))
+        GTFeatureCache.load(path, key=gt_feature_key(teacher, dataset, ["obj", "l0"], SIZE, [POOL, POOL]))
     # a soft-label cache of the old format (no key) is stale for any key
     save_file({"logits": torch.zeros(2, 2, 10, dtype=torch.float16)}, str(tmp_path / "old.safetensors"))
     with pytest.raises(StaleCacheError, match="input_size=None"):
-        SoftLabelCache.load(tmp_path / "old.safetensors", key=soft_label_key(teacher))
+        SoftLabelCache.load(tmp_path / "old.safetensors", key=soft_label_key(teacher, dataset))
 
 
 def test_empty_dataset_gives_empty_tables_of_the_right_shape(teacher):
     image, target = synthetic_items()[1]  # the image without boxes
     cache = build_gt_feature_cache(teacher, ListDataset([(image, target)]), taps=TAPS, size=SIZE, pools=POOLS)
-    assert [cache.tables[t].shape for t in TAPS] == [(0, 2, 3, 4, 4), (0, 2, 64, 8, 8), (0, 2, 64, 16, 16)]
+    assert [cache.tables[t].shape for t in TAPS] == [(0, 2, 3, 4, 4), (0, 2, 64, 4, 4), (0, 2, 64, 4, 4)]
     assert [
         f.shape
         for f in cache.lookup(
             torch.tensor([], dtype=torch.int64), torch.tensor([], dtype=torch.int64), torch.tensor([], dtype=torch.bool)
         )
-    ] == [(0, 3, 4, 4), (0, 64, 8, 8), (0, 64, 16, 16)]
+    ] == [(0, 3, 4, 4), (0, 64, 4, 4), (0, 64, 4, 4)]
+
+
+# ----------------------------------------------------------------------------------------------- stale keys (#18.1)
+
+
+@pytest.fixture(scope="module")
+def other_teacher_run(teacher_run, tmp_path_factory):
+    """The session's teacher with other weights (same architecture, classes and input size): its stem conv scaled."""
+    teacher = load_teacher(teacher_run)
+    with torch.no_grad():
+        teacher.net.conv1.weight.mul_(1.5)
+    return save_teacher(teacher, tmp_path_factory.mktemp("other_teacher"), {})
+
+
+@pytest.fixture(scope="module")
+def other_demo_data(tmp_path_factory):
+    """Another demo dataset with the same classes (another seed: other images and boxes)."""
+    return generate_demo(tmp_path_factory.mktemp("other") / "data", seed=1, train_images=8, val_images=4, image_size=96)
+
+
+def test_fingerprints_follow_the_weights_and_the_data(teacher, teacher_run, other_teacher_run, demo_data):
+    assert teacher_fingerprint(load_teacher(teacher_run)) == teacher_fingerprint(teacher)
+    assert teacher_fingerprint(load_teacher(teacher_run).to(memory_format=torch.channels_last)) == (
+        teacher_fingerprint(teacher)
+    )
+    assert teacher_fingerprint(load_teacher(other_teacher_run)) != teacher_fingerprint(teacher)
+    dataset = CocoDetection(load_split(demo_data, "train"))
+    assert dataset_fingerprint(dataset).startswith("annotations:")
+    assert dataset_fingerprint(CocoDetection(load_split(demo_data, "train"))) == dataset_fingerprint(dataset)
+    assert dataset_fingerprint(CocoDetection(load_split(demo_data, "val"))) != dataset_fingerprint(dataset)
+    items = synthetic_items()
+    moved = synthetic_items()
+    moved[2][1]["boxes"][1, 0] += 0.5  # one coordinate of one box
+    assert dataset_fingerprint(ListDataset(items)).startswith("boxes:")
+    assert dataset_fingerprint(ListDataset(moved)) != dataset_fingerprint(ListDataset(items))
+    assert dataset_fingerprint(ListDataset(synthetic_items())) == dataset_fingerprint(ListDataset(items))
+
+
+def test_resume_rebuilds_the_soft_labels_for_other_weights_or_data_and_reuses_them_otherwise(
+    make_train_config, teacher_run, demo_data, other_teacher_run, other_demo_data, tmp_path, monkeypatch, capsys
+):
+    """The run folder's soft labels: reused (file untouched) when nothing changed; rebuilt when the run resumes after
+    its teacher run was retrained in place (same folder, same architecture, other weights: what --resume's recipe
+    check cannot see), or after its dataset's annotations were replaced."""
+    fit_module = importlib.import_module("cls2det.engine.fit")
+    builds = []
+    real = fit_module.build_soft_label_cache
+
+    def counting(teacher, dataset, **kwargs):
+        builds.append(teacher_fingerprint(teacher))
+        return real(teacher, dataset, **kwargs)
+
+    monkeypatch.setattr(fit_module, "build_soft_label_cache", counting)
+    out, teacher, data = tmp_path / "run", tmp_path / "teacher", tmp_path / "data"
+    shutil.copytree(teacher_run, teacher)
+    shutil.copytree(demo_data, data)
+
+    def run(max_steps):
+        config = make_train_config(out, "ssdlite320_mobilenet_v3", ["distill.kd=[cls]", f"max_steps={max_steps}"])
+        config = dataclasses.replace(config, teacher=str(teacher), data=str(data))
+        fit_module.fit(config, resume=max_steps > 1, progress=False)
+        return read_key(out / SOFT_LABELS)
+
+    first = run(1)
+    assert len(builds) == 1
+    stat = (out / SOFT_LABELS).stat()
+    capsys.readouterr()
+    assert run(2) == first and len(builds) == 1  # same teacher, same data: reused, the file not even rewritten
+    after = (out / SOFT_LABELS).stat()
+    assert (after.st_ino, after.st_mtime_ns, after.st_size) == (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+
+    for name in ("teacher.safetensors", "teacher.json"):  # the teacher retrained into its own folder
+        shutil.copy(other_teacher_run / name, teacher / name)
+    other = run(3)
+    assert len(builds) == 2 and builds[1] != builds[0]
+    assert other["teacher"] == first["teacher"] and other["teacher_sha256"] != first["teacher_sha256"]
+    assert "soft_labels.safetensors was computed with" in capsys.readouterr().out
+    # the file now holds the other teacher's logits
+    new_teacher = load_teacher(other_teacher_run)
+    dataset = CocoDetection(load_split(data, "train"))
+    image, target = dataset[0]
+    cache = SoftLabelCache.load(out / SOFT_LABELS, key=other)
+    got = cache.lookup(target["image_id"].view(1), torch.tensor([0]), torch.tensor([False]))[0]
+    torch.testing.assert_close(got, reference_logits(new_teacher, image, target["boxes"][0]), **FP16)
+
+    shutil.rmtree(data)  # the dataset's files replaced by another one's (same classes, other images and boxes)
+    shutil.copytree(other_demo_data, data)
+    moved = run(4)
+    assert len(builds) == 3 and moved["data"] != other["data"] and moved["teacher_sha256"] == other["teacher_sha256"]
+    assert "soft_labels.safetensors was computed with" in capsys.readouterr().out

@@ -189,23 +189,26 @@ class _Trainer:
             self.soft_labels = self._gt_cache(
                 SOFT_LABELS,
                 SoftLabelCache,
-                soft_label_key(self.teacher),
-                lambda: build_soft_label_cache(self.teacher, self.dataset, device=fabric.device),
+                soft_label_key(self.teacher, self.dataset),
+                lambda **build: build_soft_label_cache(self.teacher, self.dataset, device=fabric.device, **build),
+                progress,
             )
         if self.teacher is not None and "kd_loc" in distill.kd and distill.gt_feature_cache:
-            key = gt_feature_key(self.teacher, distill.taps, distill.sample_size, distill.tap_pools())
+            key = gt_feature_key(self.teacher, self.dataset, distill.taps, distill.sample_size, distill.tap_pools())
             self.gt_features = self._gt_cache(
                 GT_FEATURES,
                 GTFeatureCache,
                 key,
-                lambda: build_gt_feature_cache(
+                lambda **build: build_gt_feature_cache(
                     self.teacher,
                     self.dataset,
                     taps=distill.taps,
                     size=distill.sample_size,
                     pools=distill.tap_pools(),
                     device=fabric.device,
+                    **build,
                 ),
+                progress,
             )
         student = create_student(config.student.detector, self.train_split.num_classes, config.student)
         student.max_negatives = distill.kd_cls_negatives  # 0: the adapter draws no negatives
@@ -446,17 +449,24 @@ class _Trainer:
                 f"{path} than rank 0 (a different copy of the teacher run on that node?)"
             )
 
-    def _gt_cache(self, name: str, cache_class, key: dict[str, str], build):
-        """A teacher cache, built once by rank 0 into the run folder (kept for --resume; rebuilt when the run resumes
-        with settings the file was not computed with), then loaded by every rank."""
-        path = self.out / name
-        if self.fabric.is_global_zero:
-            stored = read_key(path)
-            if stored != key:
-                if stored is not None:
-                    self.fabric.print(f"{path} was computed with {stored}, the run asks {key}: rebuilding it")
-                build().save(path)
-        self.fabric.barrier()
+    def _gt_cache(self, name: str, cache_class, key: dict[str, str], build, progress: bool):
+        """A teacher cache in the run folder (kept for --resume; rebuilt when the run resumes with another teacher,
+        dataset or settings than the file was computed with): every rank builds a shard of the images, rank 0
+        assembles the file, then every rank reads it memory-mapped."""
+        fabric, path = self.fabric, self.out / name
+        stored = read_key(path) if fabric.is_global_zero else None
+        if fabric.broadcast(stored != key, 0):  # rank 0 decides, so that every rank takes the same branch
+            if stored is not None:
+                fabric.print(f"{path} was computed with {stored}, the run asks {key}: rebuilding it")
+            return build(
+                path=path,
+                key=key,
+                rank=fabric.global_rank,
+                world=fabric.world_size,
+                barrier=fabric.barrier,
+                workers=resolve_workers(self.config.workers),
+                progress=progress and fabric.is_global_zero,
+            )
         return cache_class.load(path, key=key)
 
     # ----------------------------------------------------------------------------------------------- eval / ckpt
