@@ -257,7 +257,8 @@ def test_channels_last_and_a_bf16_teacher_train_like_the_defaults(make_train_con
         if column not in ("kd_cls", "w_kd_cls", "kd_loc", "w_kd_loc", "loss"):
             assert fast[column] == pytest.approx(exact[column], rel=1e-4, abs=1e-6), column
     assert fast["loc"] == pytest.approx(exact["loc"], rel=1e-4)
-    assert fast["kd_loc"] == pytest.approx(exact["kd_loc"], rel=2e-2) and fast["kd_loc"] != exact["kd_loc"]
+    # (not "!= exact": the CSV keeps 6 digits, and bf16 rounding sometimes moves KD_loc by less: 2 in 16 runs)
+    assert fast["kd_loc"] == pytest.approx(exact["kd_loc"], rel=2e-2)
     assert fast["kd_cls"] == pytest.approx(exact["kd_cls"], rel=5e-2)
 
 
