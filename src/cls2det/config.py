@@ -129,8 +129,9 @@ class DistillConfig:
     lambda_det_pkd: float = 6.0  # Cao et al. 2022's weight per feature level (their Faster R-CNN FPN recipe)
     fgfi_psi: float = 0.5  # FGFI's threshold factor psi (paper: 0.5)
     # KD_loc's GT branch (pooled teacher taps of the GT crops) computed once per GT box and flip, not every step;
-    # 4 * sum_l(M_l * P_l^2) bytes per box (taps obj,l0 at 4, 8: 17 KB; COCO's 860k boxes: 15 GB in RAM)
-    gt_feature_cache: bool = False  # off by default: see the RAM cost above
+    # 4 * sum_l(M_l * P_l^2) bytes per box on disk, float16 x 2 flips (taps obj,l0 at 4, 8 with a ResNet stem: 17 KB;
+    # COCO's 860k boxes: ~14 GB), memory-mapped: a step reads its own rows only
+    gt_feature_cache: bool = False  # off by default: the disk above, and photometric augmentation needs it off
     # autocast of the teacher's passes (KD_loc's predicted crops, online GT crops): "auto" = the training step's own
     # (train.precision), or one of 32-true / bf16-mixed / 16-mixed for the teacher alone, e.g. bf16-mixed where the
     # hardware has it (CUDA; CPUs with AVX512-BF16 or AMX) while the student trains in float32
