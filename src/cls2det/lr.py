@@ -1,4 +1,4 @@
-"""The one learning-rate rule the student's schedule (``engine.schedule``) and the teacher's share.
+"""The one learning-rate schedule of the student (``engine.schedule``) and the teacher (``teacher.train``).
 
 Neutral ground: imported by the engine and by the teacher package, imports neither.
 """
@@ -20,3 +20,18 @@ def capped_warmup(warmup_steps: int, total_steps: int, fraction: float = WARMUP_
     if warmup_steps <= 0 or total_steps <= 0:
         return max(0, warmup_steps)
     return min(warmup_steps, math.ceil(fraction * total_steps))
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int, *, schedule: str = "cosine", floor: float = 0.0) -> float:
+    """Multiplier of the base LR at optimizer step ``step`` (0-based): a linear warm-up from 0.001 over
+    :func:`capped_warmup` steps, then ``schedule``: "cosine" (down to ``floor`` at ``total_steps``), "step"
+    (torchvision's references: x0.1 at 2/3 and 8/9 of the run) or "constant"."""
+    warmup = capped_warmup(warmup_steps, total_steps)
+    if step < warmup:
+        return 0.001 + 0.999 * step / warmup
+    if schedule == "constant":
+        return 1.0
+    if schedule == "step":
+        return 0.1 ** sum(step >= total_steps * f for f in (2 / 3, 8 / 9))
+    progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))

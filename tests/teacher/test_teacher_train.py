@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 
 import pytest
 import torch
@@ -12,8 +11,8 @@ import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
 from cls2det.config import TeacherConfig
+from cls2det.lr import lr_factor
 from cls2det.teacher import Augment, TeacherError, build_teacher, classification_loss, evaluate_top1, fit_teacher
-from cls2det.teacher.train import _lr_factor
 
 
 @pytest.fixture(autouse=True)
@@ -113,13 +112,15 @@ def test_classification_losses_by_hand():
         classification_loss(logits, labels, "focal")
 
 
-def test_lr_warms_up_linearly_then_decays_by_cosine():
+def test_the_teachers_lr_warms_up_linearly_then_decays_by_cosine_to_one_percent():
+    """The teacher's schedule is the student's rule (cls2det.lr) with a floor: 1% of the peak at the end."""
     warmup, total = 10, 110
-    assert _lr_factor(0, warmup, total) == pytest.approx(0.1)
-    assert _lr_factor(9, warmup, total) == pytest.approx(1.0)
-    assert _lr_factor(10, warmup, total) == pytest.approx(1.0)
-    assert _lr_factor(60, warmup, total) == pytest.approx(0.01 + 0.99 * 0.5)
-    assert _lr_factor(110, warmup, total) == pytest.approx(0.01)
+    assert lr_factor(0, total, warmup, floor=0.01) == pytest.approx(0.001)
+    assert lr_factor(5, total, warmup, floor=0.01) == pytest.approx(0.001 + 0.999 * 0.5)
+    assert lr_factor(10, total, warmup, floor=0.01) == pytest.approx(1.0)
+    assert lr_factor(60, total, warmup, floor=0.01) == pytest.approx(0.01 + 0.99 * 0.5)
+    assert lr_factor(110, total, warmup, floor=0.01) == pytest.approx(0.01)
+    assert lr_factor(1, 20, 100, floor=0.01) == pytest.approx(0.5005)  # 100 warm-up steps capped at 10% of 20
 
 
 # ----------------------------------------------------------------------------------------------- training
@@ -179,9 +180,7 @@ def test_training_learns_shapes_and_keeps_the_best_epoch():
     train, val = shapes(240, seed=0), shapes(150, seed=1)
     teacher = build_teacher("test_resnet", 3, input_size=32)
     config = TeacherConfig(arch="test_resnet", input_size=32, epochs=4, batch_size=16, lr=5e-3, seed=1)
-    start = time.perf_counter()
     metrics = fit_teacher(teacher, train, val, config, progress=False)
-    assert time.perf_counter() - start < 20  # ~2 s on one free core
     top1s = [h["top1"] for h in metrics["history"]]
     assert metrics["top1"] == max(top1s) > 90.0 and metrics["best_epoch"] == 1 + top1s.index(max(top1s))
     assert evaluate_top1(teacher, val) == pytest.approx(metrics["top1"])  # the best epoch's weights were kept
@@ -194,7 +193,6 @@ def test_train_teacher_on_the_demo_dataset(tmp_path):
 
     32 px: the demo digits are 8x8 scans, upscaled; 32 px is as good as 112 px here at a tenth of the cost.
     """
-    pytest.importorskip("cls2det.data")
     from cls2det.data import ClassificationCrops, generate_demo, load_split
     from cls2det.teacher import load_teacher, train_teacher
 

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from cls2det.config import TeacherConfig, resolve_workers
 from cls2det.determinism import deterministic_algorithms
-from cls2det.lr import capped_warmup
+from cls2det.lr import lr_factor
 from cls2det.teacher.io import save_teacher
 from cls2det.teacher.model import Teacher, TeacherError, build_teacher
 from cls2det.teacher.run import LoopState, TeacherRun
@@ -144,9 +144,11 @@ def fit_teacher(
         loader = DataLoader(train_set, batch_sampler=sampler, **common)
         val_loader = DataLoader(val_set, 256, **common) if val_set is not None and len(val_set) > 0 else None
         steps = config.epochs * steps_per_epoch
-        warmup = max(1, capped_warmup(round(config.warmup_epochs * steps_per_epoch), steps))
+        warmup = max(1, round(config.warmup_epochs * steps_per_epoch))  # capped at 10% of the run by lr_factor
         optimizer = torch.optim.AdamW(_param_groups(teacher, config.weight_decay), lr=config.lr)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, warmup, steps))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: lr_factor(step, steps, warmup, floor=0.01)
+        )  # cosine to 1%
         teacher.to(device).train()
         loop, best_state = LoopState(), None
         if run is not None and run.start.resume:
@@ -283,11 +285,3 @@ def _param_groups(teacher: Teacher, weight_decay: float) -> list[dict]:
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
     ]
-
-
-def _lr_factor(step: int, warmup: int, total: int) -> float:
-    """Linear warm-up over ``warmup`` steps, then cosine decay to 1% of the peak at ``total`` steps."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * progress))
