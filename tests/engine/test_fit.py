@@ -266,13 +266,14 @@ def test_gt_feature_cache_is_kept_on_resume_and_rebuilt_for_other_settings(
     make_train_config, tmp_path, monkeypatch, capsys
 ):
     builds = []
-    real = fit_module.build_gt_feature_cache
+    caches = importlib.import_module("cls2det.engine.run_caches")
+    real = caches.build_gt_feature_cache
 
     def counting(*args, **kwargs):
         builds.append(kwargs["pools"])
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(fit_module, "build_gt_feature_cache", counting)
+    monkeypatch.setattr(caches, "build_gt_feature_cache", counting)
     out = tmp_path / "run"
     base = ["distill.kd=[loc,kd_loc]", "distill.gt_feature_cache=true"]
     fit(make_train_config(out, "ssdlite320_mobilenet_v3", [*base, "max_steps=1"]), progress=False)

@@ -316,13 +316,14 @@ def test_resume_rebuilds_the_soft_labels_for_other_weights_or_data_and_reuses_th
     check cannot see), or after its dataset's annotations were replaced."""
     fit_module = importlib.import_module("cls2det.engine.fit")
     builds = []
-    real = fit_module.build_soft_label_cache
+    caches = importlib.import_module("cls2det.engine.run_caches")
+    real = caches.build_soft_label_cache
 
     def counting(teacher, dataset, **kwargs):
         builds.append(teacher_fingerprint(teacher))
         return real(teacher, dataset, **kwargs)
 
-    monkeypatch.setattr(fit_module, "build_soft_label_cache", counting)
+    monkeypatch.setattr(caches, "build_soft_label_cache", counting)
     out, teacher, data = tmp_path / "run", tmp_path / "teacher", tmp_path / "data"
     shutil.copytree(teacher_run, teacher)
     shutil.copytree(demo_data, data)

@@ -23,40 +23,31 @@ from cls2det.determinism import deterministic_algorithms
 from cls2det.engine.advice import input_notices
 from cls2det.engine.checkpoint import load_model_state, load_state, save_checkpoint
 from cls2det.engine.distributed import end_launched_ranks, fabric_strategy, module_checksum
-from cls2det.engine.loading import load_det_teacher
+from cls2det.engine.loading import load_det_teacher, load_distillation_teacher
 from cls2det.engine.logger import MetricsLogger, ProgressBar, peak_memory_mb, truncate_metrics
 from cls2det.engine.objective import distillation_losses, loss_weights, total_loss
+from cls2det.engine.run_caches import open_teacher_caches
 from cls2det.engine.run_dir import (
     BEST,
     CLASSES,
     CONFIG,
-    GT_FEATURES,
     LAST,
     METRICS_CSV,
     RESULTS,
     RESUME_PATHS,
     RESUME_SAFE,
-    SOFT_LABELS,
     RunStart,
     TrainingError,
     TrainingInterrupted,
     prepare_run_dir,
     write_json,
 )
-from cls2det.engine.sampling import epoch_order, hflip_batch
+from cls2det.engine.sampling import EpochBatches, hflip_batch
 from cls2det.engine.schedule import build_optimizer, build_scheduler
-from cls2det.engine.teacher_cache import (
-    GTFeatureCache,
-    SoftLabelCache,
-    build_gt_feature_cache,
-    build_soft_label_cache,
-    gt_feature_key,
-    read_key,
-    soft_label_key,
-)
 from cls2det.evaluation.evaluate import evaluate_student
-from cls2det.run_folder import check_run_kind, resume_changes
+from cls2det.run_folder import resume_changes
 from cls2det.students import create_student
+from cls2det.teacher import check_teacher_for_head
 
 
 def fit(config: TrainConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True) -> dict:
@@ -136,30 +127,6 @@ def _start(fabric: Fabric, config: TrainConfig, out: Path, start: RunStart, *, p
     return trainer
 
 
-def needs_teacher(config: TrainConfig) -> bool:
-    return any(term in ("cls", "kd_loc") for term in config.distill.kd)
-
-
-class _EpochBatches:
-    """The trainer's batch sampler: this rank's batches of its current epoch from ``batch_in_epoch`` on, a pure
-    function of (seed, epoch, rank), read when the loader starts an epoch."""
-
-    def __init__(self, trainer: _Trainer) -> None:
-        self.trainer = trainer
-
-    def batches(self) -> list[list[int]]:
-        t = self.trainer
-        order = epoch_order(len(t.dataset), t.config.seed, t.epoch)[t.fabric.global_rank :: t.fabric.world_size]
-        batches = [order[i : i + t.config.batch_size] for i in range(0, len(order), t.config.batch_size)]
-        return batches[: t.steps_per_epoch][t.batch_in_epoch :]
-
-    def __iter__(self):
-        return iter(self.batches())
-
-    def __len__(self) -> int:
-        return len(self.batches())
-
-
 class _Trainer:
     def __init__(self, fabric: Fabric, config: TrainConfig, out: Path, *, resume: bool, progress: bool) -> None:
         self.fabric, self.config, self.out = fabric, config, out
@@ -168,48 +135,14 @@ class _Trainer:
         self.val_split = load_split(config.data, "val")
         self.dataset = CocoDetection(self.train_split)
         self.loader = None  # built by _batches
-        self.teacher = None
-        if needs_teacher(config):
-            from cls2det.teacher import check_teacher_for_head, load_teacher
-
-            if not config.teacher:
-                raise TrainingError(f"--kd {','.join(config.distill.kd)} needs a teacher: pass --teacher TEACHER_RUN")
-            check_run_kind(config.teacher, "teacher", role="--teacher")
-            self.teacher = load_teacher(config.teacher, device=fabric.device)
-            if list(self.teacher.class_names) != list(self.train_split.class_names):
-                raise TrainingError(
-                    f"teacher {config.teacher} was trained on classes {self.teacher.class_names}, "
-                    f"but {config.data} has {self.train_split.class_names}"
-                )
+        self.teacher = load_distillation_teacher(config, self.train_split.class_names, device=fabric.device)
+        if self.teacher is not None:
             self._check_same_weights(self.teacher, "teacher", config.teacher)
         self.weights = loss_weights(config.distill)  # eq. (12)'s lambda of each KD term
-        self.soft_labels = self.gt_features = None
         distill = config.distill
-        if self.teacher is not None and "cls" in distill.kd and distill.soft_label_cache:
-            self.soft_labels = self._gt_cache(
-                SOFT_LABELS,
-                SoftLabelCache,
-                soft_label_key(self.teacher, self.dataset),
-                lambda **build: build_soft_label_cache(self.teacher, self.dataset, device=fabric.device, **build),
-                progress,
-            )
-        if self.teacher is not None and "kd_loc" in distill.kd and distill.gt_feature_cache:
-            key = gt_feature_key(self.teacher, self.dataset, distill.taps, distill.sample_size, distill.tap_pools())
-            self.gt_features = self._gt_cache(
-                GT_FEATURES,
-                GTFeatureCache,
-                key,
-                lambda **build: build_gt_feature_cache(
-                    self.teacher,
-                    self.dataset,
-                    taps=distill.taps,
-                    size=distill.sample_size,
-                    pools=distill.tap_pools(),
-                    device=fabric.device,
-                    **build,
-                ),
-                progress,
-            )
+        self.soft_labels, self.gt_features = open_teacher_caches(
+            fabric, out, self.teacher, self.dataset, distill, workers=resolve_workers(config.workers), progress=progress
+        )
         student = create_student(config.student.detector, self.train_split.num_classes, config.student)
         student.max_negatives = distill.kd_cls_negatives  # 0: the adapter draws no negatives
         if self.teacher is not None and "cls" in distill.kd:
@@ -307,7 +240,7 @@ class _Trainer:
             workers = resolve_workers(self.config.workers)
             self.loader = torch.utils.data.DataLoader(
                 self.dataset,
-                batch_sampler=_EpochBatches(self),
+                batch_sampler=EpochBatches(self),
                 collate_fn=collate,
                 num_workers=workers,
                 persistent_workers=workers > 0,
@@ -448,26 +381,6 @@ class _Trainer:
                 f"the {role} differs across ranks: rank {', '.join(map(str, differ))} loaded other weights from "
                 f"{path} than rank 0 (a different copy of the teacher run on that node?)"
             )
-
-    def _gt_cache(self, name: str, cache_class, key: dict[str, str], build, progress: bool):
-        """A teacher cache in the run folder (kept for --resume; rebuilt when the run resumes with another teacher,
-        dataset or settings than the file was computed with): every rank builds a shard of the images, rank 0
-        assembles the file, then every rank reads it memory-mapped."""
-        fabric, path = self.fabric, self.out / name
-        stored = read_key(path) if fabric.is_global_zero else None
-        if fabric.broadcast(stored != key, 0):  # rank 0 decides, so that every rank takes the same branch
-            if stored is not None:
-                fabric.print(f"{path} was computed with {stored}, the run asks {key}: rebuilding it")
-            return build(
-                path=path,
-                key=key,
-                rank=fabric.global_rank,
-                world=fabric.world_size,
-                barrier=fabric.barrier,
-                workers=resolve_workers(self.config.workers),
-                progress=progress and fabric.is_global_zero,
-            )
-        return cache_class.load(path, key=key)
 
     # ----------------------------------------------------------------------------------------------- eval / ckpt
 

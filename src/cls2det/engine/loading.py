@@ -79,3 +79,28 @@ def load_det_teacher(
     except ValueError as err:
         raise TrainingError(f"det teacher {run}: {err}") from None
     return teacher.requires_grad_(False).eval().to(device)
+
+
+def needs_teacher(config: TrainConfig) -> bool:
+    """Whether ``config``'s KD terms run the classifier teacher (KD_cls, KD_loc; loc and det:* do not)."""
+    return any(term in ("cls", "kd_loc") for term in config.distill.kd)
+
+
+def load_distillation_teacher(config: TrainConfig, class_names: Sequence[str], *, device: torch.device | str = "cpu"):
+    """The frozen classifier teacher of ``config.teacher`` on ``device`` when ``config``'s terms need one, else None;
+    a missing flag, a folder that is not a teacher run, or a teacher of other classes is a one-line error."""
+    if not needs_teacher(config):
+        return None
+    from cls2det.run_folder import check_run_kind
+    from cls2det.teacher import load_teacher
+
+    if not config.teacher:
+        raise TrainingError(f"--kd {','.join(config.distill.kd)} needs a teacher: pass --teacher TEACHER_RUN")
+    check_run_kind(config.teacher, "teacher", role="--teacher")
+    teacher = load_teacher(config.teacher, device=device)
+    if list(teacher.class_names) != list(class_names):
+        raise TrainingError(
+            f"teacher {config.teacher} was trained on classes {teacher.class_names}, but {config.data} has "
+            f"{list(class_names)}"
+        )
+    return teacher

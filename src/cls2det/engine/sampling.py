@@ -26,3 +26,25 @@ def hflip_batch(images: list[torch.Tensor], targets: list[dict], generator: torc
         out_images.append(image)
         out_targets.append(target)
     return out_images, out_targets, torch.tensor(flips, dtype=torch.bool)
+
+
+class EpochBatches:
+    """A trainer's batch sampler: this rank's batches of the trainer's current epoch from its ``batch_in_epoch`` on,
+    a pure function of (seed, epoch, rank), read each time the loader starts an epoch (so one persistent loader
+    serves the whole run and a resumed run starts mid-epoch). ``trainer``: has ``dataset``, ``config`` (seed,
+    batch_size), ``fabric`` (rank, world size), ``epoch``, ``steps_per_epoch``, ``batch_in_epoch``."""
+
+    def __init__(self, trainer) -> None:
+        self.trainer = trainer
+
+    def batches(self) -> list[list[int]]:
+        t = self.trainer
+        order = epoch_order(len(t.dataset), t.config.seed, t.epoch)[t.fabric.global_rank :: t.fabric.world_size]
+        batches = [order[i : i + t.config.batch_size] for i in range(0, len(order), t.config.batch_size)]
+        return batches[: t.steps_per_epoch][t.batch_in_epoch :]
+
+    def __iter__(self):
+        return iter(self.batches())
+
+    def __len__(self) -> int:
+        return len(self.batches())
