@@ -9,7 +9,7 @@ import difflib
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Literal, cast, overload
 
 import timm
 import torch
@@ -76,6 +76,21 @@ class Teacher(nn.Module):
     def forward(self, pixels: Tensor) -> Tensor:
         """[K, 3, S, S] RGB in 0..1 -> logits [K, C]."""
         return self.net(self.normalize(pixels))
+
+    @overload
+    def forward_taps(
+        self, pixels: Tensor, taps: Sequence[str], *, return_logits: Literal[False] = False
+    ) -> list[Tensor]: ...
+
+    @overload
+    def forward_taps(
+        self, pixels: Tensor, taps: Sequence[str], *, return_logits: Literal[True]
+    ) -> tuple[list[Tensor], Tensor]: ...
+
+    @overload
+    def forward_taps(
+        self, pixels: Tensor, taps: Sequence[str], *, return_logits: bool
+    ) -> list[Tensor] | tuple[list[Tensor], Tensor]: ...
 
     def forward_taps(
         self, pixels: Tensor, taps: Sequence[str], *, return_logits: bool = False
