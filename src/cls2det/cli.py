@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from cls2det.config import (
     DET_TERMS,
@@ -253,12 +254,13 @@ def cmd_data_import(args) -> int:
             raise ConfigError(f"--classes {args.classes!r} names no class")
     entries = [e.strip() for e in (args.splits or "").split(",") if e.strip()]
     if args.format == "voc":
-        splits = dict(e.split("=", 1) if "=" in e else (e, e) for e in entries) or None
+        splits = {k: v for k, v in (e.split("=", 1) if "=" in e else (e, e) for e in entries)} or None
         summary = import_voc(args.src, args.out, splits=splits, class_names=classes)
     else:
         if any("=" in e for e in entries):
             raise ConfigError("--splits of a YOLO import names the splits only (images/<split>/), e.g. train,val")
-        summary = import_yolo(args.src, args.out, names=classes, **({"splits": tuple(entries)} if entries else {}))
+        options: dict[str, Any] = {"splits": tuple(entries)} if entries else {}
+        summary = import_yolo(args.src, args.out, names=classes, **options)
     print(json.dumps(summary, indent=2, default=str))
     print(f"{args.format} dataset imported to {args.out}")
     return 0
@@ -438,7 +440,7 @@ def _int_or_str(value: str | None):
     return int(value) if value.isdigit() else value
 
 
-def _one_line(err: BaseException) -> str:
+def _one_line(err: BaseException | str) -> str:
     text = str(err) or type(err).__name__
     return " ".join(text.split())
 

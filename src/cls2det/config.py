@@ -298,7 +298,7 @@ def from_dict(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
     kwargs = {}
     for key, value in values.items():
         hint = hints[key]
-        if dataclasses.is_dataclass(hint):
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint):
             kwargs[key] = from_dict(hint, value or {}, f"{prefix}{key}.")
         else:
             kwargs[key] = _coerce(value, hint, f"{prefix}{key}")
@@ -430,7 +430,7 @@ def _coerce(value: Any, hint: Any, name: str) -> Any:
         return str(value)
     if hint is Any:
         return value
-    if dataclasses.is_dataclass(hint) and isinstance(value, dict):
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint) and isinstance(value, dict):
         return from_dict(hint, value, f"{name}.")
     raise ConfigError(f"{name} must be {getattr(hint, '__name__', hint)}, got {value!r}")
 

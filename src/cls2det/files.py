@@ -43,7 +43,7 @@ def fsync_path(path: str | Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
+def atomic_write(path: str | Path, write: Callable[[Path], object]) -> Path:
     """Create ``path`` through ``write(tmp)``: ``write`` fills a temporary file beside it, which is fsynced and
     renamed over ``path``. A failing ``write`` leaves ``path`` as it was and no temporary file. Returns ``path``."""
     path = Path(path)
@@ -91,6 +91,7 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     suffix = path.suffix.lower()
     if suffix not in (".safetensors", ".pth", ".pt"):
         raise WeightsError(f"{path}: unknown weights format {suffix!r}; expected .safetensors, .pth or .pt")
+    state: object  # what the file holds: checked below
     try:
         if suffix == ".safetensors":
             state = load_file(str(path))

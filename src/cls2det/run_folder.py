@@ -128,7 +128,7 @@ class RunStart:
         marker = self.out / RUN_JSON
         if not marker.is_file():
             write_run_json(self.out, self.kind, **meta)
-        event = {"event": "resume" if self.resume else "start", "step": step}
+        event: dict[str, Any] = {"event": "resume" if self.resume else "start", "step": step}
         if self.changes:
             event["changed"] = {key: {"old": old, "new": new} for key, (old, new) in self.changes.items()}
         append_history(self.out, event)

@@ -17,8 +17,10 @@ import argparse
 import json
 import statistics
 import time
+from typing import Any
 
 import torch
+from torch import Tensor
 
 from cls2det.bench.memory import peak_above, run_in_subprocess
 from cls2det.distill import crop_boxes, crop_boxes_naive
@@ -26,7 +28,7 @@ from cls2det.distill import crop_boxes, crop_boxes_naive
 VARIANTS = {"ours": crop_boxes, "naive": crop_boxes_naive}
 
 
-def make_inputs(boxes: int, images: int, size: int, device: str, seed: int = 0):
+def make_inputs(boxes: int, images: int, size: int, device: str, seed: int = 0) -> tuple[Tensor, Tensor, Tensor]:
     """Images [N, 3, size, size] in 0..1, K random boxes (8 px to half the image) spread evenly over the images."""
     g = torch.Generator().manual_seed(seed)
     pixels = torch.rand(images, 3, size, size, generator=g)
@@ -129,7 +131,7 @@ def run_crop_benchmark(
     del out_a, out_b
     times = time_variants(*inputs, crop, repeats, device)
     del inputs
-    result = {
+    result: dict[str, Any] = {
         "config": dict(
             boxes=boxes,
             images=images,

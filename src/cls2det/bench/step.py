@@ -26,6 +26,7 @@ import gc
 import random
 import statistics
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -223,7 +224,7 @@ def time_train_steps(
 ) -> dict[str, dict]:
     """Per variant name: ``{"time_s": median seconds per step, "teacher_calls": teacher forward passes per step,
     "peak_mib": peak memory of a step (None without ``memory``)}``, in :func:`variants` order."""
-    setup = dict(
+    setup: dict[str, Any] = dict(
         batch_size=batch_size,
         image_size=image_size,
         device=device,

@@ -140,6 +140,7 @@ class ClassificationCrops(torch.utils.data.Dataset):
             self._fill(crops.numpy(), workers)
             self.crops = crops
         elif self.storage == "memmap":
+            assert cache_dir is not None  # _choose_storage picks memmap only with a cache_dir
             self.cache_file = self._build_memmap(Path(cache_dir), workers)
 
     @property
@@ -309,8 +310,7 @@ class CropBatchSampler(torch.utils.data.Sampler):
         if not self.by_image:
             return rng.permutation(len(self.image_index))
         starts = np.flatnonzero(np.r_[True, self.image_index[1:] != self.image_index[:-1]])
-        starts = starts if len(self.image_index) else []
-        starts = np.asarray(starts, dtype=np.int64)  # [G] first crop of each image
+        starts = np.asarray(starts if len(self.image_index) else [], dtype=np.int64)  # [G] first crop of each image
         counts = np.diff(np.r_[starts, len(self.image_index)])  # [G]
         perm = rng.permutation(len(starts))
         lengths = counts[perm]

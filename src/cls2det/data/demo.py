@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -66,7 +67,7 @@ def background(rng: np.random.Generator, size: int) -> np.ndarray:
     height, width = source.shape[:2]
     side = int(min(height, width) * rng.uniform(0.2, 1.0))
     top, left = rng.integers(height - side + 1), rng.integers(width - side + 1)
-    crop = Image.fromarray(source[top : top + side, left : left + side]).resize((size, size), Image.BILINEAR)
+    crop = Image.fromarray(source[top : top + side, left : left + side]).resize((size, size), Image.Resampling.BILINEAR)
     pixels = np.asarray(crop, dtype=np.float32) / 255.0
     if rng.random() < 0.5:
         pixels = pixels[:, ::-1]
@@ -81,7 +82,7 @@ def digit_alpha(digit: np.ndarray, rng: np.random.Generator, longer: int) -> np.
     aspect = digit.shape[1] / digit.shape[0] * rng.uniform(0.8, 1.25)  # width / height
     height, width = (longer, longer * aspect) if aspect <= 1 else (longer / aspect, longer)
     height, width = max(round(height), 4), max(round(width), 4)
-    up = np.asarray(Image.fromarray(digit).resize((width, height), Image.BICUBIC), dtype=np.float32)
+    up = np.asarray(Image.fromarray(digit).resize((width, height), Image.Resampling.BICUBIC), dtype=np.float32)
     up = gaussian_filter(np.pad(up, 2), sigma=rng.uniform(0.3, 1.2))  # slight blur; the pad keeps the fade-out
     low = rng.uniform(0.05, 0.2)  # intensities below `low` are paper (transparent), above `low + 0.35` full ink
     return np.clip((up - low) / 0.35, 0.0, 1.0) * rng.uniform(0.9, 1.0)
@@ -142,7 +143,8 @@ def write_split(out: Path, split: str, rng: np.random.Generator, pool: np.ndarra
     images_dir.mkdir(parents=True, exist_ok=True)
     for stale in images_dir.glob("[0-9][0-9][0-9][0-9][0-9][0-9].png"):  # from an earlier, larger generation
         stale.unlink()
-    images, annotations = [], []
+    images: list[dict[str, Any]] = []
+    annotations: list[dict[str, Any]] = []
     for image_id in range(1, count + 1):
         pixels, objects = render_image(rng, pool, size)
         file_name = f"{split}/{image_id:06d}.png"

@@ -12,6 +12,7 @@ import os
 import shutil
 import xml.etree.ElementTree as ET
 from pathlib import Path
+from typing import Any
 
 import yaml
 from PIL import Image
@@ -96,7 +97,7 @@ def read_voc_xml(path: Path, class_names: list[str] | None = None) -> tuple[dict
         raise DatasetError(f"{path}:{line}:{column}: malformed XML: {err}") from None
     except OSError as err:
         raise DatasetError(f"{path}: cannot read: {err}") from None
-    image = {
+    image: dict[str, Any] = {
         "file_name": _xml_text(root, "filename", str(path)),
         "width": int(_xml_number(root, "size/width", str(path))),
         "height": int(_xml_number(root, "size/height", str(path))),
@@ -197,7 +198,8 @@ def import_voc(
     if len(set(class_names)) != len(class_names):
         raise DatasetError(f"{voc_dir}: class names repeat: {', '.join(class_names)}")
     for split, items in read.items():
-        images, annotations = [], []
+        images: list[dict[str, Any]] = []
+        annotations: list[dict[str, Any]] = []
         for image_id, (xml_path, record, objects) in enumerate(items, start=1):
             source = voc_dir / "JPEGImages" / record["file_name"]
             if not source.is_file():
@@ -293,7 +295,8 @@ def import_yolo(
             for label_file in sorted(labels_dir.rglob("*.txt")):
                 if label_file.relative_to(labels_dir).with_suffix("") not in stems:
                     raise DatasetError(f"{label_file}: no image for this label file in {images_dir}")
-        images, annotations = [], []
+        images: list[dict[str, Any]] = []
+        annotations: list[dict[str, Any]] = []
         for image_id, source in enumerate(sources, start=1):
             relative = source.relative_to(images_dir)
             try:

@@ -27,6 +27,7 @@ from cls2det.engine.loading import load_student
 from cls2det.engine.run_dir import CLASSES, write_json
 from cls2det.errors import Cls2detError
 from cls2det.files import atomic_write
+from cls2det.students.base import Detector
 
 FORMATS = {"onnx": "student.onnx", "torchscript": "student.torchscript.pt"}  # format -> default file in run/export
 SIDECAR = "student.json"
@@ -50,11 +51,11 @@ def export_detector(
     """
     _check_format(fmt)
     detector.eval()
-    if fmt == "onnx" and example is None:
-        height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
-        device = next(detector.parameters()).device
-        example = torch.rand(3, height, width, generator=torch.Generator().manual_seed(0)).to(device)
     if fmt == "onnx":
+        if example is None:
+            height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
+            device = next(detector.parameters()).device
+            example = torch.rand(3, height, width, generator=torch.Generator().manual_seed(0)).to(device)
         return atomic_write(path, lambda tmp: _export_onnx(detector, example, tmp))
     return atomic_write(path, lambda tmp: _export_torchscript(detector, tmp))
 
@@ -164,7 +165,7 @@ def _export_torchscript(detector: nn.Module, path: Path) -> None:
         torch.jit.save(scripted, str(path))
 
 
-def _format_card(detector: nn.Module, fmt: str, image_size: int) -> dict[str, Any]:
+def _format_card(detector: Detector, fmt: str, image_size: int) -> dict[str, Any]:
     """What a deployer needs to feed the exported file and read its outputs."""
     transform = detector.transform
     card: dict[str, Any] = {
@@ -199,7 +200,7 @@ def _format_card(detector: nn.Module, fmt: str, image_size: int) -> dict[str, An
     return card
 
 
-def _transform_size(detector: nn.Module) -> int:
+def _transform_size(detector: Detector) -> int:
     """The side the detector's transform resizes to (its smallest ``min_size``), for the example image."""
     transform = detector.transform
     if transform.fixed_size:

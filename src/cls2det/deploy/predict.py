@@ -260,6 +260,7 @@ def predict_images(
             if names != classes.names:
                 raise PredictError(f"{onnx} was exported for classes {classes.names}, {run} has {names}")
     else:
+        assert run is not None  # checked above: run or onnx
         model, classes, info = torch_model(Path(run), checkpoint, device)
     out = Path(out)
     if save_images:
@@ -371,7 +372,7 @@ def save_drawing(image: Image.Image, path: Path) -> None:
     if path.suffix.lower() not in WRITABLE:
         path = path.with_suffix(".png")
     path.parent.mkdir(parents=True, exist_ok=True)
-    options = {"quality": 95} if path.suffix.lower() in (".jpg", ".jpeg") else {}
+    options: dict[str, Any] = {"quality": 95} if path.suffix.lower() in (".jpg", ".jpeg") else {}
     image.save(path, **options)
 
 

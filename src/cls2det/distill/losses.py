@@ -12,6 +12,7 @@ a zero still attached to the differentiable input's graph, so ``loss.backward()`
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -235,5 +236,5 @@ def kd_loc_loss(
     levels = [_mean_abs_diff(p, g) for p, g in zip(pred, gt)]
     pixel = [d for d, is_p in zip(levels, is_pixel) if is_p]
     teacher = [d for d, is_p in zip(levels, is_pixel) if not is_p]
-    total = sum(pixel) + (sum(teacher) / len(teacher) if teacher else 0)
+    total = cast(Tensor, sum(pixel) + (sum(teacher) / len(teacher) if teacher else 0))  # there is at least one level
     return total.to(images.dtype)

@@ -19,6 +19,7 @@ import math
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -44,7 +45,7 @@ def box_layout(dataset) -> tuple[np.ndarray, np.ndarray]:
 class _GTCrops(torch.utils.data.Dataset):
     """Item j: (j, the GT crops [n, 3, s, s] float32 of image ``indices[j]``), computed in a DataLoader worker."""
 
-    def __init__(self, dataset, indices: Sequence[int], size: int) -> None:
+    def __init__(self, dataset, indices: Sequence[int] | np.ndarray, size: int) -> None:
         self.dataset, self.indices, self.size = dataset, indices, size
 
     def __len__(self) -> int:
@@ -68,8 +69,8 @@ def output_shapes(outputs: Outputs, size: int, device: str | torch.device) -> di
 def fill_rows(
     write: Callable[[str, int, np.ndarray], None],
     dataset,
-    indices: Sequence[int],
-    first_rows: Sequence[int],
+    indices: Sequence[int] | np.ndarray,
+    first_rows: Sequence[int] | np.ndarray,
     outputs: Outputs,
     *,
     size: int,
@@ -144,7 +145,10 @@ def build_shard(
     mine = np.arange(rank, len(image_ids), world)
     offsets = np.cumsum(counts[mine]) - counts[mine]  # [I_r] first row of each image in the shard
     rows = int(counts[mine].sum())
-    specs = {"image_ids": (np.int64, (len(mine),)), "offsets": (np.int64, (len(mine),))}
+    specs: dict[str, tuple[Any, tuple[int, ...]]] = {
+        "image_ids": (np.int64, (len(mine),)),
+        "offsets": (np.int64, (len(mine),)),
+    }
     specs |= {
         TABLE + name: (np.float16, (rows, 2, *shape)) for name, shape in output_shapes(outputs, size, device).items()
     }
@@ -252,10 +256,12 @@ def build_cache_file(
         progress=progress and rank == 0,
     )
     if world > 1:
+        assert barrier is not None  # checked above
         barrier()  # waits for the slowest shard only: every rank built 1/world of the rows
     if rank == 0:
         assemble(path, world)
     if world > 1:
+        assert barrier is not None
         barrier()
 
 

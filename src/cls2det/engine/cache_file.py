@@ -19,8 +19,11 @@ import math
 import os
 import struct
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
+
+MemmapMode = Literal["r", "c", "r+", "w+", "readonly", "copyonwrite", "readwrite", "write"]  # numpy.memmap's
 
 DTYPES = {"F16": np.float16, "F32": np.float32, "F64": np.float64, "I32": np.int32, "I64": np.int64, "U8": np.uint8}
 CODES = {np.dtype(v): k for k, v in DTYPES.items()}
@@ -70,7 +73,8 @@ class TableFile:
         """Rows ``start:stop`` of ``name``, a new array."""
         dtype, row_bytes, offset = self._where(name, start)
         out = np.empty((stop - start, *self.shape(name)[1:]), dtype)
-        view, done = memoryview(out.reshape(-1).view(np.uint8)), 0
+        # the ignores: numpy's stubs declare ndarray.__buffer__ for Python >= 3.12 only
+        view, done = memoryview(out.reshape(-1).view(np.uint8)), 0  # type: ignore[arg-type]
         while done < len(view):
             got = os.preadv(self.fd, [view[done:]], offset + done)
             if got <= 0:
@@ -81,7 +85,7 @@ class TableFile:
     def write(self, name: str, start: int, rows: np.ndarray) -> None:
         """Rows ``start:start + len(rows)`` of ``name`` <- ``rows`` (converted to its dtype)."""
         dtype, _, offset = self._where(name, start)
-        view, done = memoryview(np.ascontiguousarray(rows, dtype).reshape(-1).view(np.uint8)), 0
+        view, done = memoryview(np.ascontiguousarray(rows, dtype).reshape(-1).view(np.uint8)), 0  # type: ignore[arg-type]
         while done < len(view):
             done += os.pwrite(self.fd, view[done:], offset + done)
 
@@ -101,7 +105,7 @@ def read_header(path: str | Path) -> tuple[dict, dict[str, str], int]:
     return header, metadata, 8 + length
 
 
-def open_tensors(path: str | Path, *, mode: str = "c") -> tuple[dict[str, np.ndarray], dict[str, str]]:
+def open_tensors(path: str | Path, *, mode: MemmapMode = "c") -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """Map ``path`` and return ({name: array viewing the map}, metadata).
 
     ``mode``: numpy's memmap mode; the default "c" (copy-on-write) maps the file read-only for the disk, and lets

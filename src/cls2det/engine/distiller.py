@@ -13,13 +13,17 @@ runs online on every batch (``cls2det train`` caches KD_cls's soft labels per GT
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor
 
 from cls2det.config import DistillConfig, det_methods
 from cls2det.engine.objective import distillation_losses, loss_weights, total_loss
 from cls2det.students.base import StudentAdapter, StudentOutput
-from cls2det.teacher.protocol import TeacherLike
+
+if TYPE_CHECKING:
+    from cls2det.teacher.model import Teacher
 
 PAPER_TERMS = ("cls", "kd_loc")  # the full method, the paper's best row: KD_cls + KD_loc (obj + l0)
 
@@ -42,7 +46,7 @@ class Distiller:
 
     def __init__(
         self,
-        teacher: TeacherLike | None = None,
+        teacher: Teacher | None = None,
         config: DistillConfig | None = None,
         *,
         det_teacher: StudentAdapter | None = None,

@@ -13,6 +13,7 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 from lightning_fabric import Fabric
@@ -101,7 +102,7 @@ def build_fabric(config: TrainConfig) -> Fabric:
             devices=config.devices,
             num_nodes=config.num_nodes,
             strategy=fabric_strategy(config.strategy, config.dist_timeout_s),
-            precision=config.precision,
+            precision=cast(Any, config.precision),  # Fabric checks it (its ValueError is caught below)
         )
     except (RuntimeError, ImportError, TypeError, ValueError) as err:  # Lightning's checks raise all of these
         setting = (
@@ -166,7 +167,8 @@ class _Trainer:
         self.model, self.optimizer = fabric.setup(student, optimizer)
         self.step, self.epoch, self.batch_in_epoch, self.best_map = 0, 0, 0, -1.0
         self.nonfinite_in_row, self.nonfinite_total = 0, 0
-        self.last_metrics, self.last_eval_step = {}, -1
+        self.last_metrics: dict[str, Any] = {}
+        self.last_eval_step = -1
         if resume:
             self._load(out / LAST)
             if fabric.is_global_zero:
@@ -333,7 +335,7 @@ class _Trainer:
             checksum = torch.stack([p.double().sum() for p in self.model.parameters()]).sum()
         if self.fabric.world_size == 1:
             return True
-        gathered = self.fabric.all_gather(checksum.to(self.fabric.device))
+        gathered = cast(torch.Tensor, self.fabric.all_gather(checksum.to(self.fabric.device)))  # a tensor for a tensor
         return bool(torch.all(gathered == gathered[0]))
 
     def _should_stop(self) -> bool:
@@ -374,7 +376,7 @@ class _Trainer:
         fabric = self.fabric
         if fabric.world_size == 1:
             return
-        gathered = fabric.all_gather(module_checksum(teacher).to(fabric.device)).cpu()  # [world, T]
+        gathered = cast(torch.Tensor, fabric.all_gather(module_checksum(teacher).to(fabric.device))).cpu()  # [world, T]
         differ = [rank for rank in range(1, fabric.world_size) if not torch.equal(gathered[rank], gathered[0])]
         if differ:
             raise TrainingError(

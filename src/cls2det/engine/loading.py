@@ -7,7 +7,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from cls2det.config import ConfigError, TrainConfig, load_config
 from cls2det.engine.checkpoint import CheckpointError, load_model_state
@@ -17,7 +16,7 @@ from cls2det.students import create_student
 from cls2det.students.base import StudentAdapter
 
 
-def load_student(run: str | Path, *, checkpoint: str = "last") -> tuple[nn.Module, TrainConfig]:
+def load_student(run: str | Path, *, checkpoint: str = "last") -> tuple[StudentAdapter, TrainConfig]:
     """The student of run folder ``run`` in eval mode, with its weights from ``run/checkpoint``, and its config."""
     run = Path(run)
     check_run_kind(run, "student", role="run")

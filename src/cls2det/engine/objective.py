@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Mapping
+from typing import cast
 
 import torch
 from torch import Tensor
@@ -112,6 +113,7 @@ def classifier_losses(
             cls_positives = output.positives  # a cache lookup: every positive, not the capped subset
             teacher_logits = soft_labels(cls_positives).to(cls_positives.logits.device)  # [K_all, C]
         else:
+            assert teacher is not None, "KD_cls without a soft-label cache needs the teacher"
             cls_positives = positives
             with torch.no_grad():
                 gt_crops = crop_boxes(pixels, gt_boxes, index, size=teacher.input_size)  # [K, 3, S, S]
@@ -133,6 +135,7 @@ def classifier_losses(
         taps = list(config.taps)
 
         def teacher_taps(crops: Tensor) -> list[Tensor]:
+            assert teacher is not None, "KD_loc needs the teacher"
             with precision_autocast(precision, crops.device):
                 return teacher.forward_taps(crops, taps)
 
@@ -151,7 +154,7 @@ def classifier_losses(
     return losses
 
 
-def negatives_kd_cls(output: StudentOutput, pixels: Tensor, teacher: TeacherLike, temperature: float) -> Tensor:
+def negatives_kd_cls(output: StudentOutput, pixels: Tensor, teacher: TeacherLike | None, temperature: float) -> Tensor:
     """KD_cls on the student's negatives (``output.negatives``, M of them; beyond the paper): the frozen teacher's
     logits on the crop of each negative's anchor / proposal box, clipped to its image (online, no gradient), against
     the student's (:func:`~cls2det.distill.kd_cls_negatives_loss`). ``pixels`` [N, 3, H, W] is the batch in 0..1.
@@ -164,6 +167,7 @@ def negatives_kd_cls(output: StudentOutput, pixels: Tensor, teacher: TeacherLike
     student_logits = negatives.logits.float()  # [M, C+1] (softmax) or [M, C] (sigmoid)
     if len(negatives) == 0:
         return student_logits.sum() * 0
+    assert teacher is not None, "KD_cls on negatives needs the teacher"
     sizes = torch.tensor(output.image_sizes, dtype=pixels.dtype, device=pixels.device)[negatives.image_index]  # [M, 2]
     with torch.no_grad():
         boxes = sanitize_boxes(negatives.boxes, sizes[:, 0], sizes[:, 1])  # anchors reach past the image's edges
@@ -193,6 +197,7 @@ def det2det_losses(
     taught = det_teacher.teach(output, positives if "logit" in methods else None)
     losses: dict[str, Tensor] = {}
     if "logit" in methods:
+        assert taught.logits is not None  # asked for, with the positives
         losses["det_logit"] = logit_kd_loss(
             positives.logits.float(), taught.logits.float(), head=positives.head, temperature=config.det_temperature
         )
@@ -239,7 +244,7 @@ def total_loss(
     missing = sorted(set(kd_losses) - set(weights))
     if missing:
         raise KeyError(f"no weight for the KD terms {missing}")
-    total = sum(detector_losses.values())
+    total = cast(Tensor, sum(detector_losses.values()))  # the detector's loss dict is never empty
     for name, value in kd_losses.items():
         total = total + weights[name] * value
     return total

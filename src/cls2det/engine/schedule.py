@@ -11,7 +11,8 @@ from cls2det.lr import lr_factor as shared_lr_factor
 
 def build_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.Optimizer:
     """SGD (momentum) or AdamW over trainable parameters; no weight decay on norms and biases (as timm does)."""
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for param in model.parameters():
         if param.requires_grad:
             (no_decay if param.ndim <= 1 else decay).append(param)

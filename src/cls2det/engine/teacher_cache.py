@@ -31,6 +31,7 @@ import hashlib
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -40,6 +41,7 @@ from torch import Tensor
 from cls2det.engine import cache_file
 from cls2det.errors import Cls2detError
 
+_Cache = TypeVar("_Cache", bound="GTBoxCache")  # a subclass's to() returns that subclass
 TABLE = "table."  # prefix of the per-box tables in the safetensors file (beside "image_ids" and "offsets")
 
 
@@ -82,7 +84,7 @@ class GTBoxCache:
         rows = self.rows(image_ids, gt_index).to(table.device)
         return table[rows, flipped.long().to(table.device)].float()
 
-    def to(self, device: str | torch.device) -> GTBoxCache:
+    def to(self: _Cache, device: str | torch.device) -> _Cache:
         """The tables on ``device`` (e.g. the GPU, so that a lookup copies nothing from the host): a full copy."""
         tables = {name: table.to(device) for name, table in self.tables.items()}
         if any(tables[name] is not table for name, table in self.tables.items()):

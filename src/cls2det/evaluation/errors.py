@@ -97,8 +97,8 @@ def _best_match(state: _GTState, det_id: int, score: float) -> None:
 
 
 def _eval_image(run: _Run, dets: list[dict], gts: list[dict], crowds: list[dict], t_f: float, t_b: float) -> None:
-    for g in gts:
-        run.num_gt[g["category_id"]] = run.num_gt.get(g["category_id"], 0) + 1
+    for gt in gts:
+        run.num_gt[gt["category_id"]] = run.num_gt.get(gt["category_id"], 0) + 1
     states = [_GTState() for _ in gts]
     pending: list[tuple[_Error, int, tuple]] = []  # loc / cls errors: (error, gt index, its point if fixed)
     if dets:
@@ -159,9 +159,9 @@ def _eval_image(run: _Run, dets: list[dict], gts: list[dict], crowds: list[dict]
     for error, g, point in pending:
         if not states[g].is_used and states[g].best_id == point[1]:
             error.fixed = point  # the highest-scoring error aimed at a still unmatched GT becomes its true positive
-    for g, state in zip(gts, states):
+    for gt, state in zip(gts, states):
         if not state.is_used and not state.is_usable:
-            run.errors.append(_Error("miss", None, ("gt", g["category_id"])))
+            run.errors.append(_Error("miss", None, ("gt", gt["category_id"])))
 
 
 def _fixed_map(run: _Run, kinds: Collection[str]) -> float:

@@ -56,8 +56,9 @@ def _check(results: Sequence[dict]) -> None:
         for key in METRIC_KEYS:
             if key not in r["metrics"]:
                 raise ValueError(f"result #{i} (row {r['row']!r}, seed {r['seed']}): metrics lack '{key}'")
-        if _errors(r) is not None:
-            missing = [k for k in ERROR_TYPES if k not in _errors(r)]
+        errors = _errors(r)
+        if errors is not None:
+            missing = [k for k in ERROR_TYPES if k not in errors]
             if missing:
                 raise ValueError(f"result #{i} (row {r['row']!r}, seed {r['seed']}): errors lack '{missing[0]}'")
         ident = (r["detector"], r["row"], r["seed"])
@@ -135,7 +136,7 @@ def summarize(results: Sequence[dict], baseline_row: str = "baseline") -> list[d
             entry["ap_per_iou_delta"][iou] = mean_ci([per_iou[s][iou] - base_iou[s][iou] for s in paired])[0]
         for key in ("wall_s", "peak_mem_mb"):
             entry[key] = mean_ci([float(runs[s].get(key, float("nan"))) for s in seeds])[0]
-        with_errors = [_errors(runs[s]) for s in seeds if _errors(runs[s]) is not None]
+        with_errors = [e for e in (_errors(runs[s]) for s in seeds) if e is not None]
         entry["errors"], entry["errors_ci"], entry["errors_n"] = {}, {}, len(with_errors)
         if with_errors:
             for key in ("AP50", *ERROR_TYPES):

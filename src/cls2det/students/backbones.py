@@ -10,15 +10,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-from torch import nn
+from torch import Tensor, nn
 from torchvision.models import ResNet50_Weights
 from torchvision.ops import FrozenBatchNorm2d
 
 from cls2det.config import ConfigError, StudentConfig
 from cls2det.errors import WeightsError
 from cls2det.files import read_state_dict  # one safe reader for every local weights file
+from cls2det.students.base import Detector
 
 # The order in which torchvision unfreezes ResNet stages (``backbone_utils._resnet_fpn_extractor``).
 RESNET_TRAINABLE_ORDER = ("layer4", "layer3", "layer2", "layer1", "conv1")
@@ -83,7 +84,7 @@ def build_resnet_fpn_detector(
     local file is loaded into ``backbone.body``, then BatchNorm is frozen and only the last
     ``trainable_backbone_layers`` (default 3) stages train."""
 
-    def load_local(detector: nn.Module, path: str, trainable: int | None) -> None:
+    def load_local(detector: Detector, path: str, trainable: int | None) -> None:
         load_backbone_weights(detector.backbone.body, path)
         freeze_resnet_body(detector.backbone.body, 3 if trainable is None else trainable)
 
@@ -212,7 +213,7 @@ def freeze_batchnorm(module: nn.Module) -> None:
     """Every ``nn.BatchNorm2d`` below ``module`` -> ``FrozenBatchNorm2d`` with the same statistics, in place."""
     for name, child in module.named_children():
         if isinstance(child, nn.BatchNorm2d):
-            frozen = FrozenBatchNorm2d(child.num_features, eps=child.eps).to(child.running_mean.device)
+            frozen = FrozenBatchNorm2d(child.num_features, eps=child.eps).to(cast(Tensor, child.running_mean).device)
             for key in ("weight", "bias", "running_mean", "running_var"):
                 getattr(frozen, key).copy_(getattr(child, key).detach())
             setattr(module, name, frozen)

@@ -12,9 +12,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
+from typing import Any, TypeAlias
 
 import torch
 from torch import Tensor, nn
+
+# A stock torchvision detector (FasterRCNN, RetinaNet, SSD, FCOS). torchvision ships no type information, so mypy
+# sees its classes as Any anyway; typed as nn.Module, every attribute read (``detector.transform`` ...) would go
+# through ``nn.Module.__getattr__`` and come back as ``Tensor | Module``.
+Detector: TypeAlias = Any
 
 
 @dataclass
@@ -107,6 +113,7 @@ class StudentAdapter(nn.Module):
     has_anchors: bool = True  # FGFI's mask needs anchors; False for anchor-free families
     dense_head: bool = True  # class logits at every anchor / location (False: Faster R-CNN's box head on proposals)
     max_negatives: int = 0  # negatives per batch to return in StudentOutput.negatives (0 = none)
+    detector: Detector
 
     def __init__(self, detector: nn.Module, num_classes: int) -> None:
         super().__init__()

@@ -8,7 +8,7 @@ proposals the RoI sampler drew with a foreground label (IoU >= 0.5 with a GT box
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -192,12 +192,13 @@ def fasterrcnn_mobilenet_v3(num_classes: int, config: StudentConfig, **kwargs: A
     _check_num_classes(num_classes)
     kwargs = {**kwargs, **transform_kwargs(config), "num_classes": num_classes + 1}
 
-    def load_local(detector: nn.Module, path: str, trainable: int | None) -> None:
+    def load_local(detector: FasterRCNN, path: str, trainable: int | None) -> None:
         body = detector.backbone.body  # IntermediateLayerGetter over mobilenet_v3_large().features
         freeze_batchnorm(body)
         view = features_view(body.values())
         load_view_weights(view, path, "mobilenet_v3_large")
-        freeze_stages(view.features, stage_indices(view.features, "mobilenet"), 3 if trainable is None else trainable)
+        features = cast(nn.Sequential, view.features)
+        freeze_stages(features, stage_indices(features, "mobilenet"), 3 if trainable is None else trainable)
 
     detector = build_detector(
         fasterrcnn_mobilenet_v3_large_fpn, config, MobileNet_V3_Large_Weights.IMAGENET1K_V1, load_local, **kwargs

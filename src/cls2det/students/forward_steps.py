@@ -8,16 +8,17 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torchvision.models.detection._utils import Matcher
 from torchvision.ops import box_iou
 
-from cls2det.students.base import Negatives, Positives, StudentOutput, empty_positives
+from cls2det.students.base import Detector, Negatives, Positives, StudentOutput, empty_positives
 
 
-def transform_batch(detector: nn.Module, images: list[Tensor], targets: list[dict[str, Tensor]]):
+def transform_batch(detector: Detector, images: list[Tensor], targets: list[dict[str, Tensor]]):
     """``detector.transform`` with the target checks of the stock ``forward``, as one-line ``ValueError`` s.
 
     Returns ``(image_list, targets)``: the resized, normalised, padded batch and the targets in its pixels.
@@ -35,7 +36,7 @@ def transform_batch(detector: nn.Module, images: list[Tensor], targets: list[dic
     return image_list, targets
 
 
-def backbone_features(detector: nn.Module, tensors: Tensor) -> list[Tensor]:
+def backbone_features(detector: Detector, tensors: Tensor) -> list[Tensor]:
     """``detector.backbone`` on the batch, as the list of feature maps the stock ``forward`` passes to the head."""
     features = detector.backbone(tensors)
     if isinstance(features, Tensor):
@@ -50,7 +51,7 @@ def image_mean_std(transform: nn.Module, like: Tensor) -> tuple[Tensor, Tensor]:
     return mean, std
 
 
-def match_anchors(detector: nn.Module, anchors: list[Tensor], targets: list[dict[str, Tensor]]) -> list[Tensor]:
+def match_anchors(detector: Detector, anchors: list[Tensor], targets: list[dict[str, Tensor]]) -> list[Tensor]:
     """Per image [A] int64: the GT index matched to each anchor, -1 background, -2 ignored (between thresholds).
 
     The computation of ``RetinaNet.compute_loss`` and ``SSD.forward`` (torchvision 0.16-0.29): the detector's
@@ -150,22 +151,23 @@ def negatives_from_matches(
 
 
 def student_output(
-    detector: nn.Module,
+    detector: Detector,
     losses: dict[str, Tensor],
     positives: Positives,
     image_list,
     features: list[Tensor],
     targets: list[dict[str, Tensor]],
     anchors: Tensor | None = None,
-    anchor_generator: nn.Module | None = None,
+    anchor_generator: Any | None = None,  # torchvision's AnchorGenerator / DefaultBoxGenerator (untyped)
     negatives: Negatives | None = None,
 ) -> StudentOutput:
     """The train-step record of an adapter. ``anchors``: one image's [A, 4] anchors (every image of a batch has the
     same), split per level with ``anchor_generator.num_anchors_per_location()``; None for anchor-free families."""
     mean, std = image_mean_std(detector.transform, image_list.tensors)
-    levels = (
-        [] if anchors is None else split_anchor_levels(anchors, features, anchor_generator.num_anchors_per_location())
-    )
+    levels: list[Tensor] = []
+    if anchors is not None:
+        assert anchor_generator is not None, "anchors come with their anchor_generator"
+        levels = split_anchor_levels(anchors, features, anchor_generator.num_anchors_per_location())
     return StudentOutput(
         losses,
         positives,

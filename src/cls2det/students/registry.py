@@ -76,6 +76,8 @@ def wrap_detector(detector: nn.Module, num_classes: int | None = None) -> Studen
         raise ValueError(f"{type(detector).__name__} is already an adapter; pass its .detector or use it as it is")
     if isinstance(detector, (MaskRCNN, KeypointRCNN)):
         raise ValueError(f"{type(detector).__name__} is not supported: only its box losses would be trained")
+    adapter: type[StudentAdapter]
+    outputs: int | None
     if isinstance(detector, FasterRCNN):
         classes = _out_features(detector.roi_heads.box_predictor, "cls_score")
         adapter, outputs = FasterRCNNAdapter, None if classes is None else classes - 1

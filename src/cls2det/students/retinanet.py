@@ -8,7 +8,7 @@ every anchor the detector's ``proposal_matcher`` assigns to a GT box (IoU >= 0.5
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from torch import Tensor, nn
 from torchvision.models import MobileNet_V3_Large_Weights, mobilenet_v3_large, resnet50
@@ -121,12 +121,13 @@ def retinanet_mobilenet_v3(num_classes: int, config: StudentConfig, **options: A
     """
     kwargs = _kwargs(num_classes, config, "retinanet_mobilenet_v3", options)
 
-    def load_local(detector: nn.Module, path: str, trainable: int | None) -> None:
+    def load_local(detector: RetinaNet, path: str, trainable: int | None) -> None:
         body = detector.backbone.body  # IntermediateLayerGetter over all of mobilenet_v3_large().features
         freeze_batchnorm(body)
         view = features_view(body.values())
         load_view_weights(view, path, "mobilenet_v3_large")
-        freeze_stages(view.features, stage_indices(view.features, "mobilenet"), 3 if trainable is None else trainable)
+        features = cast(nn.Sequential, view.features)
+        freeze_stages(features, stage_indices(features, "mobilenet"), 3 if trainable is None else trainable)
 
     detector = build_detector(
         retinanet_mobilenet_v3_large_fpn,

@@ -9,7 +9,7 @@ GT's best box).
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any
+from typing import Any, cast
 
 from torch import Tensor, nn
 from torchvision.models import MobileNet_V3_Large_Weights, VGG16_Weights, mobilenet_v3_large, vgg16
@@ -122,12 +122,13 @@ def ssd300_vgg16(num_classes: int, config: StudentConfig, **kwargs: Any) -> SSDA
     """
     _check(num_classes, config, SSD300_MIN_SIZE, "ssd300_vgg16")
 
-    def load_local(detector: nn.Module, path: str, trainable: int | None) -> None:
+    def load_local(detector: SSD, path: str, trainable: int | None) -> None:
         body = detector.backbone
         # vgg16().features[0:23] = body.features, [23:30] = body.extra[0][:7]; [30] (pool5) is replaced by SSD.
         view = features_view([*body.features, *body.extra[0][:7], nn.MaxPool2d(2, 2)])
         load_view_weights(view, path, "vgg16")
-        freeze_stages(view.features, stage_indices(view.features, "vgg"), 4 if trainable is None else trainable)
+        features = cast(nn.Sequential, view.features)
+        freeze_stages(features, stage_indices(features, "vgg"), 4 if trainable is None else trainable)
 
     kwargs = {**kwargs, "num_classes": num_classes + 1}
     detector = build_detector(tv_ssd300_vgg16, config, VGG16_Weights.IMAGENET1K_FEATURES, load_local, **kwargs)
@@ -150,10 +151,11 @@ def ssdlite320_mobilenet_v3(num_classes: int, config: StudentConfig, **kwargs: A
     """
     _check(num_classes, config, 1, "ssdlite320_mobilenet_v3")
 
-    def load_local(detector: nn.Module, path: str, trainable: int | None) -> None:
+    def load_local(detector: SSD, path: str, trainable: int | None) -> None:
         view = _ssdlite_view(detector.backbone)
         load_view_weights(view, path, "mobilenet_v3_large(reduced_tail=True)")
-        freeze_stages(view.features, stage_indices(view.features, "mobilenet"), 6 if trainable is None else trainable)
+        features = cast(nn.Sequential, view.features)
+        freeze_stages(features, stage_indices(features, "mobilenet"), 6 if trainable is None else trainable)
 
     kwargs = {**kwargs, "num_classes": num_classes + 1}
     detector = build_detector(tv_ssdlite320, config, MobileNet_V3_Large_Weights.IMAGENET1K_V1, load_local, **kwargs)
@@ -161,14 +163,16 @@ def ssdlite320_mobilenet_v3(num_classes: int, config: StudentConfig, **kwargs: A
     return SSDAdapter(detector, num_classes)
 
 
-def _ssdlite_view(body: nn.Module) -> nn.Module:
+def _ssdlite_view(body: Any) -> nn.Module:  # body: torchvision's SSDLiteFeatureExtractorMobileNet (untyped)
     """The classifier layout of SSDlite's body: torchvision splits block C4 (``features[c4]``) after its expansion
     conv, ``body.features = [features[:c4] + [C4.block[0]], [C4.block[1:]] + features[c4+1:]]``; re-join it."""
     first, second = body.features  # nn.Sequential each
     c4 = len(first) - 1
     split = nn.Module()
     split.block = nn.Sequential(OrderedDict([("0", first[c4]), *second[0].named_children()]))  # keeps names 1..3
-    split._is_cn = True  # C4 is a strided block: a stage start for torchvision's freezing rule
+    # C4 is a strided block: a stage start for torchvision's freezing rule (the ignore: nn.Module.__setattr__ is
+    # typed for tensors and modules only)
+    split._is_cn = True  # type: ignore[assignment]
     return features_view([*first[:c4], split, *second[1:]])
 
 

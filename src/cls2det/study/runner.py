@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from cls2det.config import (
@@ -34,12 +35,12 @@ DEMO_CONFIG = "demo.yaml"
 DET_TEACHER = "det_teacher"  # out/<detector>/det_teacher: the det2det rows' detector teacher
 
 
-def run_demo(out: str | Path, overrides: list[str] = ()) -> Path:
+def run_demo(out: str | Path, overrides: Sequence[str] = ()) -> Path:
     """``cls2det demo``: the packaged demo study, written to ``out``."""
     return run_study(shipped_config(DEMO_CONFIG), [f"out={out}", *overrides])
 
 
-def run_study(path: str | Path, overrides: list[str] = ()) -> Path:
+def run_study(path: str | Path, overrides: Sequence[str] = ()) -> Path:
     """Run study ``path`` (a :class:`StudyConfig` YAML) with overrides; returns the report's path."""
     study = load_config(StudyConfig, path, overrides)
     out = Path(study.out)

@@ -10,7 +10,7 @@ import dataclasses
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load as load_safetensors
@@ -20,13 +20,18 @@ from cls2det.files import atomic_write_bytes, write_json
 from cls2det.teacher.heads import teacher_loss
 from cls2det.teacher.model import Teacher, TeacherError, build_teacher
 
+if TYPE_CHECKING:
+    from cls2det.config import TeacherConfig
+
 WEIGHTS_FILE = "teacher.safetensors"
 META_FILE = "teacher.json"
 FORMAT_VERSION = 1
 REQUIRED_KEYS = ("format", "arch", "library", "num_classes", "class_names", "input_size", "mean", "std", "sha256")
 
 
-def save_teacher(teacher: Teacher, run_dir: str | Path, metrics: dict, *, config: Any = None) -> Path:
+def save_teacher(
+    teacher: Teacher, run_dir: str | Path, metrics: dict, *, config: TeacherConfig | dict[str, Any] | None = None
+) -> Path:
     """Write ``run_dir/teacher.safetensors`` then ``run_dir/teacher.json``, each atomically; returns ``run_dir``.
 
     ``config``: the TeacherConfig (or a dict) the teacher was trained with, recorded for reproduction.

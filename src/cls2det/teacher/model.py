@@ -9,6 +9,7 @@ import difflib
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any, Literal, cast, overload
 
 import timm
 import torch
@@ -31,6 +32,9 @@ class TeacherError(Cls2detError, ValueError):
 
 class Teacher(nn.Module):
     """Frozen-able classifier wrapper. Input: RGB pixels in 0..1, [K, 3, S, S] (S = ``input_size``, any S works)."""
+
+    _mean: Tensor  # buffers, registered in __init__
+    _std: Tensor
 
     def __init__(
         self,
@@ -73,6 +77,21 @@ class Teacher(nn.Module):
         """[K, 3, S, S] RGB in 0..1 -> logits [K, C]."""
         return self.net(self.normalize(pixels))
 
+    @overload
+    def forward_taps(
+        self, pixels: Tensor, taps: Sequence[str], *, return_logits: Literal[False] = False
+    ) -> list[Tensor]: ...
+
+    @overload
+    def forward_taps(
+        self, pixels: Tensor, taps: Sequence[str], *, return_logits: Literal[True]
+    ) -> tuple[list[Tensor], Tensor]: ...
+
+    @overload
+    def forward_taps(
+        self, pixels: Tensor, taps: Sequence[str], *, return_logits: bool
+    ) -> list[Tensor] | tuple[list[Tensor], Tensor]: ...
+
     def forward_taps(
         self, pixels: Tensor, taps: Sequence[str], *, return_logits: bool = False
     ) -> list[Tensor] | tuple[list[Tensor], Tensor]:
@@ -103,15 +122,16 @@ class Teacher(nn.Module):
                 x = run_segment(modules, x, fuse=self.is_frozen and not self.training)
                 found[f"l{level}"] = x
         feats = [found[t] for t in taps]
-        return (feats, logits) if return_logits else feats
+        return (feats, cast(Tensor, logits)) if return_logits else feats  # return_logits: a Tensor
 
     def _timm_taps(self, x: Tensor, levels: list[int], found: dict[str, Tensor], return_logits: bool) -> Tensor | None:
+        net: Any = self.net  # a timm model (forward_intermediates, forward_head)
         indices = [self.layout.feature_indices[level] for level in levels]  # type: ignore[union-attr]
         if return_logits:
-            final, inter = self.net.forward_intermediates(x, indices=indices or [0], intermediates_only=False)
-            logits = self.net.forward_head(final)
+            final, inter = net.forward_intermediates(x, indices=indices or [0], intermediates_only=False)
+            logits = net.forward_head(final)
         elif indices:
-            inter = self.net.forward_intermediates(x, indices=indices, stop_early=True, intermediates_only=True)
+            inter = net.forward_intermediates(x, indices=indices, stop_early=True, intermediates_only=True)
             logits = None
         else:
             return None

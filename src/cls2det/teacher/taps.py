@@ -113,6 +113,7 @@ def run_segment(modules: Sequence[nn.Module], x: Tensor, *, fuse: bool) -> Tenso
             and isinstance(after, nn.BatchNorm2d)
             and module.padding_mode == "zeros"
             and after.running_mean is not None
+            and after.running_var is not None
         ):
             weight, bias = nn.utils.fuse_conv_bn_weights(
                 module.weight, module.bias, after.running_mean, after.running_var, after.eps, after.weight, after.bias

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sized
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -120,7 +121,9 @@ def fit_teacher(
     ``run``: the run folder (:class:`~cls2det.teacher.run.TeacherRun`) that gets a checkpoint at every epoch's end
     and at SIGINT / SIGTERM, metrics.csv and TensorBoard; when it is resuming, training continues from its ``last/``.
     """
-    if len(train_set) == 0:
+    num_train = len(cast(Sized, train_set))  # map-style datasets: they have a length
+    num_val = len(cast(Sized, val_set)) if val_set is not None else 0
+    if num_train == 0:
         raise TeacherError("the teacher's training set is empty (no ground-truth boxes in the train split?)")
     if teacher.is_frozen:
         raise TeacherError(f"teacher {teacher.arch!r} is frozen (a distillation teacher); build a new one to train")
@@ -128,21 +131,25 @@ def fit_teacher(
     start = time.perf_counter()
     with torch.random.fork_rng(devices=[]), deterministic_algorithms(config.deterministic):
         torch.manual_seed(config.seed)
-        drop_last = len(train_set) > config.batch_size  # no 1-crop batch for BatchNorm; keep tiny sets whole
+        drop_last = num_train > config.batch_size  # no 1-crop batch for BatchNorm; keep tiny sets whole
         workers = resolve_workers(config.workers)
         # one loader per run, its workers kept across epochs
-        common = {"num_workers": workers, "persistent_workers": workers > 0, "pin_memory": _is_cuda(device)}
+        common: dict[str, Any] = {
+            "num_workers": workers,
+            "persistent_workers": workers > 0,
+            "pin_memory": _is_cuda(device),
+        }
         # the order is a pure function of (seed, epoch); ClassificationCrops groups crops by image when streamed
         if hasattr(train_set, "batch_sampler"):
             sampler = train_set.batch_sampler(config.batch_size, seed=config.seed, drop_last=drop_last)
         else:
             from cls2det.data.crops import CropBatchSampler
 
-            index = torch.arange(len(train_set)).numpy()
+            index = torch.arange(num_train).numpy()
             sampler = CropBatchSampler(index, config.batch_size, seed=config.seed, drop_last=drop_last, by_image=False)
         steps_per_epoch = len(sampler)
         loader = DataLoader(train_set, batch_sampler=sampler, **common)
-        val_loader = DataLoader(val_set, 256, **common) if val_set is not None and len(val_set) > 0 else None
+        val_loader = DataLoader(val_set, 256, **common) if val_set is not None and num_val > 0 else None
         steps = config.epochs * steps_per_epoch
         warmup = max(1, round(config.warmup_epochs * steps_per_epoch))  # capped at 10% of the run by lr_factor
         optimizer = torch.optim.AdamW(_param_groups(teacher, config.weight_decay), lr=config.lr)
@@ -190,6 +197,7 @@ def fit_teacher(
                     bar.console.print(f"teacher epoch {epoch}: train loss {mean_loss:.4f}, val top-1 {val}")
                 new_best = top1 is not None and top1 > loop.best_top1
                 if new_best:
+                    assert top1 is not None  # new_best implies it
                     loop.best_top1, loop.best_epoch = top1, epoch
                     best_state = {k: v.detach().clone() for k, v in teacher.net.state_dict().items()}
                 loop.epoch, loop.batch_in_epoch, loop.loss_sum, loop.seen = epoch + 1, 0, 0.0, 0
@@ -208,8 +216,8 @@ def fit_teacher(
         "top1_last": history[-1]["top1"] if history else None,
         "epochs": config.epochs,
         "steps": steps,
-        "num_train": len(train_set),
-        "num_val": len(val_set) if val_set is not None else 0,
+        "num_train": num_train,
+        "num_val": num_val,
         "wall_s": round(time.perf_counter() - start, 2),
         "history": history,
     }
