@@ -138,7 +138,7 @@ class _Trainer:
         self.loader = None  # built by _batches
         self.teacher = load_distillation_teacher(config, self.train_split.class_names, device=fabric.device)
         if self.teacher is not None:
-            self._check_same_weights(self.teacher, "teacher", config.teacher)
+            self._check_same_weights(self.teacher, "teacher", str(config.teacher))
         self.weights = loss_weights(config.distill)  # eq. (12)'s lambda of each KD term
         distill = config.distill
         self.soft_labels, self.gt_features = open_teacher_caches(
