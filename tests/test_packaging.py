@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -17,8 +18,11 @@ CONFIGS = REPO / "src" / "cls2det" / "configs"
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("wheel")
+    # from a copy without build outputs: setuptools' build/ folder keeps files that the source no longer has
+    source = tmp_path_factory.mktemp("source") / "cls2det"
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(".venv", ".git", "build", "runs", "*.egg-info"))
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(REPO)],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(source)],
         check=True,
         capture_output=True,
         timeout=600,
@@ -58,8 +62,13 @@ def test_an_installed_wheel_trains_from_a_shipped_recipe(wheel, tmp_path, demo_d
     )
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
+    env = {k: v for k, v in cli_env.items() if k != "PYTHONPATH"}  # nothing but the venv decides what is imported
     where = subprocess.run(
-        [str(python), "-c", "import cls2det; print(cls2det.__file__)"], cwd=elsewhere, capture_output=True, text=True
+        [str(python), "-c", "import cls2det; print(cls2det.__file__)"],
+        cwd=elsewhere,
+        capture_output=True,
+        text=True,
+        env=env,
     )
     assert where.stdout.startswith(site), where.stdout + where.stderr
     run = tmp_path / "run"
@@ -78,7 +87,7 @@ def test_an_installed_wheel_trains_from_a_shipped_recipe(wheel, tmp_path, demo_d
         cwd=elsewhere,
         capture_output=True,
         text=True,
-        env=cli_env,
+        env=env,
         timeout=600,
     )
     assert train.returncode == 0, train.stderr[-2000:]
