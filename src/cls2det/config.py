@@ -263,6 +263,9 @@ class StudyConfig:
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     rows: dict[str, list[str]] = field(default_factory=dict)
     baseline_row: str = "baseline"
+    # [row, reference] pairs whose Δ, paired by seed, the report also shows (e.g. [kd_cls+kd_loc, kd_cls]: what
+    # KD_loc adds on top of KD_cls)
+    comparisons: list[list[str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # lines printed under the report's table
 
     def __post_init__(self) -> None:
@@ -275,6 +278,11 @@ class StudyConfig:
             raise ConfigError(
                 f"study.detector_overrides: {stray[0]!r} is not in study.detectors ({', '.join(self.detectors)})"
             )
+        for pair in self.comparisons:
+            if len(pair) != 2 or any(row not in self.rows for row in pair):
+                raise ConfigError(
+                    f"study.comparisons: {pair!r} must be [row, reference], two of the rows ({', '.join(self.rows)})"
+                )
         if "det_teacher" in self.rows:
             raise ConfigError("study.rows: 'det_teacher' names the detector teacher's run folder; rename the row")
 

@@ -7,6 +7,7 @@ import math
 import pytest
 
 from cls2det.evaluation import IOU_THRESHOLDS, METRIC_KEYS, summarize, write_report
+from cls2det.evaluation.report import paired_deltas
 
 T_975_DF2 = 4.302652729911275  # Student t, 97.5% quantile, 2 degrees of freedom (statistical tables: 4.303)
 
@@ -218,3 +219,26 @@ def test_write_report_without_errors_has_no_error_section(tmp_path):
     assert "Error breakdown" not in md
     with open(tmp_path / "report.csv", newline="") as f:
         assert "dAP50_cls" not in next(csv.reader(f))
+
+
+def test_paired_deltas_of_one_row_over_another():
+    # loc has seed 0 only: loc - kd over seed 0 = 25 - 21; retina has neither row
+    (entry,) = paired_deltas(RESULTS, "loc", "kd")
+    assert (entry["detector"], entry["n"]) == ("frcnn", 1)
+    assert entry["delta"]["mAP"] == pytest.approx(4.0) and math.isnan(entry["delta_ci"]["mAP"])
+    # kd - baseline, paired over seeds 0, 1, 2: 1, 2, 0 (what summarize's delta is)
+    (entry,) = paired_deltas(RESULTS, "kd", "baseline")
+    assert entry["delta"]["AP75"] == pytest.approx(1.0)
+    assert entry["delta_ci"]["mAP"] == pytest.approx(T_975_DF2 * 1.0 / math.sqrt(3))
+    assert paired_deltas(RESULTS, "extra", "baseline") == []  # no common seed
+
+
+def test_write_report_comparison_table(tmp_path):
+    md = write_report(RESULTS, tmp_path, title="t", comparisons=[("kd", "baseline"), ("loc", "kd")]).read_text()
+    lines = md.splitlines()
+    table = lines[lines.index("## Paired comparisons") :]
+    rows = [line.split(" | ") for line in table if line.startswith("| frcnn")]
+    assert [r[1] for r in rows] == ["`kd` − `baseline`", "`loc` − `kd`"]
+    assert rows[0][2:] == ["+1.0 ± 2.5", "+1.0 ± 2.5", "+1.0 ± 2.5", "3 |"]  # mAP, AP50, AP75 move together here
+    assert rows[1][2] == "+4.0 (n=1)"
+    assert "## Paired comparisons" not in write_report(RESULTS, tmp_path, title="t").read_text()

@@ -203,3 +203,14 @@ def test_families_study_runs_three_families_on_the_full_studys_recipe():
     assert students["fasterrcnn_mobilenet_v3"].anchor_sizes == [14, 20, 28, 40, 56]
     assert students["fasterrcnn_mobilenet_v3"].options["rpn_post_nms_top_n_train"] == 100
     assert all(s.image_size == 128 for s in students.values())
+
+
+def test_comparisons_must_name_two_rows():
+    values = {"rows": {"baseline": [], "kd_cls": ["distill.kd=[cls]"]}}
+    assert from_dict(StudyConfig, {**values, "comparisons": [["kd_cls", "baseline"]]}).comparisons == [
+        ["kd_cls", "baseline"]
+    ]
+    with pytest.raises(ConfigError, match=r"study.comparisons: \['kd_cls', 'kd_loc'\] must be \[row, reference\]"):
+        from_dict(StudyConfig, {**values, "comparisons": [["kd_cls", "kd_loc"]]})
+    with pytest.raises(ConfigError, match="must be \\[row, reference\\]"):
+        from_dict(StudyConfig, {**values, "comparisons": [["kd_cls"]]})

@@ -28,7 +28,7 @@ from scipy import stats
 from .coco_eval import IOU_THRESHOLDS, METRIC_KEYS
 from .errors import ERROR_TYPES
 
-__all__ = ["summarize", "write_report", "mean_ci"]
+__all__ = ["summarize", "paired_deltas", "write_report", "mean_ci"]
 
 _REQUIRED = ("row", "seed", "detector", "metrics")
 _NA = "—"
@@ -146,6 +146,33 @@ def summarize(results: Sequence[dict], baseline_row: str = "baseline") -> list[d
     return summary
 
 
+def paired_deltas(results: Sequence[dict], row: str, reference: str) -> list[dict]:
+    """Δ of ``row`` over ``reference`` (e.g. the full method over +KD_cls), paired by seed within each detector.
+
+    Returns one dict per detector that has both rows, in order of first appearance::
+
+        {"detector", "row", "reference", "n": int,                         # seeds both rows have
+         "delta": {metric: float}, "delta_ci": {metric: float}}            # mean of the paired differences ± 95% CI
+    """
+    _check(results)
+    runs: dict[tuple[str, str], dict[int, dict]] = {}
+    for r in results:
+        runs.setdefault((r["detector"], r["row"]), {})[r["seed"]] = r
+    found = []
+    for detector in dict.fromkeys(r["detector"] for r in results):
+        ours, theirs = runs.get((detector, row), {}), runs.get((detector, reference), {})
+        seeds = sorted(set(ours) & set(theirs))
+        if not seeds:
+            continue
+        entry: dict = {"detector": detector, "row": row, "reference": reference, "n": len(seeds)}
+        entry["delta"], entry["delta_ci"] = {}, {}
+        for key in METRIC_KEYS:
+            diffs = [ours[s]["metrics"][key] - theirs[s]["metrics"][key] for s in seeds]
+            entry["delta"][key], entry["delta_ci"][key] = mean_ci(diffs)
+        found.append(entry)
+    return found
+
+
 # ---------------------------------------------------------------------------------------------------- formatting
 
 
@@ -238,6 +265,17 @@ def _error_table(entries: list[dict]) -> list[str]:
     return lines
 
 
+def _comparison_table(entries: list[dict]) -> list[str]:
+    keys = ("mAP", "AP50", "AP75")
+    columns = ["detector", "row − reference", *(f"Δ {k}" for k in keys), "seeds"]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(columns) - 2)) + "|"]
+    for e in entries:
+        cells = [e["detector"], f"`{e['row']}` − `{e['reference']}`"]
+        cells += [_with_ci(e["delta"][k], e["delta_ci"][k], e["n"], signed=True) for k in keys]
+        lines.append("| " + " | ".join([*cells, str(e["n"])]) + " |")
+    return lines
+
+
 def _csv_value(x) -> str:
     if isinstance(x, float):
         return "nan" if math.isnan(x) else f"{x:.4f}"
@@ -253,6 +291,7 @@ def write_report(
     notes: Sequence[str] = (),
     plots: Sequence[str | Path] = (),
     baseline_row: str = "baseline",
+    comparisons: Sequence[Sequence[str]] = (),
 ) -> Path:
     """Write ``out_dir/report.md`` (summary table per detector, teacher top-1, notes, plots) and ``out_dir/report.csv``
     (one line per row x seed with every metric). Returns the path of report.md.
@@ -260,6 +299,7 @@ def write_report(
     Args:
         teacher_top1: the teacher's top-1 accuracy on the held-out D_cls split, in percent.
         plots: image files to embed; paths inside ``out_dir`` are linked relative to it.
+        comparisons: ``(row, reference)`` pairs whose paired Δ (:func:`paired_deltas`) gets its own table.
     """
     summary = summarize(results, baseline_row=baseline_row)
     out = Path(out_dir)
@@ -278,6 +318,16 @@ def write_report(
     for detector in dict.fromkeys(e["detector"] for e in summary):
         md += [f"## {detector}", ""]
         md += _markdown_table([e for e in summary if e["detector"] == detector]) + [""]
+    compared = [e for row, reference in comparisons for e in paired_deltas(results, row, reference)]
+    if compared:
+        md += [
+            "## Paired comparisons",
+            "",
+            "Δ of a row over another row than the baseline, paired by seed within each detector, ± 95% CI.",
+            "",
+            *_comparison_table(compared),
+            "",
+        ]
     has_errors = any(e["errors_n"] for e in summary)
     if has_errors:
         md += [

@@ -229,7 +229,16 @@ def _report(
     plots.append(plot_loss_curves(curves, out / "loss_curves.png"))
     if _prediction_grid(study, results, out, data):
         plots.append(out / "predictions.png")
-    return write_report(results, out, title=study.name, teacher_top1=teacher_top1, notes=notes, plots=plots)
+    return write_report(
+        results,
+        out,
+        title=study.name,
+        teacher_top1=teacher_top1,
+        notes=notes,
+        plots=plots,
+        baseline_row=study.baseline_row,
+        comparisons=study.comparisons,
+    )
 
 
 def _prediction_grid(study: StudyConfig, results: list[dict], out: Path, data: Path, count: int = 4) -> bool:
