@@ -1,12 +1,14 @@
-"""Do loc and KD_loc pull a box towards its GT box? Their gradient on the GT boxes of a split, displaced to IoU u.
+"""Do loc and KD_loc pull a box towards its GT box, and how hard against the detector's own box loss?
 
 For every GT box of the first ``--images`` images of ``--split``, boxes at IoU u with it are drawn in random
 directions (``cls2det.distill.gradient_probe.boxes_at_iou``) and each loss's gradient with respect to the box is
-compared with the direction to the GT box: mean cosine (1 = straight at it, 0 = no signal) and the share of boxes
-whose IoU rises after a 0.5 px step along the descent direction. Losses: an L1 on the box coordinates (the kind
-of signal a detector's box loss gives, for reference), ``loc`` (pixels, pool 4) and ``KD_loc``
-with the teacher of ``teacher_run`` at the taps obj / l0 / obj+l0 (the release's pools 4 / 8), exactly as training
-calls them (``cls2det.distill.losses``), at crop side(s) ``--sizes``.
+compared with the direction to the GT box (``gradient_alignment``): the mean cosine (1 = straight at it, 0 = no
+signal), the share of boxes whose IoU rises after a 0.5 px step along the descent direction, and the pull: the median
+over boxes of |d(weight·L)/dB| / |d(box loss)/dB|, where the box loss is torchvision SSD's (smooth L1, beta 1, on the
+offsets encoded with weights 10, 10, 5, 5, here against an anchor equal to the GT box; both losses are means over the
+positives, so the ratio compares one box's pulls). Losses: ``loc`` (pixels, pool 4, weight ``--loc-weight``) and
+``KD_loc`` with the teacher of ``teacher_run`` at the taps obj / l0 / obj+l0 (the release's pools 4 / 8, weight
+``--kd-loc-weight``), exactly as training calls them (``cls2det.distill.losses``), at crop side(s) ``--sizes``.
 
     python benchmarks/probe_loc_gradients.py DATA TEACHER_RUN [--images 100] [--sizes 32 112] [--seed 0]
 """
@@ -14,6 +16,7 @@ calls them (``cls2det.distill.losses``), at crop side(s) ``--sizes``.
 import argparse
 
 import torch
+import torch.nn.functional as F
 
 from cls2det.config import KD_LOC_GAP_SIZE, DistillConfig
 from cls2det.data import CocoDetection, load_split
@@ -22,6 +25,25 @@ from cls2det.distill.losses import kd_loc_loss, loc_loss
 from cls2det.teacher import load_teacher
 
 IOUS = [0.5, 0.6, 0.7, 0.75, 0.8, 0.9]
+SSD_BOX_WEIGHTS = (10.0, 10.0, 5.0, 5.0)  # torchvision's SSD BoxCoder
+
+
+def ssd_box_loss(boxes: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
+    """torchvision SSD's box loss of ``boxes`` [K, 4] xyxy against target offsets 0 at ``anchors`` [K, 4] (the GT
+    boxes): smooth L1 (beta 1) of the encoded offsets, summed over the 4 offsets, mean over the K boxes."""
+    wx, wy, ww, wh = SSD_BOX_WEIGHTS
+    size, anchor_size = boxes[:, 2:] - boxes[:, :2], anchors[:, 2:] - anchors[:, :2]
+    centre, anchor_centre = boxes[:, :2] + size / 2, anchors[:, :2] + anchor_size / 2
+    offsets = torch.cat(
+        [
+            (centre - anchor_centre) / anchor_size * torch.tensor([wx, wy]),
+            torch.log(size / anchor_size) * torch.tensor([ww, wh]),
+        ],
+        dim=1,
+    )  # [K, 4]
+    return F.smooth_l1_loss(offsets, torch.zeros_like(offsets), beta=1.0, reduction="sum") / len(boxes)
+
+
 TAPS = {"KD_loc obj": ["obj"], "KD_loc l0": ["l0"], "KD_loc obj+l0": ["obj", "l0"]}
 
 
@@ -33,6 +55,8 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=100)
     parser.add_argument("--sizes", type=int, nargs="+", default=[32, 112])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--kd-loc-weight", type=float, default=DistillConfig().lambda_kd_loc)
+    parser.add_argument("--loc-weight", type=float, default=DistillConfig().lambda_loc)
     args = parser.parse_args()
     torch.set_num_threads(1)
 
@@ -46,19 +70,29 @@ def main() -> None:
 
     def losses(size: int) -> dict:
         found = {
-            "L1 on the box coordinates (reference)": lambda b: (b - gt).abs().sum(),  # what a box loss sees
-            "loc": lambda b: loc_loss(images, b, gt, index, size=size, pool=KD_LOC_GAP_SIZE),
+            "SSD box loss (reference)": lambda b: ssd_box_loss(b, gt),
+            f"{args.loc_weight:g}·loc": lambda b: (
+                args.loc_weight * loc_loss(images, b, gt, index, size=size, pool=KD_LOC_GAP_SIZE)
+            ),
         }
         for name, taps in TAPS.items():
             pools = DistillConfig(taps=taps).tap_pools()  # the release's: obj 4, l0 8
-            found[name] = lambda b, taps=taps, pools=pools: kd_loc_loss(
-                lambda crops: teacher.forward_taps(crops, taps), images, b, gt, index, size=size, pools=pools,
-                is_pixel_level=[t == "obj" for t in taps],
-            )  # fmt: skip
+
+            def kd_loc(b: torch.Tensor, taps: list[str] = taps, pools: list[int] = pools) -> torch.Tensor:
+                def features(crops: torch.Tensor) -> list[torch.Tensor]:
+                    return teacher.forward_taps(crops, taps)
+
+                pixel = [t == "obj" for t in taps]
+                return kd_loc_loss(features, images, b, gt, index, size=size, pools=pools, is_pixel_level=pixel)
+
+            found[f"{args.kd_loc_weight:g}·{name}"] = lambda b, kd_loc=kd_loc: args.kd_loc_weight * kd_loc(b)
         return found
 
     print(f"{len(gt)} GT boxes of {len(samples)} {args.split} images; teacher {teacher.arch}; seed {args.seed}")
-    print("cell: mean cos(-dL/dB, B* - B) / share of boxes whose IoU rises after a 0.5 px descent step\n")
+    print(
+        "cell: mean cos(-dL/dB, B* - B) / share of boxes whose IoU rises after a 0.5 px descent step / pull "
+        "(median |dL/dB| / |d box loss/dB|)\n"
+    )
     print("| loss | s | " + " | ".join(f"IoU {u}" for u in IOUS) + " |")
     print("|---|---:|" + "---:|" * len(IOUS))
     for size in args.sizes:
@@ -67,7 +101,9 @@ def main() -> None:
             for u in IOUS:
                 boxes = boxes_at_iou(gt, u, generator=torch.Generator().manual_seed(args.seed))
                 out = gradient_alignment(loss_fn, boxes, gt)
-                cells.append(f"{out['cosine'].mean():.2f} / {(out['iou_gain'] > 0).float().mean():.0%}")
+                box = gradient_alignment(lambda b: ssd_box_loss(b, gt), boxes, gt)
+                pull = (out["grad_norm"] / box["grad_norm"]).median()
+                cells.append(f"{out['cosine'].mean():.2f} / {(out['iou_gain'] > 0).float().mean():.0%} / {pull:.2g}")
             print(f"| {name} | {size} | " + " | ".join(cells) + " |")
 
 
