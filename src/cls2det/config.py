@@ -262,11 +262,19 @@ class StudyConfig:
     detector_overrides: dict[str, list[str]] = field(default_factory=dict)
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     rows: dict[str, list[str]] = field(default_factory=dict)
+    # Per-detector subsets of ``rows`` (names, in ``rows``' order), for a grid too costly in full:
+    # {detector: [baseline, kd_cls, ...]}; a detector not named runs every row.
+    detector_rows: dict[str, list[str]] = field(default_factory=dict)
     baseline_row: str = "baseline"
     # [row, reference] pairs whose Δ, paired by seed, the report also shows (e.g. [kd_cls+kd_loc, kd_cls]: what
     # KD_loc adds on top of KD_cls)
     comparisons: list[list[str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # lines printed under the report's table
+
+    def rows_of(self, detector: str) -> list[str]:
+        """The rows ``detector`` runs, in ``rows``' order."""
+        names = self.detector_rows.get(detector)
+        return [row for row in self.rows if names is None or row in names]
 
     def __post_init__(self) -> None:
         if not self.rows:
@@ -278,6 +286,18 @@ class StudyConfig:
             raise ConfigError(
                 f"study.detector_overrides: {stray[0]!r} is not in study.detectors ({', '.join(self.detectors)})"
             )
+        stray = sorted(set(self.detector_rows) - set(self.detectors))
+        if stray:
+            raise ConfigError(
+                f"study.detector_rows: {stray[0]!r} is not in study.detectors ({', '.join(self.detectors)})"
+            )
+        for detector, names in self.detector_rows.items():
+            unknown = [name for name in names if name not in self.rows]
+            if unknown or not names:
+                raise ConfigError(
+                    f"study.detector_rows.{detector}: {unknown[0] if unknown else 'no row'!r} is not one of the rows "
+                    f"({', '.join(self.rows)})"
+                )
         for pair in self.comparisons:
             if len(pair) != 2 or any(row not in self.rows for row in pair):
                 raise ConfigError(

@@ -232,3 +232,32 @@ def test_backbone_weight_errors(tmp_path, monkeypatch):
     assert "\n" not in str(err.value)
     with pytest.raises(ValueError, match="num_classes must be > 0"):
         fasterrcnn_mobilenet_v3(0, StudentConfig())
+
+
+def test_returned_stages_build_a_finer_fpn(tiny_batch, tmp_path):
+    # stages [2, 3, 5] = strides 8, 16, 32 (+ the max-pool level 64): at 128 px maps of 16, 8, 4, 2
+    sizes = [12, 16, 24, 32, 48, 64, 96, 128]
+    adapter = BUILDERS["mv3"](
+        3, StudentConfig(detector="x", image_size=128, anchor_sizes=sizes), returned_stages=[2, 3, 5], **SMALL
+    )
+    det = adapter.detector
+    maps = det.backbone(torch.zeros(1, 3, 128, 128))
+    assert {k: v.shape[-1] for k, v in maps.items()} == {"0": 16, "1": 8, "2": 4, "pool": 2}
+    assert det.rpn.anchor_generator.sizes == ((12, 16), (24, 32), (48, 64), (96, 128))  # 2 sizes per level
+    out = adapter.train()(*tiny_batch)
+    assert torch.isfinite(sum(out.losses.values())) and out.positives.logits.shape[1] == 4
+    # a local backbone file loads into the finer FPN's body as into torchvision's
+    torch.manual_seed(0)
+    state = backbone_classifier("fasterrcnn_mobilenet_v3").state_dict()
+    save_file(state, tmp_path / "mv3.safetensors")
+    config = StudentConfig(detector="x", image_size=128, backbone_weights=str(tmp_path / "mv3.safetensors"))
+    body = BUILDERS["mv3"](3, config, returned_stages=[2, 3, 5], **SMALL).detector.backbone.body
+    torch.testing.assert_close(body["13"].block[0][0].weight, state["features.13.block.0.0.weight"])
+
+
+@pytest.mark.parametrize("stages", [[], [3, 2], [0, 5], [2, 6]])
+def test_returned_stages_errors(stages):
+    from cls2det.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"student.options.returned_stages must be increasing stages in 1..5"):
+        BUILDERS["mv3"](3, StudentConfig(detector="x", image_size=128), returned_stages=stages)

@@ -13,8 +13,14 @@ from pathlib import Path
 from typing import Any, cast
 
 from torch import Tensor, nn
-from torchvision.models import ResNet50_Weights
+from torchvision.models import MobileNet_V3_Large_Weights, ResNet50_Weights, mobilenet_v3_large
+from torchvision.models.detection.backbone_utils import (
+    BackboneWithFPN,
+    _mobilenet_extractor,
+    _validate_trainable_layers,
+)
 from torchvision.ops import FrozenBatchNorm2d
+from torchvision.ops.feature_pyramid_network import ExtraFPNBlock
 
 from cls2det.config import ConfigError, StudentConfig
 from cls2det.errors import WeightsError
@@ -23,6 +29,25 @@ from cls2det.students.base import Detector
 
 # The order in which torchvision unfreezes ResNet stages (``backbone_utils._resnet_fpn_extractor``).
 RESNET_TRAINABLE_ORDER = ("layer4", "layer3", "layer2", "layer1", "conv1")
+MOBILENET_STAGES = 6  # torchvision's ``_mobilenet_extractor`` stages: stem, the 4 strided blocks, the last conv
+
+
+def mobilenet_v3_fpn_backbone(
+    weights_backbone: MobileNet_V3_Large_Weights | None,
+    trainable_backbone_layers: int | None,
+    returned_stages: list[int],
+    extra_blocks: ExtraFPNBlock | None = None,
+) -> BackboneWithFPN:
+    """A MobileNetV3-Large FPN over ``returned_stages`` (of :data:`MOBILENET_STAGES`: 2 = stride 8, 3 = 16,
+    4 and 5 = 32), built as torchvision builds ``fasterrcnn_mobilenet_v3_large_fpn``'s (stages [4, 5]): with
+    ImageNet weights ``FrozenBatchNorm2d`` and the last ``trainable_backbone_layers`` stages trainable (default 3);
+    random: ``BatchNorm2d``, all trainable. ``extra_blocks`` None = torchvision's max-pool level on top."""
+    weights_backbone = MobileNet_V3_Large_Weights.verify(weights_backbone)
+    is_trained = weights_backbone is not None
+    trainable = _validate_trainable_layers(is_trained, trainable_backbone_layers, MOBILENET_STAGES, 3)
+    norm_layer = FrozenBatchNorm2d if is_trained else nn.BatchNorm2d
+    body = mobilenet_v3_large(weights=weights_backbone, norm_layer=norm_layer)
+    return _mobilenet_extractor(body, True, trainable, returned_layers=returned_stages, extra_blocks=extra_blocks)
 
 
 def build_detector(

@@ -8,6 +8,7 @@ proposals the RoI sampler drew with a foreground label (IoU >= 0.5 with a GT box
 
 from __future__ import annotations
 
+import functools
 from typing import Any, cast
 
 import torch
@@ -26,6 +27,7 @@ from cls2det.students.backbones import (
     freeze_batchnorm,
     freeze_stages,
     load_view_weights,
+    mobilenet_v3_fpn_backbone,
     stage_indices,
     transform_kwargs,
 )
@@ -175,6 +177,35 @@ def _check_num_classes(num_classes: int) -> None:
         raise ConfigError(f"num_classes must be > 0, got {num_classes}")
 
 
+def fasterrcnn_mobilenet_v3_large_fpn_stages(
+    *,
+    returned_stages: list[int],
+    weights: None = None,
+    weights_backbone: MobileNet_V3_Large_Weights | None = None,
+    num_classes: int = 91,
+    trainable_backbone_layers: int | None = None,
+    **kwargs: Any,
+) -> FasterRCNN:
+    """torchvision's ``fasterrcnn_mobilenet_v3_large_fpn`` with its FPN over other MobileNetV3 stages
+    (``returned_stages``; torchvision's: [4, 5], two stride-32 maps, plus a max-pool level): e.g. [2, 3, 5] gives
+    strides 8, 16, 32 (+ 64), which small objects at a small input need. RPN anchors: torchvision's 5 sizes x 3
+    ratios on every level. No detection ``weights`` exist for it; kwargs go to :class:`FasterRCNN`."""
+    if weights is not None:
+        raise ConfigError("student.options.returned_stages: no pretrained detection weights; use backbone weights")
+    if (
+        not returned_stages
+        or any(s not in range(1, 6) for s in returned_stages)
+        or sorted(set(returned_stages)) != list(returned_stages)
+    ):
+        raise ConfigError(f"student.options.returned_stages must be increasing stages in 1..5, got {returned_stages}")
+    backbone = mobilenet_v3_fpn_backbone(weights_backbone, trainable_backbone_layers, list(returned_stages))
+    levels = len(returned_stages) + 1  # + the max-pool level
+    kwargs.setdefault(
+        "rpn_anchor_generator", AnchorGenerator(((32, 64, 128, 256, 512),) * levels, (ASPECT_RATIOS,) * levels)
+    )
+    return FasterRCNN(backbone, num_classes, **kwargs)
+
+
 def fasterrcnn_mobilenet_v3(num_classes: int, config: StudentConfig, **kwargs: Any) -> FasterRCNNAdapter:
     """Faster R-CNN MobileNetV3-Large-FPN (torchvision ``fasterrcnn_mobilenet_v3_large_fpn``), C+1 outputs.
 
@@ -187,10 +218,17 @@ def fasterrcnn_mobilenet_v3(num_classes: int, config: StudentConfig, **kwargs: A
       * a local ``mobilenet_v3_large`` state dict (safetensors / ``torch.save``, see :func:`backbone_classifier`):
         loaded into ``backbone.body`` and treated as torchvision treats a pretrained backbone: BatchNorm frozen,
         only the last ``trainable_backbone_layers`` (default 3, max 6) stages trainable.
-    kwargs go to torchvision's :class:`FasterRCNN` (e.g. ``box_batch_size_per_image``, ``rpn_post_nms_top_n_train``).
+    kwargs go to torchvision's :class:`FasterRCNN` (e.g. ``box_batch_size_per_image``, ``rpn_post_nms_top_n_train``),
+    except ``returned_stages`` (e.g. [2, 3, 5]), which builds the FPN over other stages
+    (:func:`fasterrcnn_mobilenet_v3_large_fpn_stages`).
     """
     _check_num_classes(num_classes)
     kwargs = {**kwargs, **transform_kwargs(config), "num_classes": num_classes + 1}
+    builder: Any = fasterrcnn_mobilenet_v3_large_fpn
+    if "returned_stages" in kwargs:
+        builder = functools.partial(
+            fasterrcnn_mobilenet_v3_large_fpn_stages, returned_stages=kwargs.pop("returned_stages")
+        )
 
     def load_local(detector: FasterRCNN, path: str, trainable: int | None) -> None:
         body = detector.backbone.body  # IntermediateLayerGetter over mobilenet_v3_large().features
@@ -200,9 +238,7 @@ def fasterrcnn_mobilenet_v3(num_classes: int, config: StudentConfig, **kwargs: A
         features = cast(nn.Sequential, view.features)
         freeze_stages(features, stage_indices(features, "mobilenet"), 3 if trainable is None else trainable)
 
-    detector = build_detector(
-        fasterrcnn_mobilenet_v3_large_fpn, config, MobileNet_V3_Large_Weights.IMAGENET1K_V1, load_local, **kwargs
-    )
+    detector = build_detector(builder, config, MobileNet_V3_Large_Weights.IMAGENET1K_V1, load_local, **kwargs)
     if config.anchor_sizes is not None:
         set_rpn_anchors(detector, config.anchor_sizes)
     return FasterRCNNAdapter(detector, num_classes)

@@ -14,8 +14,6 @@ from torch import Tensor, nn
 from torchvision.models import MobileNet_V3_Large_Weights, mobilenet_v3_large, resnet50
 from torchvision.models.detection import RetinaNet, retinanet_resnet50_fpn
 from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.models.detection.backbone_utils import _mobilenet_extractor, _validate_trainable_layers
-from torchvision.ops import FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 from cls2det.config import ConfigError, StudentConfig
@@ -27,6 +25,7 @@ from cls2det.students.backbones import (
     freeze_batchnorm,
     freeze_stages,
     load_view_weights,
+    mobilenet_v3_fpn_backbone,
     stage_indices,
     transform_kwargs,
 )
@@ -75,7 +74,6 @@ def retinanet_resnet50(num_classes: int, config: StudentConfig, **options: Any) 
 # that feed the FPN: the stride-8, stride-16 blocks and the last conv (stride 32), as C3, C4, C5 of the ResNet
 # RetinaNet; P6, P7 come from P5 (``LastLevelP6P7(256, 256)``), so the 5 levels P3..P7 of the stock anchors.
 MOBILENET_RETURNED_STAGES = [2, 3, 5]
-MOBILENET_STAGES = 6
 
 
 def retinanet_mobilenet_v3_large_fpn(
@@ -94,13 +92,8 @@ def retinanet_mobilenet_v3_large_fpn(
     """
     if weights is not None:
         raise ConfigError("retinanet_mobilenet_v3 has no pretrained detection weights; use backbone weights")
-    weights_backbone = MobileNet_V3_Large_Weights.verify(weights_backbone)
-    is_trained = weights_backbone is not None
-    trainable = _validate_trainable_layers(is_trained, trainable_backbone_layers, MOBILENET_STAGES, 3)
-    norm_layer = FrozenBatchNorm2d if is_trained else nn.BatchNorm2d
-    body = mobilenet_v3_large(weights=weights_backbone, norm_layer=norm_layer)
-    backbone = _mobilenet_extractor(
-        body, True, trainable, returned_layers=MOBILENET_RETURNED_STAGES, extra_blocks=LastLevelP6P7(256, 256)
+    backbone = mobilenet_v3_fpn_backbone(
+        weights_backbone, trainable_backbone_layers, MOBILENET_RETURNED_STAGES, LastLevelP6P7(256, 256)
     )
     kwargs.setdefault("anchor_generator", retinanet_anchor_generator([32, 64, 128, 256, 512]))
     return RetinaNet(backbone, num_classes, **kwargs)

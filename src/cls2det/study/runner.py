@@ -57,7 +57,7 @@ def run_study(path: str | Path, overrides: Sequence[str] = ()) -> Path:
         if det_teacher is not None:
             notes.append(_det_teacher_note(det_teacher))
         for seed in study.seeds:
-            for row in study.rows:
+            for row in study.rows_of(detector):
                 config = row_config(study, row, detector, out, seed)
                 config.data, config.teacher = str(data), str(teacher_run)
                 if backbone is not None:
@@ -248,8 +248,9 @@ def _prediction_grid(study: StudyConfig, results: list[dict], out: Path, data: P
     from cls2det.evaluation.evaluate import predict
     from cls2det.evaluation.plots import plot_prediction_grid
 
-    others = [row for row in study.rows if row != study.baseline_row]
-    if study.baseline_row not in study.rows or not others:
+    first = study.rows_of(study.detectors[0])
+    others = [row for row in first if row != study.baseline_row]
+    if study.baseline_row not in first or not others:
         return False
     rows = [study.baseline_row, others[-1]]
     runs = {
