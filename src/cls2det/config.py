@@ -101,7 +101,7 @@ class DistillConfig:
     # level is the teacher's input crop, i.e. pixels in the teacher's normalisation ((x - mean) / std of 0..1 pixels,
     # ImageNet std ~0.226): the release's 0.15 on 0..255 pixels is 0.15·255·0.226 ~ 8.6 here (38 in 0..1 units).
     # The box losses of torchvision detectors are not mmdet's: measured on the demo generator's tuning set (seed 1,
-    # 2 seeds, configs/ablations/kd_loc_weight.yaml), 0.3 was the best of 0.1 / 0.3 / 1 / 3 / 8.6 and 8.6 (the
+    # 3 seeds, configs/ablations/kd_loc_weight.yaml), 0.3 was the best of 0.1 / 0.3 / 1 / 3 / 8.6 and 8.6 (the
     # release's) cost mAP; at the start of training 0.3 * KD_loc is ~9% of SSDlite's box loss (README).
     lambda_kd_loc: float = 0.3
     lambda_loc: float = 1.0  # loc (eq. 11) on 0..1 pixels
