@@ -171,8 +171,12 @@ def test_detector_overrides_apply_to_their_detector_before_the_rows(tmp_path):
     teacher = det_teacher_config(study, retina, tmp_path)  # the detector teacher has the detector's settings too
     assert (teacher.student.anchor_sizes, teacher.epochs, teacher.seed) == ([12, 24, 48, 96, 192], 5, 3)
 
-    with pytest.raises(ConfigError, match=r"detector_overrides: 'fcos_resnet50' is not in study.detectors"):
-        from_dict(StudyConfig, {**values, "detector_overrides": {"fcos_resnet50": ["epochs=2"]}})
+    typo = from_dict(StudyConfig, {**values, "detector_overrides": {"retinanet_mobilenet_v4": ["epochs=2"]}})
+    with pytest.raises(ConfigError, match=r"study.detector_overrides: 'retinanet_mobilenet_v4' is not a detector"):
+        check_study(typo, tmp_path)
+    # a detector the study does not run may keep its entry: detectors=[...] runs a subset of a grid
+    subset = from_dict(StudyConfig, {**values, "detector_overrides": {"fcos_resnet50": ["epochs=2"]}})
+    check_study(subset, tmp_path)
     bad = from_dict(StudyConfig, {**values, "detector_overrides": {retina: ["student.anchor_sizez=[8]"]}})
     with pytest.raises(ConfigError, match="unknown key student.anchor_sizez"):
         check_study(bad, tmp_path)  # every detector's runs are checked, not only the first detector's
@@ -205,6 +209,10 @@ def test_families_study_runs_three_families_on_the_full_studys_recipe():
     assert frcnn.anchor_sizes == [12, 16, 24, 32, 48, 64, 96, 128] and frcnn.options["returned_stages"] == [2, 3, 5]
     assert [row_config(study, "baseline", d, Path("runs"), 0).epochs for d in families] == [8, 6, 6]
     assert all(s.image_size == 128 for s in students.values())
+    # one family of the grid: the others' overrides stay in the config, unused
+    ssd = load_config(StudyConfig, shipped_config("study_families.yaml"), ["detectors=[ssdlite320_mobilenet_v3]"])
+    check_study(ssd, Path("runs"))
+    assert ssd.rows_of("ssdlite320_mobilenet_v3") == list(rows)
 
 
 def test_comparisons_must_name_two_rows():
@@ -226,7 +234,7 @@ def test_detector_rows_pick_a_subset_per_detector():
     study = from_dict(StudyConfig, {**values, "detector_rows": {"retinanet_mobilenet_v3": ["kd_cls", "baseline"]}})
     assert study.rows_of("retinanet_mobilenet_v3") == ["baseline", "kd_cls"]  # in rows' order
     assert study.rows_of("ssdlite320_mobilenet_v3") == ["baseline", "kd_cls", "kd_loc"]
-    with pytest.raises(ConfigError, match=r"study.detector_rows: 'fcos_resnet50' is not in study.detectors"):
-        from_dict(StudyConfig, {**values, "detector_rows": {"fcos_resnet50": ["baseline"]}})
+    with pytest.raises(ConfigError, match=r"study.detector_rows: 'fcos_resnet5' is not a detector"):
+        check_study(from_dict(StudyConfig, {**values, "detector_rows": {"fcos_resnet5": ["baseline"]}}), Path("x"))
     with pytest.raises(ConfigError, match=r"study.detector_rows.retinanet_mobilenet_v3: 'kd' is not one of the rows"):
         from_dict(StudyConfig, {**values, "detector_rows": {"retinanet_mobilenet_v3": ["baseline", "kd"]}})

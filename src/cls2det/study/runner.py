@@ -70,7 +70,16 @@ def run_study(path: str | Path, overrides: Sequence[str] = ()) -> Path:
 
 def check_study(study: StudyConfig, out: Path) -> None:
     """Raise :class:`ConfigError` unless every row (and the detector teacher's run) makes a valid TrainConfig and
-    every det2det row has a detector teacher (``study.det_teacher`` or its own ``distill.det_teacher``)."""
+    every det2det row has a detector teacher (``study.det_teacher`` or its own ``distill.det_teacher``), and the
+    detectors named by ``detector_overrides`` / ``detector_rows`` exist."""
+    from cls2det.students.registry import list_students
+
+    for field_name in ("detector_overrides", "detector_rows"):
+        unknown = sorted(set(getattr(study, field_name)) - set(list_students()))
+        if unknown:
+            raise ConfigError(
+                f"study.{field_name}: {unknown[0]!r} is not a detector (valid: {', '.join(list_students())})"
+            )
     for detector in study.detectors:
         for row in study.rows:
             config = row_config(study, row, detector, out, 0)
