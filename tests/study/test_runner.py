@@ -85,9 +85,9 @@ def test_study_without_rows_is_refused(tmp_path):
         run_study(path)
 
 
-def test_det2det_study_shares_the_demo_recipe_and_trains_its_teacher_longer():
+def test_det2det_study_shares_the_full_studys_recipe_and_trains_its_teacher_longer():
     study = load_config(StudyConfig, shipped_config("study_det2det.yaml"))
-    demo = load_config(StudyConfig, shipped_config("demo.yaml"))
+    demo = load_config(StudyConfig, shipped_config("study_full.yaml"))  # the demo's grid at 12 epochs
     check_study(study, Path("runs"))
     assert (study.demo_data, study.teacher, study.backbone_pretrain, study.train) == (
         demo.demo_data,
