@@ -197,11 +197,15 @@ def test_families_study_runs_three_families_on_the_full_studys_recipe():
     assert (study.train.epochs, full.train.epochs) == (8, 12)  # the budget's cut (see the YAML)
     assert study.train.optim == full.train.optim and study.train.distill == full.train.distill
     rows = {"baseline": [], "kd_cls": ["cls"], "kd_loc": ["kd_loc"], "kd_cls+kd_loc": ["cls", "kd_loc"]}
-    kd = {row: row_config(study, row, families[0], Path("runs"), 0).distill.kd for row in study.rows}
+    kd = {row: row_config(study, row, families[0], Path("runs"), 0).distill.kd for row in study.rows_of(families[0])}
     assert kd == rows and study.rows_of(families[0]) == list(rows)
-    assert study.rows_of(families[1]) == list(rows)
+    weighted = {"kd_loc@0.06": ["kd_loc"], "kd_cls+kd_loc@0.06": ["cls", "kd_loc"]}  # Faster R-CNN's weight check
+    assert study.rows_of(families[1]) == list(rows) + list(weighted)
+    for row, terms in weighted.items():
+        config = row_config(study, row, families[1], Path("runs"), 0)
+        assert (config.distill.kd, config.distill.lambda_kd_loc) == (terms, 0.06)
     assert study.rows_of(families[2]) == ["baseline", "kd_cls", "kd_cls+kd_loc"]  # RetinaNet: the budget
-    assert study.comparisons == [["kd_cls+kd_loc", "kd_cls"]]
+    assert study.comparisons == [["kd_cls+kd_loc", "kd_cls"], ["kd_cls+kd_loc@0.06", "kd_cls"]]
     students = {d: row_config(study, "baseline", d, Path("runs"), 0).student for d in families}
     assert students["ssdlite320_mobilenet_v3"] == full.train.student  # study_full's measured SSDlite recipe
     assert students["retinanet_mobilenet_v3"].anchor_sizes == [12, 24, 48, 96, 192]
