@@ -97,10 +97,7 @@ def summarize(results: Sequence[dict], baseline_row: str = "baseline") -> list[d
     ``metric`` ranges over ``METRIC_KEYS``. A metric that is nan in any seed (no GT of that size) has a nan mean.
     Deltas are nan for the baseline row itself and for rows sharing no seed with the baseline.
     """
-    _check(results)
-    groups: dict[tuple[str, str], dict[int, dict]] = {}
-    for r in results:
-        groups.setdefault((r["detector"], r["row"]), {})[r["seed"]] = r
+    groups = _runs_by_row(results)
     detectors = list(dict.fromkeys(d for d, _ in groups))
     keys = [k for d in detectors for k in groups if k[0] == d and k[1] == baseline_row]
     keys += [k for d in detectors for k in groups if k[0] == d and k[1] != baseline_row]
@@ -126,8 +123,7 @@ def summarize(results: Sequence[dict], baseline_row: str = "baseline") -> list[d
         }
         for key in METRIC_KEYS:
             entry["mean"][key], entry["ci"][key] = mean_ci([runs[s]["metrics"][key] for s in seeds])
-            diffs = [runs[s]["metrics"][key] - base[s]["metrics"][key] for s in paired]
-            entry["delta"][key], entry["delta_ci"][key] = mean_ci(diffs)
+        entry["delta"], entry["delta_ci"] = _metric_deltas(runs, base, paired)
         per_iou = {s: _ap_per_iou(runs[s]) for s in seeds}
         base_iou = {s: _ap_per_iou(base[s]) for s in paired}
         entry["ap_per_iou"], entry["ap_per_iou_ci"], entry["ap_per_iou_delta"] = {}, {}, {}
@@ -154,23 +150,42 @@ def paired_deltas(results: Sequence[dict], row: str, reference: str) -> list[dic
         {"detector", "row", "reference", "n": int,                         # seeds both rows have
          "delta": {metric: float}, "delta_ci": {metric: float}}            # mean of the paired differences ± 95% CI
     """
-    _check(results)
-    runs: dict[tuple[str, str], dict[int, dict]] = {}
-    for r in results:
-        runs.setdefault((r["detector"], r["row"]), {})[r["seed"]] = r
+    runs = _runs_by_row(results)
     found = []
     for detector in dict.fromkeys(r["detector"] for r in results):
         ours, theirs = runs.get((detector, row), {}), runs.get((detector, reference), {})
         seeds = sorted(set(ours) & set(theirs))
         if not seeds:
             continue
-        entry: dict = {"detector": detector, "row": row, "reference": reference, "n": len(seeds)}
-        entry["delta"], entry["delta_ci"] = {}, {}
-        for key in METRIC_KEYS:
-            diffs = [ours[s]["metrics"][key] - theirs[s]["metrics"][key] for s in seeds]
-            entry["delta"][key], entry["delta_ci"][key] = mean_ci(diffs)
-        found.append(entry)
+        delta, delta_ci = _metric_deltas(ours, theirs, seeds)
+        found.append(
+            {
+                "detector": detector,
+                "row": row,
+                "reference": reference,
+                "n": len(seeds),
+                "delta": delta,
+                "delta_ci": delta_ci,
+            }
+        )
     return found
+
+
+def _runs_by_row(results: Sequence[dict]) -> dict[tuple[str, str], dict[int, dict]]:
+    """``results`` checked and grouped: {(detector, row): {seed: result}}, in order of first appearance."""
+    _check(results)
+    groups: dict[tuple[str, str], dict[int, dict]] = {}
+    for r in results:
+        groups.setdefault((r["detector"], r["row"]), {})[r["seed"]] = r
+    return groups
+
+
+def _metric_deltas(ours: dict[int, dict], theirs: dict[int, dict], seeds: Sequence[int]) -> tuple[dict, dict]:
+    """({metric: mean}, {metric: 95% CI half-width}) of the paired differences ours - theirs over ``seeds``."""
+    delta, delta_ci = {}, {}
+    for key in METRIC_KEYS:
+        delta[key], delta_ci[key] = mean_ci([ours[s]["metrics"][key] - theirs[s]["metrics"][key] for s in seeds])
+    return delta, delta_ci
 
 
 # ---------------------------------------------------------------------------------------------------- formatting
