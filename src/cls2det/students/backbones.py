@@ -50,6 +50,19 @@ def mobilenet_v3_fpn_backbone(
     return _mobilenet_extractor(body, True, trainable, returned_layers=returned_stages, extra_blocks=extra_blocks)
 
 
+def load_mobilenet_fpn_body(detector: Detector, path: str, trainable: int | None) -> None:
+    """Load a local ``mobilenet_v3_large`` state dict into ``detector.backbone.body`` (an ``IntermediateLayerGetter``
+    over ``mobilenet_v3_large().features``) and treat it as torchvision treats a pretrained backbone: BatchNorm
+    frozen, only the last ``trainable`` (default 3, max 6) stages trainable. The ``load_local`` of
+    :func:`build_detector` for every MobileNetV3-FPN family."""
+    body = detector.backbone.body
+    freeze_batchnorm(body)
+    view = features_view(body.values())
+    load_view_weights(view, path, "mobilenet_v3_large")
+    features = cast(nn.Sequential, view.features)
+    freeze_stages(features, stage_indices(features, "mobilenet"), 3 if trainable is None else trainable)
+
+
 def build_detector(
     builder: Callable[..., nn.Module],
     config: StudentConfig,

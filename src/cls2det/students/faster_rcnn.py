@@ -9,7 +9,7 @@ proposals the RoI sampler drew with a foreground label (IoU >= 0.5 with a GT box
 from __future__ import annotations
 
 import functools
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -23,12 +23,8 @@ from cls2det.config import ConfigError, StudentConfig
 from cls2det.students.backbones import (
     build_detector,
     build_resnet_fpn_detector,
-    features_view,
-    freeze_batchnorm,
-    freeze_stages,
-    load_view_weights,
+    load_mobilenet_fpn_body,
     mobilenet_v3_fpn_backbone,
-    stage_indices,
     transform_kwargs,
 )
 from cls2det.students.base import Negatives, Positives, StudentAdapter, StudentOutput
@@ -230,15 +226,9 @@ def fasterrcnn_mobilenet_v3(num_classes: int, config: StudentConfig, **kwargs: A
             fasterrcnn_mobilenet_v3_large_fpn_stages, returned_stages=kwargs.pop("returned_stages")
         )
 
-    def load_local(detector: FasterRCNN, path: str, trainable: int | None) -> None:
-        body = detector.backbone.body  # IntermediateLayerGetter over mobilenet_v3_large().features
-        freeze_batchnorm(body)
-        view = features_view(body.values())
-        load_view_weights(view, path, "mobilenet_v3_large")
-        features = cast(nn.Sequential, view.features)
-        freeze_stages(features, stage_indices(features, "mobilenet"), 3 if trainable is None else trainable)
-
-    detector = build_detector(builder, config, MobileNet_V3_Large_Weights.IMAGENET1K_V1, load_local, **kwargs)
+    detector = build_detector(
+        builder, config, MobileNet_V3_Large_Weights.IMAGENET1K_V1, load_mobilenet_fpn_body, **kwargs
+    )
     if config.anchor_sizes is not None:
         set_rpn_anchors(detector, config.anchor_sizes)
     return FasterRCNNAdapter(detector, num_classes)

@@ -21,12 +21,21 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import Tensor
-from torchvision.models.detection import fcos_resnet50_fpn
+from torch import Tensor, nn
+from torchvision.models import MobileNet_V3_Large_Weights, mobilenet_v3_large, resnet50
+from torchvision.models.detection import FCOS, fcos_resnet50_fpn
 from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 from cls2det.config import ConfigError, StudentConfig
-from cls2det.students.backbones import build_resnet_fpn_detector, fpn_level_sizes, transform_kwargs
+from cls2det.students.backbones import (
+    build_detector,
+    build_resnet_fpn_detector,
+    fpn_level_sizes,
+    load_mobilenet_fpn_body,
+    mobilenet_v3_fpn_backbone,
+    transform_kwargs,
+)
 from cls2det.students.dense import DenseHeadAdapter
 from cls2det.students.forward_steps import match_per_image
 
@@ -103,11 +112,69 @@ def fcos_resnet50(num_classes: int, config: StudentConfig, **options: Any) -> FC
     (module docstring: sampling radius, scale range, regression unit); config.backbone_weights /
     trainable_backbone_layers -> see :func:`cls2det.students.backbones.build_resnet_fpn_detector`.
     """
+    kwargs = _kwargs(num_classes, config, "fcos_resnet50", options)
+    detector = build_resnet_fpn_detector(fcos_resnet50_fpn, num_classes, config, **kwargs)
+    return FCOSAdapter(detector, num_classes)
+
+
+# MobileNetV3-Large stages feeding the FPN: stride 8, stride 16 and the last conv (stride 32), as C3, C4, C5 of
+# the ResNet FCOS; P6, P7 come from P5, so the 5 levels P3..P7 (strides 8..128) of the stock locations.
+MOBILENET_RETURNED_STAGES = [2, 3, 5]
+
+
+def fcos_mobilenet_v3_large_fpn(
+    *,
+    weights: None = None,
+    weights_backbone: MobileNet_V3_Large_Weights | None = None,
+    num_classes: int = 91,
+    trainable_backbone_layers: int | None = None,
+    **kwargs: Any,
+) -> FCOS:
+    """torchvision's :class:`FCOS` (GroupNorm head, focal + GIoU + centerness losses) over a MobileNetV3-Large FPN
+    on :data:`MOBILENET_RETURNED_STAGES` + P6, P7, built as torchvision builds ``fasterrcnn_mobilenet_v3_large_fpn``
+    (see :func:`cls2det.students.backbones.mobilenet_v3_fpn_backbone`). torchvision has no such detector, so there
+    are no detection ``weights``; kwargs go to :class:`FCOS` (``anchor_generator``, ``min_size`` ...)."""
+    if weights is not None:
+        raise ConfigError("fcos_mobilenet_v3 has no pretrained detection weights; use backbone weights")
+    backbone = mobilenet_v3_fpn_backbone(
+        weights_backbone, trainable_backbone_layers, MOBILENET_RETURNED_STAGES, LastLevelP6P7(256, 256)
+    )
+    kwargs.setdefault("anchor_generator", fcos_anchor_generator([8, 16, 32, 64, 128]))
+    return FCOS(backbone, num_classes, **kwargs)
+
+
+def fcos_mobilenet_v3(num_classes: int, config: StudentConfig, **options: Any) -> FCOSAdapter:
+    """FCOS-MobileNetV3-Large-FPN (:func:`fcos_mobilenet_v3_large_fpn`) for ``num_classes`` classes: the small
+    sigmoid student. config.image_size / anchor_sizes as :func:`fcos_resnet50`; config.backbone_weights: ``None``
+    (random, all trainable), ``"imagenet"`` (``MobileNet_V3_Large_Weights.IMAGENET1K_V1``) or a local
+    ``mobilenet_v3_large`` state dict (:func:`cls2det.students.backbones.load_mobilenet_fpn_body`)."""
+    kwargs = _kwargs(num_classes, config, "fcos_mobilenet_v3", options)
+    detector = build_detector(
+        fcos_mobilenet_v3_large_fpn,
+        config,
+        MobileNet_V3_Large_Weights.IMAGENET1K_V1,
+        load_mobilenet_fpn_body,
+        num_classes=num_classes,
+        **kwargs,
+    )
+    return FCOSAdapter(detector, num_classes)
+
+
+def _kwargs(num_classes: int, config: StudentConfig, detector: str, options: dict[str, Any]) -> dict[str, Any]:
+    """The FCOS kwargs of a builder: transform size, location sizes, then the user's options."""
     if num_classes <= 0:
         raise ConfigError(f"num_classes must be > 0, got {num_classes}")
     kwargs = {**transform_kwargs(config), **options}
-    sizes = fpn_level_sizes(config.anchor_sizes, "fcos_resnet50")
+    sizes = fpn_level_sizes(config.anchor_sizes, detector)
     if sizes is not None:
         kwargs["anchor_generator"] = fcos_anchor_generator(sizes)
-    detector = build_resnet_fpn_detector(fcos_resnet50_fpn, num_classes, config, **kwargs)
-    return FCOSAdapter(detector, num_classes)
+    return kwargs
+
+
+def backbone_classifier(detector: str, num_classes: int = 1000) -> nn.Module:
+    """The torchvision classifier whose ``state_dict()`` ``student.backbone_weights`` expects for ``detector``."""
+    if detector == "fcos_mobilenet_v3":
+        return mobilenet_v3_large(num_classes=num_classes)
+    if detector == "fcos_resnet50":
+        return resnet50(num_classes=num_classes)
+    raise ConfigError(f"unknown FCOS detector {detector!r}; valid: fcos_mobilenet_v3, fcos_resnet50")

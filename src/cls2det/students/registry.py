@@ -20,6 +20,7 @@ STUDENTS: dict[str, str] = {
     "retinanet_resnet50": "cls2det.students.retinanet:retinanet_resnet50",
     "ssd300_vgg16": "cls2det.students.ssd:ssd300_vgg16",
     "ssdlite320_mobilenet_v3": "cls2det.students.ssd:ssdlite320_mobilenet_v3",
+    "fcos_mobilenet_v3": "cls2det.students.fcos:fcos_mobilenet_v3",
     "fcos_resnet50": "cls2det.students.fcos:fcos_resnet50",
 }
 

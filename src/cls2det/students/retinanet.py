@@ -8,25 +8,23 @@ every anchor the detector's ``proposal_matcher`` assigns to a GT box (IoU >= 0.5
 
 from __future__ import annotations
 
-from typing import Any, cast
+from functools import partial
+from typing import Any
 
 from torch import Tensor, nn
 from torchvision.models import MobileNet_V3_Large_Weights, mobilenet_v3_large, resnet50
 from torchvision.models.detection import RetinaNet, retinanet_resnet50_fpn
 from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 from cls2det.config import ConfigError, StudentConfig
 from cls2det.students.backbones import (
     build_detector,
     build_resnet_fpn_detector,
-    features_view,
     fpn_level_sizes,
-    freeze_batchnorm,
-    freeze_stages,
-    load_view_weights,
+    load_mobilenet_fpn_body,
     mobilenet_v3_fpn_backbone,
-    stage_indices,
     transform_kwargs,
 )
 from cls2det.students.dense import DenseHeadAdapter
@@ -114,33 +112,42 @@ def retinanet_mobilenet_v3(num_classes: int, config: StudentConfig, **options: A
     """
     kwargs = _kwargs(num_classes, config, "retinanet_mobilenet_v3", options)
 
-    def load_local(detector: RetinaNet, path: str, trainable: int | None) -> None:
-        body = detector.backbone.body  # IntermediateLayerGetter over all of mobilenet_v3_large().features
-        freeze_batchnorm(body)
-        view = features_view(body.values())
-        load_view_weights(view, path, "mobilenet_v3_large")
-        features = cast(nn.Sequential, view.features)
-        freeze_stages(features, stage_indices(features, "mobilenet"), 3 if trainable is None else trainable)
-
     detector = build_detector(
         retinanet_mobilenet_v3_large_fpn,
         config,
         MobileNet_V3_Large_Weights.IMAGENET1K_V1,
-        load_local,
+        load_mobilenet_fpn_body,
         num_classes=num_classes,
         **kwargs,
     )
     return RetinaNetAdapter(detector, num_classes)
 
 
+def retinanet_head(version: str, num_anchors: int, num_classes: int, in_channels: int = 256) -> RetinaNetHead:
+    """torchvision's RetinaNet head, ``"v1"`` (``retinanet_resnet50_fpn``: 4 plain convs per branch, smooth-L1 box
+    loss) or ``"v2"`` (``retinanet_resnet50_fpn_v2``: GroupNorm(32) after each conv, GIoU box loss)."""
+    if version == "v1":
+        return RetinaNetHead(in_channels, num_anchors, num_classes)
+    if version == "v2":
+        head = RetinaNetHead(in_channels, num_anchors, num_classes, norm_layer=partial(nn.GroupNorm, 32))
+        head.regression_head._loss_type = "giou"
+        return head
+    raise ConfigError(f"student.options.head must be 'v1' or 'v2', got {version!r}")
+
+
 def _kwargs(num_classes: int, config: StudentConfig, detector: str, options: dict[str, Any]) -> dict[str, Any]:
-    """The RetinaNet kwargs of a builder: transform size, anchor generator, then the user's options."""
+    """The RetinaNet kwargs of a builder: transform size, anchor generator, head, then the user's options.
+
+    ``options["head"]``: ``"v1"`` (default) or ``"v2"``, see :func:`retinanet_head`."""
     if num_classes <= 0:
         raise ConfigError(f"num_classes must be > 0, got {num_classes}")
+    options = dict(options)
+    head_version = options.pop("head", "v1")
     kwargs = {**transform_kwargs(config), **options}
-    sizes = fpn_level_sizes(config.anchor_sizes, detector)
-    if sizes is not None:
-        kwargs["anchor_generator"] = retinanet_anchor_generator(sizes)
+    sizes = fpn_level_sizes(config.anchor_sizes, detector) or [32, 64, 128, 256, 512]
+    kwargs["anchor_generator"] = retinanet_anchor_generator(sizes)
+    num_anchors = kwargs["anchor_generator"].num_anchors_per_location()[0]
+    kwargs["head"] = retinanet_head(head_version, num_anchors, num_classes)
     return kwargs
 
 
