@@ -266,6 +266,9 @@ class StudyConfig:
     # Per-detector subsets of ``rows`` (names, in ``rows``' order), for a grid too costly in full:
     # {detector: [baseline, kd_cls, ...]}; a detector not named runs every row.
     detector_rows: dict[str, list[str]] = field(default_factory=dict)
+    # Per-detector seeds replacing ``seeds`` (e.g. more seeds for a cheap detector whose CI is wide):
+    # {detector: [0, 1, 2, 3, 4]}; a detector not named runs ``seeds``.
+    detector_seeds: dict[str, list[int]] = field(default_factory=dict)
     baseline_row: str = "baseline"
     # [row, reference] pairs whose Δ, paired by seed, the report also shows (e.g. [kd_cls+kd_loc, kd_cls]: what
     # KD_loc adds on top of KD_cls)
@@ -277,13 +280,21 @@ class StudyConfig:
         names = self.detector_rows.get(detector)
         return [row for row in self.rows if names is None or row in names]
 
+    def seeds_of(self, detector: str) -> list[int]:
+        """The seeds ``detector`` runs: ``detector_seeds[detector]`` if given, else ``seeds``."""
+        return self.detector_seeds.get(detector, self.seeds)
+
     def __post_init__(self) -> None:
         if not self.rows:
             raise ConfigError("study.rows is empty: name at least one row")
         if not self.seeds:
             raise ConfigError("study.seeds is empty")
-        # detector_overrides / detector_rows may name detectors the study does not run (``detectors=[...]`` picks a
-        # subset of a grid); their names are checked against the registry by the study runner (check_study).
+        for detector, seeds in self.detector_seeds.items():
+            if not seeds or len(set(seeds)) != len(seeds):
+                raise ConfigError(f"study.detector_seeds.{detector} must be a non-empty list of distinct seeds")
+        # detector_overrides / detector_rows / detector_seeds may name detectors the study does not run
+        # (``detectors=[...]`` picks a subset of a grid); their names are checked against the registry by the study
+        # runner (check_study).
         for detector, names in self.detector_rows.items():
             unknown = [name for name in names if name not in self.rows]
             if unknown or not names:

@@ -16,6 +16,7 @@ FAMILIES = [
     "retinanet_resnet50",
     "retinanet_mobilenet_v3",
     "fcos_resnet50",
+    "fcos_mobilenet_v3",
 ]
 
 

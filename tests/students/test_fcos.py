@@ -6,11 +6,22 @@ import copy
 
 import pytest
 import torch
+from safetensors.torch import save_file
+from torch import nn
+from torchvision.models.detection import FCOS
+from torchvision.models.detection.backbone_utils import mobilenet_backbone
 from torchvision.models.detection.image_list import ImageList
+from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 from cls2det.config import StudentConfig
-from cls2det.students.fcos import FCOSAdapter, fcos_matched_idxs, fcos_resnet50
-from cls2det.students.registry import create_student
+from cls2det.students.fcos import (
+    FCOSAdapter,
+    fcos_matched_idxs,
+    fcos_mobilenet_v3_large_fpn,
+    fcos_resnet50,
+)
+from cls2det.students.fcos import backbone_classifier as fcos_backbone_classifier
+from cls2det.students.registry import backbone_classifier, create_student
 
 SIZE = 128
 
@@ -167,3 +178,60 @@ def test_bf16_autocast_decodes_pred_boxes_in_float32(model, tiny_batch):
         mine = pos.pred_boxes[pos.image_index == i]  # [K_i, 4]
         dist = (mine[:, None, :] - ref[None, :, :]).abs().amax(dim=2).amin(dim=1)  # [K_i] to the nearest location
         assert dist.max() < 1e-4
+
+
+# --- FCOS over a MobileNetV3-Large FPN: the small sigmoid student ---------------------------------------------
+
+
+def stock_fcos_mobilenet(num_classes: int) -> FCOS:
+    """The detector assembled from torchvision's public parts: ``mobilenet_backbone`` (FPN on the stride-8 and
+    stride-16 stage starts and the last conv, P6/P7 from P5) under a stock :class:`FCOS`."""
+    backbone = mobilenet_backbone(
+        backbone_name="mobilenet_v3_large",
+        weights=None,
+        fpn=True,
+        norm_layer=nn.BatchNorm2d,
+        trainable_layers=6,
+        returned_layers=[2, 3, 5],
+        extra_blocks=LastLevelP6P7(256, 256),
+    )
+    return FCOS(backbone, num_classes, min_size=SIZE, max_size=SIZE)
+
+
+@torch.no_grad()  # equality checks only
+def test_fcos_mobilenet_equals_a_stock_fcos_over_torchvisions_mobilenet_fpn(tiny_batch, stock_run):
+    torch.manual_seed(0)
+    adapter = create_student("fcos_mobilenet_v3", 3, StudentConfig(detector="fcos_mobilenet_v3", image_size=SIZE))
+    stock = stock_fcos_mobilenet(3)
+    stock.load_state_dict(adapter.detector.state_dict())  # strict: the same modules, names and shapes
+    adapter.train()
+    images, targets = tiny_batch
+    out, _ = check_against_stock(adapter, images, targets, stock_run)
+    stock_losses, _ = stock_run(stock.train(), images, targets)
+    for key in stock_losses:
+        torch.testing.assert_close(out.losses[key], stock_losses[key], rtol=0, atol=1e-6)
+    assert [f.shape[-1] for f in out.features] == [16, 8, 4, 2, 1]  # P3..P7 at strides 8..128 on 128 px
+    assert isinstance(adapter, FCOSAdapter) and adapter.head == "sigmoid"
+    assert adapter.detector.anchor_generator.sizes == ((8,), (16,), (32,), (64,), (128,))  # torchvision's default
+
+
+def test_fcos_mobilenet_local_backbone_weights_and_errors(tmp_path):
+    torch.manual_seed(0)
+    classifier = backbone_classifier("fcos_mobilenet_v3", 10)
+    with torch.no_grad():
+        classifier.features[16][1].running_mean.uniform_(-1, 1)  # distinct BatchNorm statistics
+    save_file(classifier.state_dict(), tmp_path / "mv3.safetensors")
+    name = "fcos_mobilenet_v3"
+    config = StudentConfig(detector=name, image_size=SIZE, backbone_weights=str(tmp_path / "mv3.safetensors"))
+    body = create_student(name, 3, config).detector.backbone.body
+    torch.testing.assert_close(body["16"][1].running_mean, classifier.features[16][1].running_mean, rtol=0, atol=0)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in body.modules())  # frozen, as a pretrained backbone
+    trainable = {int(n.split(".")[0]) for n, p in body.named_parameters() if p.requires_grad}
+    assert trainable == set(range(7, 17))  # the last 3 of the stages at features 0, 2, 4, 7, 13, 16
+    assert backbone_classifier("fcos_resnet50", 5).fc.out_features == 5
+    with pytest.raises(ValueError, match="unknown FCOS detector 'fcos_x'"):
+        fcos_backbone_classifier("fcos_x")
+    with pytest.raises(ValueError, match="fcos_mobilenet_v3 has no pretrained detection weights"):
+        fcos_mobilenet_v3_large_fpn(weights="COCO_V1")
+    with pytest.raises(ValueError, match=r"anchor_sizes: fcos_mobilenet_v3 needs 5 positive sizes"):
+        create_student(name, 3, StudentConfig(detector=name, anchor_sizes=[8, 16]))

@@ -4,6 +4,7 @@ losses and positives, and the backbone weights (ImageNet path, local state dict,
 from __future__ import annotations
 
 import urllib.error
+from functools import partial
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from torch import nn
 from torchvision.models.detection import RetinaNet
 from torchvision.models.detection.backbone_utils import mobilenet_backbone
 from torchvision.models.detection.image_list import ImageList
+from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.ops import FrozenBatchNorm2d, box_iou
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
@@ -193,3 +195,25 @@ def test_backbone_weight_errors(tmp_path, monkeypatch):
     assert backbone_classifier(NAME, 5).classifier[-1].out_features == 5
     with pytest.raises(ValueError, match="unknown RetinaNet detector 'retinanet_x'"):
         retinanet_backbone_classifier("retinanet_x")
+
+
+@torch.no_grad()  # equality checks only
+def test_head_v2_equals_torchvisions_v2_head_and_bad_versions_are_refused(tiny_batch, stock_run):
+    torch.manual_seed(0)
+    config = StudentConfig(detector=NAME, image_size=SIZE, anchor_sizes=SIZES, options={"head": "v2"})
+    adapter = create_student(NAME, 3, config).train()  # options reach the builder as keyword arguments
+    head = RetinaNetHead(256, 9, 3, norm_layer=partial(nn.GroupNorm, 32))  # as retinanet_resnet50_fpn_v2 builds it
+    head.regression_head._loss_type = "giou"
+    stock = stock_detector(SIZES, head=head).train()
+    stock.load_state_dict(adapter.detector.state_dict())  # strict: GroupNorm after each of the 4+4 convs
+    images, targets = tiny_batch
+    out = adapter(images, targets)
+    stock_losses, _ = stock_run(stock, images, targets)
+    for key in stock_losses:
+        torch.testing.assert_close(out.losses[key], stock_losses[key], rtol=0, atol=1e-6)
+    assert sum(isinstance(m, nn.GroupNorm) for m in adapter.detector.head.modules()) == 8
+    assert adapter.detector.head.regression_head._loss_type == "giou"
+    v1 = build(anchor_sizes=SIZES).detector.head  # the default: torchvision's v1 head, smooth L1
+    assert not any(isinstance(m, nn.GroupNorm) for m in v1.modules()) and v1.regression_head._loss_type == "l1"
+    with pytest.raises(ValueError, match=r"student.options.head must be 'v1' or 'v2', got 'v3'"):
+        create_student(NAME, 3, StudentConfig(detector=NAME, options={"head": "v3"}))

@@ -204,14 +204,17 @@ def test_families_study_runs_three_families_on_the_full_studys_recipe():
     for row, terms in weighted.items():
         config = row_config(study, row, families[1], Path("runs"), 0)
         assert (config.distill.kd, config.distill.lambda_kd_loc) == (terms, 0.06)
-    assert study.rows_of(families[2]) == ["baseline", "kd_cls", "kd_cls+kd_loc"]  # RetinaNet: the budget
+    assert study.rows_of(families[2]) == ["baseline", "kd_cls", *weighted]  # RetinaNet: the weight of the rule
+    assert study.seeds_of(families[0]) == [0, 1, 2, 3, 4] and study.seeds_of(families[2]) == [0, 1, 2]
     assert study.comparisons == [["kd_cls+kd_loc", "kd_cls"], ["kd_cls+kd_loc@0.06", "kd_cls"]]
     students = {d: row_config(study, "baseline", d, Path("runs"), 0).student for d in families}
     assert students["ssdlite320_mobilenet_v3"] == full.train.student  # study_full's measured SSDlite recipe
     assert students["retinanet_mobilenet_v3"].anchor_sizes == [12, 24, 48, 96, 192]
+    assert students["retinanet_mobilenet_v3"].options == {"head": "v2"}  # GroupNorm head: trains in the budget
+    assert row_config(study, "baseline", families[2], Path("runs"), 0).optim.lr == 0.001
     frcnn = students["fasterrcnn_mobilenet_v3"]
     assert frcnn.anchor_sizes == [12, 16, 24, 32, 48, 64, 96, 128] and frcnn.options["returned_stages"] == [2, 3, 5]
-    assert [row_config(study, "baseline", d, Path("runs"), 0).epochs for d in families] == [8, 6, 6]
+    assert [row_config(study, "baseline", d, Path("runs"), 0).epochs for d in families] == [8, 6, 8]
     assert all(s.image_size == 128 for s in students.values())
     # one family of the grid: the others' overrides stay in the config, unused
     ssd = load_config(StudyConfig, shipped_config("study_families.yaml"), ["detectors=[ssdlite320_mobilenet_v3]"])
@@ -242,3 +245,35 @@ def test_detector_rows_pick_a_subset_per_detector():
         check_study(from_dict(StudyConfig, {**values, "detector_rows": {"fcos_resnet5": ["baseline"]}}), Path("x"))
     with pytest.raises(ConfigError, match=r"study.detector_rows.retinanet_mobilenet_v3: 'kd' is not one of the rows"):
         from_dict(StudyConfig, {**values, "detector_rows": {"retinanet_mobilenet_v3": ["baseline", "kd"]}})
+
+
+def test_detector_seeds_replace_the_seeds_per_detector(tmp_path, monkeypatch):
+    import cls2det.study.runner as runner
+
+    values = {
+        "out": str(tmp_path / "study"),
+        "data": str(tmp_path / "data"),
+        "detectors": ["ssdlite320_mobilenet_v3", "retinanet_mobilenet_v3"],
+        "seeds": [0, 1],
+        "detector_seeds": {"ssdlite320_mobilenet_v3": [0, 1, 2, 3]},
+        "rows": {"baseline": [], "kd_cls": ["distill.kd=[cls]"]},
+    }
+    study = from_dict(StudyConfig, values)
+    assert study.seeds_of("ssdlite320_mobilenet_v3") == [0, 1, 2, 3] and study.seeds_of("fcos_resnet50") == [0, 1]
+    trained = []
+    monkeypatch.setattr(runner, "_teacher", lambda *args: (tmp_path / "teacher", 90.0))
+    monkeypatch.setattr(runner, "_backbone", lambda *args: None)
+    monkeypatch.setattr(runner, "_det_teacher", lambda *args: None)
+    monkeypatch.setattr(runner, "train_row", lambda config, row: trained.append((config.student.detector, config.seed)))
+    monkeypatch.setattr(runner, "_report", lambda *args: tmp_path / "report.md")
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(values))
+    run_study(path)
+    ssd = [seed for detector, seed in trained if detector == "ssdlite320_mobilenet_v3"]
+    retina = [seed for detector, seed in trained if detector == "retinanet_mobilenet_v3"]
+    assert ssd == [0, 0, 1, 1, 2, 2, 3, 3] and retina == [0, 0, 1, 1]  # 2 rows per seed
+    with pytest.raises(ConfigError, match=r"study.detector_seeds.ssdlite320_mobilenet_v3 must be a non-empty list"):
+        from_dict(StudyConfig, {**values, "detector_seeds": {"ssdlite320_mobilenet_v3": [1, 1]}})
+    typo = from_dict(StudyConfig, {**values, "detector_seeds": {"ssdlite_v3": [0]}})
+    with pytest.raises(ConfigError, match=r"study.detector_seeds: 'ssdlite_v3' is not a detector"):
+        check_study(typo, tmp_path)

@@ -56,7 +56,7 @@ def run_study(path: str | Path, overrides: Sequence[str] = ()) -> Path:
         det_teacher = _det_teacher(study, data, out, detector, backbone)
         if det_teacher is not None:
             notes.append(_det_teacher_note(det_teacher))
-        for seed in study.seeds:
+        for seed in study.seeds_of(detector):
             for row in study.rows_of(detector):
                 config = row_config(study, row, detector, out, seed)
                 config.data, config.teacher = str(data), str(teacher_run)
@@ -71,10 +71,10 @@ def run_study(path: str | Path, overrides: Sequence[str] = ()) -> Path:
 def check_study(study: StudyConfig, out: Path) -> None:
     """Raise :class:`ConfigError` unless every row (and the detector teacher's run) makes a valid TrainConfig and
     every det2det row has a detector teacher (``study.det_teacher`` or its own ``distill.det_teacher``), and the
-    detectors named by ``detector_overrides`` / ``detector_rows`` exist."""
+    detectors named by ``detector_overrides`` / ``detector_rows`` / ``detector_seeds`` exist."""
     from cls2det.students.registry import list_students
 
-    for field_name in ("detector_overrides", "detector_rows"):
+    for field_name in ("detector_overrides", "detector_rows", "detector_seeds"):
         unknown = sorted(set(getattr(study, field_name)) - set(list_students()))
         if unknown:
             raise ConfigError(
@@ -229,7 +229,7 @@ def _report(
     plots = [plot_ap_vs_iou(results, out / "ap_vs_iou.png")]
     if any(r.get("errors") or r["metrics"].get("errors") for r in results):
         plots.append(plot_error_breakdown(results, out / "error_breakdown.png"))
-    first_seed = study.seeds[0]
+    first_seed = study.seeds_of(study.detectors[0])[0]
     curves = {
         r["row"]: Path(r["run"]) / METRICS_CSV
         for r in results
@@ -262,11 +262,9 @@ def _prediction_grid(study: StudyConfig, results: list[dict], out: Path, data: P
     if study.baseline_row not in first or not others:
         return False
     rows = [study.baseline_row, others[-1]]
-    runs = {
-        r["row"]: r["run"]
-        for r in results
-        if r["seed"] == study.seeds[0] and r["detector"] == study.detectors[0] and r["row"] in rows
-    }
+    detector = study.detectors[0]
+    seed = study.seeds_of(detector)[0]
+    runs = {r["row"]: r["run"] for r in results if (r["detector"], r["seed"]) == (detector, seed) and r["row"] in rows}
     split = load_split(data, "val")
     dataset = CocoDetection(split)
     samples = [dataset[i] for i in range(min(count, len(dataset)))]
