@@ -217,12 +217,8 @@ def resume_changes(
     ``paths`` are file paths, equal when they resolve to the same file. Returns {key: (old, new)} of the safe
     changes; raises :class:`RunDirError` naming the first other difference.
     """
-    old_flat, new_flat = _flatten(saved), _flatten(new)
     changes = {}
-    for key in sorted(set(old_flat) | set(new_flat)):
-        old, value = old_flat.get(key), new_flat.get(key)
-        if old == value or (key in paths and _same_path(old, value)):
-            continue
+    for key, old, value in config_differences(saved, new, paths):
         rule = safe.get(key)
         if rule == ANY or (rule == UP and _at_least(value, old)):
             changes[key] = (old, value)
@@ -233,6 +229,20 @@ def resume_changes(
             "drop the change, or start a new run (another --out, or --overwrite)"
         )
     return changes
+
+
+def config_differences(
+    saved: Mapping[str, Any], new: Mapping[str, Any], paths: tuple[str, ...] = ()
+) -> list[tuple[str, Any, Any]]:
+    """``(dotted key, saved value, new value)`` for every key where two configs (nested dicts) differ, sorted by key;
+    keys in ``paths`` are file paths, equal when they resolve to the same file."""
+    old_flat, new_flat = _flatten(saved), _flatten(new)
+    differences = []
+    for key in sorted(set(old_flat) | set(new_flat)):
+        old, value = old_flat.get(key), new_flat.get(key)
+        if old != value and not (key in paths and _same_path(old, value)):
+            differences.append((key, old, value))
+    return differences
 
 
 def write_run_json(out: Path, kind: str, **meta: Any) -> None:

@@ -1,6 +1,7 @@
 """`cls2det study`: a tiny grid end to end (data, teacher, backbone pre-training, detector teacher, rows, report),
 then resumed; the det2det study's rows and detector teacher."""
 
+import copy
 import json
 from pathlib import Path
 
@@ -277,3 +278,27 @@ def test_detector_seeds_replace_the_seeds_per_detector(tmp_path, monkeypatch):
     typo = from_dict(StudyConfig, {**values, "detector_seeds": {"ssdlite_v3": [0]}})
     with pytest.raises(ConfigError, match=r"study.detector_seeds: 'ssdlite_v3' is not a detector"):
         check_study(typo, tmp_path)
+
+
+def test_a_finished_run_is_reused_only_with_its_own_recipe(tmp_path):
+    from cls2det.config import TrainConfig, save_config
+    from cls2det.run_folder import RunDirError
+    from cls2det.study.runner import train_row
+
+    run = tmp_path / "ssdlite320_mobilenet_v3" / "baseline" / "seed0"
+    run.mkdir(parents=True)
+    config = from_dict(TrainConfig, {"out": str(run), "data": str(tmp_path / "data"), "optim": {"lr": 0.003}})
+    save_config(config, run / "config.yaml")
+    (run / "results.json").write_text(json.dumps({"metrics": {"mAP": 0.25}}))
+    # keys that do not change what a run learns may differ (and the folder may be spelled another way)
+    same = from_dict(TrainConfig, {**yaml.safe_load((run / "config.yaml").read_text()), "workers": 3, "eval_every": 7})
+    same.out = str(tmp_path / "." / run.relative_to(tmp_path))
+    result = train_row(same, "baseline")  # no training: the finished run's results
+    assert result["metrics"] == {"mAP": 0.25} and (result["row"], result["seed"]) == ("baseline", 0)
+    for key, value in (("optim.lr", 0.001), ("epochs", 13), ("student.options", {"head": "v2"})):
+        other = copy.deepcopy(same)
+        section, _, name = key.rpartition(".")
+        setattr(getattr(other, section) if section else other, name, value)
+        with pytest.raises(RunDirError, match=rf"seed0 finished with {key}=.*but the study asks {key}="):
+            train_row(other, "baseline")
+    assert json.loads((run / "results.json").read_text()) == {"metrics": {"mAP": 0.25}}  # nothing touched

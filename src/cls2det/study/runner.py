@@ -29,7 +29,17 @@ from cls2det.config import (
     shipped_config,
     to_dict,
 )
-from cls2det.engine.run_dir import LAST, METRICS_CSV, RESULTS, TrainingError
+from cls2det.engine.run_dir import (
+    CONFIG,
+    LAST,
+    METRICS_CSV,
+    RESULTS,
+    RESUME_PATHS,
+    RESUME_SAFE,
+    RunDirError,
+    TrainingError,
+)
+from cls2det.run_folder import ANY, config_differences
 
 DEMO_CONFIG = "demo.yaml"
 DET_TEACHER = "det_teacher"  # out/<detector>/det_teacher: the det2det rows' detector teacher
@@ -187,8 +197,12 @@ def _det_teacher_note(results: dict) -> str:
 
 
 def train_row(config: TrainConfig, row: str) -> dict:
+    """Train one run of the grid into ``config.out`` (a subprocess: ``cls2det train``), or reuse it if it finished
+    with this very recipe; a finished run of another recipe is refused (:func:`check_finished_run`)."""
     run = Path(config.out)
-    if not (run / RESULTS).is_file():
+    if (run / RESULTS).is_file():
+        check_finished_run(run, config)
+    else:
         run.parent.mkdir(parents=True, exist_ok=True)
         recipe = run.with_name(f"{run.name}.yaml")  # <row>/seed<k>.yaml, <detector>/det_teacher.yaml
         save_config(config, recipe)
@@ -218,6 +232,21 @@ def train_row(config: TrainConfig, row: str) -> dict:
         _say(f"  done in {time.perf_counter() - start:.0f} s")
     results = json.loads((run / RESULTS).read_text())
     return {**results, "row": row, "seed": config.seed, "detector": config.student.detector, "run": str(run)}
+
+
+def check_finished_run(run: Path, config: TrainConfig) -> None:
+    """Raise :class:`RunDirError` unless the finished ``run`` was trained with ``config``'s recipe: every key of its
+    ``config.yaml`` equal, except those that do not change what a run learns (``RESUME_SAFE``'s "any" keys: when it
+    evaluates and saves, data workers, the folder's spelling). A study never mixes a run of another recipe into its
+    report (e.g. after a changed config): the error names the first differing key."""
+    saved = load_config(TrainConfig, run / CONFIG)
+    ignored = {key for key, rule in RESUME_SAFE.items() if rule == ANY}
+    for key, old, new in config_differences(to_dict(saved), to_dict(config), RESUME_PATHS):
+        if key not in ignored:
+            raise RunDirError(
+                f"{run} finished with {key}={old}, but the study asks {key}={new}: move that run away (or give the "
+                "study another out) to train it with this recipe"
+            )
 
 
 def _report(
