@@ -4,19 +4,22 @@ For every GT box of the first ``--images`` images of ``--split``, boxes at IoU u
 directions (``cls2det.distill.gradient_probe.boxes_at_iou``) and each loss's gradient with respect to the box is
 compared with the direction to the GT box (``gradient_alignment``): the mean cosine (1 = straight at it, 0 = no
 signal), the share of boxes whose IoU rises after a 0.5 px step along the descent direction, and the pull: the median
-over boxes of |d(weight·L)/dB| / |d(box loss)/dB|, where the box loss is torchvision SSD's (smooth L1, beta 1, on the
-offsets encoded with weights 10, 10, 5, 5, here against an anchor equal to the GT box; both losses are means over the
-positives, so the ratio compares one box's pulls). Losses: ``loc`` (pixels, pool 4, weight ``--loc-weight``) and
+over boxes of |d(weight·L)/dB| / |d(box loss)/dB|, where the box loss (``--box-loss``) is torchvision SSD's (``ssd``:
+smooth L1, beta 1, on the offsets encoded with weights 10, 10, 5, 5, here against an anchor equal to the GT box) or
+RetinaNet v2's / FCOS's (``giou``: 1 - GIoU of the box with its GT box); both losses are means over the positives, so
+the ratio compares one box's pulls. Losses: ``loc`` (pixels, pool 4, weight ``--loc-weight``) and
 ``KD_loc`` with the teacher of ``teacher_run`` at the taps obj / l0 / obj+l0 (the release's pools 4 / 8, weight
 ``--kd-loc-weight``), exactly as training calls them (``cls2det.distill.losses``), at crop side(s) ``--sizes``.
 
-    python benchmarks/probe_loc_gradients.py DATA TEACHER_RUN [--images 100] [--sizes 32 112] [--seed 0]
+    python benchmarks/probe_loc_gradients.py DATA TEACHER_RUN [--images 100] [--sizes 32 112] [--seed 0] \
+        [--box-loss ssd|giou] [--kd-loc-weight 0.3]
 """
 
 import argparse
 
 import torch
 import torch.nn.functional as F
+from torchvision.ops import generalized_box_iou_loss
 
 from cls2det.config import KD_LOC_GAP_SIZE, DistillConfig
 from cls2det.data import CocoDetection, load_split
@@ -44,6 +47,13 @@ def ssd_box_loss(boxes: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
     return F.smooth_l1_loss(offsets, torch.zeros_like(offsets), beta=1.0, reduction="sum") / len(boxes)
 
 
+def giou_box_loss(boxes: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
+    """torchvision RetinaNet v2's / FCOS's box loss of ``boxes`` [K, 4] xyxy against ``gt`` [K, 4]: 1 - GIoU, mean
+    over the K boxes."""
+    return generalized_box_iou_loss(boxes, gt, reduction="mean")
+
+
+BOX_LOSSES = {"ssd": ("SSD box loss (reference)", ssd_box_loss), "giou": ("GIoU box loss (reference)", giou_box_loss)}
 TAPS = {"KD_loc obj": ["obj"], "KD_loc l0": ["l0"], "KD_loc obj+l0": ["obj", "l0"]}
 
 
@@ -57,6 +67,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--kd-loc-weight", type=float, default=DistillConfig().lambda_kd_loc)
     parser.add_argument("--loc-weight", type=float, default=DistillConfig().lambda_loc)
+    parser.add_argument("--box-loss", choices=sorted(BOX_LOSSES), default="ssd")
     args = parser.parse_args()
     torch.set_num_threads(1)
 
@@ -68,9 +79,11 @@ def main() -> None:
     teacher = load_teacher(args.teacher_run).eval()
     teacher.freeze()
 
+    box_name, box_loss = BOX_LOSSES[args.box_loss]
+
     def losses(size: int) -> dict:
         found = {
-            "SSD box loss (reference)": lambda b: ssd_box_loss(b, gt),
+            box_name: lambda b: box_loss(b, gt),
             f"{args.loc_weight:g}·loc": lambda b: (
                 args.loc_weight * loc_loss(images, b, gt, index, size=size, pool=KD_LOC_GAP_SIZE)
             ),
@@ -95,7 +108,7 @@ def main() -> None:
     )
     # the displaced boxes and the box loss's gradient norm depend on the IoU only: once per IoU, for every loss
     displaced = {u: boxes_at_iou(gt, u, generator=torch.Generator().manual_seed(args.seed)) for u in IOUS}
-    box_norm = {u: gradient_alignment(lambda b: ssd_box_loss(b, gt), displaced[u], gt)["grad_norm"] for u in IOUS}
+    box_norm = {u: gradient_alignment(lambda b: box_loss(b, gt), displaced[u], gt)["grad_norm"] for u in IOUS}
     print("| loss | s | " + " | ".join(f"IoU {u}" for u in IOUS) + " |")
     print("|---|---:|" + "---:|" * len(IOUS))
     for size in args.sizes:
