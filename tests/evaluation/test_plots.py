@@ -41,6 +41,10 @@ def test_plot_ap_vs_iou_from_results_and_summary(tmp_path):
     assert 600 < w1 < 950
     with pytest.raises(ValueError, match="no results"):
         plot_ap_vs_iou([], tmp_path / "c.png")
+    # two detectors: a row of panels each, so twice as tall
+    two = results() + [{**r, "detector": "retinanet"} for r in results() if r["row"] != "kd_all"]
+    w2, h2 = png_size(plot_ap_vs_iou(two, tmp_path / "d.png"))
+    assert abs(w2 - w) < 0.1 * w and 1.6 * h < h2 < 2.2 * h
 
 
 def write_log(path, columns, steps=30, seed=0):

@@ -39,7 +39,8 @@ def _is_summary(items: Sequence[dict]) -> bool:
 
 
 def plot_ap_vs_iou(summary_or_results: Sequence[dict], path: str | Path, *, baseline_row: str = "baseline") -> Path:
-    """AP at each IoU threshold 0.50..0.95, one line per (detector, row), mean over seeds with a 95% CI band.
+    """AP at each IoU threshold 0.50..0.95, one line per row, mean over seeds with a 95% CI band; one row of panels
+    per detector, a row keeping its colour in every detector's panels.
 
     ``summary_or_results`` is either :func:`summarize`'s output or the raw per-seed results it takes. When some row has
     a paired baseline, a second panel shows ΔAP vs the baseline at each threshold (the paper's Table 5 analysis:
@@ -49,32 +50,41 @@ def plot_ap_vs_iou(summary_or_results: Sequence[dict], path: str | Path, *, base
     if not items:
         raise ValueError("plot_ap_vs_iou: no results to plot")
     summary = items if _is_summary(items) else summarize(items, baseline_row=baseline_row)
-    multi_detector = len({e["detector"] for e in summary}) > 1
+    detectors = list(dict.fromkeys(e["detector"] for e in summary))
+    colours = {row: f"C{i % 10}" for i, row in enumerate(dict.fromkeys(e["row"] for e in summary))}
     has_delta = any(not e["is_baseline"] and e.get("delta_n", 0) > 0 for e in summary)
 
-    fig = Figure(figsize=(10.0 if has_delta else 5.5, 4.0))
-    axes = fig.subplots(1, 2 if has_delta else 1, squeeze=False)[0]
+    fig = Figure(figsize=(10.0 if has_delta else 5.5, 4.0 * len(detectors)), layout="constrained")
+    grid = fig.subplots(len(detectors), 2 if has_delta else 1, squeeze=False, sharex=True)
     x = np.array(IOU_THRESHOLDS)
-    for e in summary:
-        label = f"{e['detector']} / {e['row']}" if multi_detector else e["row"]
-        y = np.array([e["ap_per_iou"][iou] for iou in IOU_THRESHOLDS])
-        ci = np.array([e["ap_per_iou_ci"][iou] for iou in IOU_THRESHOLDS])
-        (line,) = axes[0].plot(x, y, marker="o", markersize=3, label=label, linestyle="--" if e["is_baseline"] else "-")
-        if np.isfinite(ci).any():
-            axes[0].fill_between(x, y - ci, y + ci, color=line.get_color(), alpha=0.15, linewidth=0)
-        if has_delta and not e["is_baseline"] and e.get("delta_n", 0) > 0:
-            d = np.array([e["ap_per_iou_delta"][iou] for iou in IOU_THRESHOLDS])
-            axes[1].plot(x, d, marker="o", markersize=3, color=line.get_color(), label=label)
-    axes[0].set(xlabel="IoU threshold", ylabel="AP (%)", title="AP vs IoU threshold", xticks=x[::2])
-    axes[0].grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    if has_delta:
-        axes[1].axhline(0.0, color="black", linewidth=0.8)
-        axes[1].set(
-            xlabel="IoU threshold", ylabel=f"ΔAP vs {baseline_row} (points)", title="Gain over baseline", xticks=x[::2]
-        )
-        axes[1].grid(alpha=0.3)
-        axes[1].legend(fontsize=8)
+    for axes, detector in zip(grid, detectors):
+        for e in (e for e in summary if e["detector"] == detector):
+            colour, row = colours[e["row"]], e["row"]
+            y = np.array([e["ap_per_iou"][iou] for iou in IOU_THRESHOLDS])
+            ci = np.array([e["ap_per_iou_ci"][iou] for iou in IOU_THRESHOLDS])
+            style = "--" if e["is_baseline"] else "-"
+            axes[0].plot(x, y, marker="o", markersize=3, label=row, color=colour, linestyle=style)
+            if np.isfinite(ci).any():
+                axes[0].fill_between(x, y - ci, y + ci, color=colour, alpha=0.15, linewidth=0)
+            if has_delta and not e["is_baseline"] and e.get("delta_n", 0) > 0:
+                d = np.array([e["ap_per_iou_delta"][iou] for iou in IOU_THRESHOLDS])
+                axes[1].plot(x, d, marker="o", markersize=3, color=colour, label=row)
+        suffix = f": {detector}" if len(detectors) > 1 else ""
+        xlabel = "IoU threshold" if detector == detectors[-1] else ""  # the panels share their x axis
+        axes[0].set(xlabel=xlabel, ylabel="AP (%)", title=f"AP vs IoU threshold{suffix}", xticks=x[::2])
+        axes[0].grid(alpha=0.3)
+        axes[0].legend(fontsize=8)
+        if has_delta:
+            axes[1].axhline(0.0, color="black", linewidth=0.8)
+            axes[1].set(
+                xlabel=xlabel,
+                ylabel=f"ΔAP vs {baseline_row} (points)",
+                title=f"Gain over baseline{suffix}",
+                xticks=x[::2],
+            )
+            axes[1].grid(alpha=0.3)
+            if axes[1].get_legend_handles_labels()[0]:
+                axes[1].legend(fontsize=8)
     return _save(fig, path)
 
 
