@@ -22,6 +22,7 @@ from cls2det.deploy.predict import (
     draw_detections,
     find_images,
     predict_images,
+    read_rgb,
 )
 
 
@@ -196,3 +197,17 @@ def test_predict_errors_are_one_line(run, photos, tmp_path, capsys, monkeypatch)
     assert "overwrite the input image" in error(run, photos, "--out", photos, "--save-images")
     monkeypatch.setitem(__import__("sys").modules, "onnxruntime", None)  # as if not installed
     assert "needs onnxruntime" in error(photos, "--onnx", tmp_path / "student.onnx", "--out", tmp_path / "o")
+
+
+def test_read_rgb_turns_a_photo_upright_by_its_exif_orientation(tmp_path):
+    pixels = np.zeros((20, 40, 3), dtype=np.uint8)  # 40 wide, 20 high; a red top-left corner
+    pixels[:5, :5] = (255, 0, 0)
+    image = Image.fromarray(pixels)
+    exif = image.getexif()
+    exif[0x0112] = 6  # Orientation: the camera was turned, show it rotated 90 degrees clockwise
+    image.save(tmp_path / "turned.jpg", exif=exif, quality=95)
+    image.save(tmp_path / "plain.png")
+    upright = np.asarray(read_rgb(tmp_path / "turned.jpg"))
+    assert upright.shape == (40, 20, 3)  # 20 wide, 40 high, as a photo viewer shows it
+    assert upright[:4, -4:, 0].mean() > 200 and upright[:4, :4, 0].mean() < 50  # the red corner is now top-right
+    assert np.asarray(read_rgb(tmp_path / "plain.png")).shape == (20, 40, 3)  # no EXIF: as stored

@@ -26,7 +26,7 @@ from typing import Any, TextIO
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFont, ImageOps
 from torch import Tensor
 
 from cls2det.engine.run_dir import BEST, CLASSES, CONFIG, LAST, write_json
@@ -108,9 +108,10 @@ def _unique_names(files: list[ImageFile]) -> list[ImageFile]:
 
 
 def read_rgb(path: Path) -> Image.Image:
-    """The decoded RGB image; PIL's errors (truncated file, not an image, decompression bomb) propagate."""
+    """The decoded RGB image, turned upright by its EXIF orientation (as a photo viewer shows it, so the boxes land
+    where the user sees the objects); PIL's errors (truncated file, not an image, decompression bomb) propagate."""
     with Image.open(path) as im:
-        return im.convert("RGB")  # decodes fully: a truncated file fails here, not later
+        return ImageOps.exif_transpose(im).convert("RGB")  # decodes fully: a truncated file fails here, not later
 
 
 def to_tensor(image: Image.Image) -> Tensor:
