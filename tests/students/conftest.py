@@ -22,6 +22,24 @@ def make_batch(seed: int = 0) -> tuple[list[torch.Tensor], list[dict[str, torch.
     return images, targets
 
 
+def make_p3_p7_backbone():
+    """The MobileNetV3-Large FPN of the one-stage MV3 students, assembled from torchvision's public parts:
+    ``mobilenet_backbone`` on the stride-8 and stride-16 stage starts and the last conv, P6/P7 from P5."""
+    from torch import nn
+    from torchvision.models.detection.backbone_utils import mobilenet_backbone
+    from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+
+    return mobilenet_backbone(
+        backbone_name="mobilenet_v3_large",
+        weights=None,
+        fpn=True,
+        norm_layer=nn.BatchNorm2d,
+        trainable_layers=6,
+        returned_layers=[2, 3, 5],
+        extra_blocks=LastLevelP6P7(256, 256),
+    )
+
+
 @pytest.fixture(scope="module", autouse=True)
 def single_thread():
     """Run these detector tests on one intra-op thread: with 2 cores shared by several processes, OpenMP threads
@@ -76,3 +94,9 @@ def run_stock(detector, images, targets) -> tuple[dict[str, torch.Tensor], dict]
 @pytest.fixture
 def stock_run():
     return run_stock
+
+
+@pytest.fixture
+def p3_p7_backbone():
+    """:func:`make_p3_p7_backbone`, the builder (call it for a fresh backbone)."""
+    return make_p3_p7_backbone

@@ -9,9 +9,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 from torchvision.models.detection import FCOS
-from torchvision.models.detection.backbone_utils import mobilenet_backbone
 from torchvision.models.detection.image_list import ImageList
-from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 from cls2det.config import StudentConfig
 from cls2det.students.fcos import (
@@ -183,26 +181,17 @@ def test_bf16_autocast_decodes_pred_boxes_in_float32(model, tiny_batch):
 # --- FCOS over a MobileNetV3-Large FPN: the small sigmoid student ---------------------------------------------
 
 
-def stock_fcos_mobilenet(num_classes: int) -> FCOS:
+def stock_fcos_mobilenet(backbone: nn.Module, num_classes: int) -> FCOS:
     """The detector assembled from torchvision's public parts: ``mobilenet_backbone`` (FPN on the stride-8 and
     stride-16 stage starts and the last conv, P6/P7 from P5) under a stock :class:`FCOS`."""
-    backbone = mobilenet_backbone(
-        backbone_name="mobilenet_v3_large",
-        weights=None,
-        fpn=True,
-        norm_layer=nn.BatchNorm2d,
-        trainable_layers=6,
-        returned_layers=[2, 3, 5],
-        extra_blocks=LastLevelP6P7(256, 256),
-    )
     return FCOS(backbone, num_classes, min_size=SIZE, max_size=SIZE)
 
 
 @torch.no_grad()  # equality checks only
-def test_fcos_mobilenet_equals_a_stock_fcos_over_torchvisions_mobilenet_fpn(tiny_batch, stock_run):
+def test_fcos_mobilenet_equals_a_stock_fcos_over_torchvisions_mobilenet_fpn(tiny_batch, stock_run, p3_p7_backbone):
     torch.manual_seed(0)
     adapter = create_student("fcos_mobilenet_v3", 3, StudentConfig(detector="fcos_mobilenet_v3", image_size=SIZE))
-    stock = stock_fcos_mobilenet(3)
+    stock = stock_fcos_mobilenet(p3_p7_backbone(), 3)
     stock.load_state_dict(adapter.detector.state_dict())  # strict: the same modules, names and shapes
     adapter.train()
     images, targets = tiny_batch

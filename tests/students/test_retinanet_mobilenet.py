@@ -11,11 +11,9 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 from torchvision.models.detection import RetinaNet
-from torchvision.models.detection.backbone_utils import mobilenet_backbone
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.ops import FrozenBatchNorm2d, box_iou
-from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 from cls2det.config import StudentConfig
 from cls2det.errors import WeightsError
@@ -43,18 +41,9 @@ def model() -> RetinaNetAdapter:
     return build(anchor_sizes=SIZES).train()
 
 
-def stock_detector(anchor_sizes: list[int], **kwargs) -> RetinaNet:
+def stock_detector(backbone: nn.Module, anchor_sizes: list[int], **kwargs) -> RetinaNet:
     """The detector assembled from torchvision's public parts: ``mobilenet_backbone`` (FPN on the stride-8 and
     stride-16 stage starts and the last conv, P6/P7 from P5) under a stock :class:`RetinaNet`."""
-    backbone = mobilenet_backbone(
-        backbone_name="mobilenet_v3_large",
-        weights=None,
-        fpn=True,
-        norm_layer=nn.BatchNorm2d,
-        trainable_layers=6,
-        returned_layers=[2, 3, 5],
-        extra_blocks=LastLevelP6P7(256, 256),
-    )
     anchors = retinanet_anchor_generator(anchor_sizes)
     return RetinaNet(backbone, 3, anchor_generator=anchors, min_size=SIZE, max_size=SIZE, **kwargs)
 
@@ -69,8 +58,10 @@ def naive_decode(deltas: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()  # equality checks only
-def test_losses_and_positives_equal_a_stock_retinanet_with_the_same_weights(model, tiny_batch, stock_run):
-    stock = stock_detector(SIZES).train()
+def test_losses_and_positives_equal_a_stock_retinanet_with_the_same_weights(
+    model, tiny_batch, stock_run, p3_p7_backbone
+):
+    stock = stock_detector(p3_p7_backbone(), SIZES).train()
     stock.load_state_dict(model.detector.state_dict())  # strict: the same modules, names and shapes
     images, targets = tiny_batch
     out = model(images, targets)
@@ -198,13 +189,13 @@ def test_backbone_weight_errors(tmp_path, monkeypatch):
 
 
 @torch.no_grad()  # equality checks only
-def test_head_v2_equals_torchvisions_v2_head_and_bad_versions_are_refused(tiny_batch, stock_run):
+def test_head_v2_equals_torchvisions_v2_head_and_bad_versions_are_refused(tiny_batch, stock_run, p3_p7_backbone):
     torch.manual_seed(0)
     config = StudentConfig(detector=NAME, image_size=SIZE, anchor_sizes=SIZES, options={"head": "v2"})
     adapter = create_student(NAME, 3, config).train()  # options reach the builder as keyword arguments
     head = RetinaNetHead(256, 9, 3, norm_layer=partial(nn.GroupNorm, 32))  # as retinanet_resnet50_fpn_v2 builds it
     head.regression_head._loss_type = "giou"
-    stock = stock_detector(SIZES, head=head).train()
+    stock = stock_detector(p3_p7_backbone(), SIZES, head=head).train()
     stock.load_state_dict(adapter.detector.state_dict())  # strict: GroupNorm after each of the 4+4 convs
     images, targets = tiny_batch
     out = adapter(images, targets)

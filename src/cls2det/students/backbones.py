@@ -20,7 +20,7 @@ from torchvision.models.detection.backbone_utils import (
     _validate_trainable_layers,
 )
 from torchvision.ops import FrozenBatchNorm2d
-from torchvision.ops.feature_pyramid_network import ExtraFPNBlock
+from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelP6P7
 
 from cls2det.config import ConfigError, StudentConfig
 from cls2det.errors import WeightsError
@@ -48,6 +48,26 @@ def mobilenet_v3_fpn_backbone(
     norm_layer = FrozenBatchNorm2d if is_trained else nn.BatchNorm2d
     body = mobilenet_v3_large(weights=weights_backbone, norm_layer=norm_layer)
     return _mobilenet_extractor(body, True, trainable, returned_layers=returned_stages, extra_blocks=extra_blocks)
+
+
+# MobileNetV3-Large stages that feed a one-stage FPN (RetinaNet, FCOS): the stride-8 and stride-16 stage starts and the
+# last conv (stride 32), as C3, C4, C5 of the ResNet detectors; P6, P7 come from P5 (``LastLevelP6P7(256, 256)``), so
+# the 5 levels P3..P7 (strides 8..128) of the stock anchors.
+P3_P7_STAGES = [2, 3, 5]
+
+
+def mobilenet_v3_p3_p7_backbone(
+    detector: str,
+    weights: Any,
+    weights_backbone: MobileNet_V3_Large_Weights | None,
+    trainable_backbone_layers: int | None,
+) -> BackboneWithFPN:
+    """The MobileNetV3-Large FPN of ``retinanet_mobilenet_v3`` / ``fcos_mobilenet_v3`` (:data:`P3_P7_STAGES` + P6,
+    P7), built as :func:`mobilenet_v3_fpn_backbone` builds it. torchvision has no such detector: ``weights`` (of the
+    whole detector) must be None."""
+    if weights is not None:
+        raise ConfigError(f"{detector} has no pretrained detection weights; use backbone weights")
+    return mobilenet_v3_fpn_backbone(weights_backbone, trainable_backbone_layers, P3_P7_STAGES, LastLevelP6P7(256, 256))
 
 
 def load_mobilenet_fpn_body(detector: Detector, path: str, trainable: int | None) -> None:

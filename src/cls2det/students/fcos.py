@@ -25,7 +25,6 @@ from torch import Tensor, nn
 from torchvision.models import MobileNet_V3_Large_Weights, mobilenet_v3_large, resnet50
 from torchvision.models.detection import FCOS, fcos_resnet50_fpn
 from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 from cls2det.config import ConfigError, StudentConfig
 from cls2det.students.backbones import (
@@ -33,7 +32,7 @@ from cls2det.students.backbones import (
     build_resnet_fpn_detector,
     fpn_level_sizes,
     load_mobilenet_fpn_body,
-    mobilenet_v3_fpn_backbone,
+    mobilenet_v3_p3_p7_backbone,
     transform_kwargs,
 )
 from cls2det.students.dense import DenseHeadAdapter
@@ -117,11 +116,6 @@ def fcos_resnet50(num_classes: int, config: StudentConfig, **options: Any) -> FC
     return FCOSAdapter(detector, num_classes)
 
 
-# MobileNetV3-Large stages feeding the FPN: stride 8, stride 16 and the last conv (stride 32), as C3, C4, C5 of
-# the ResNet FCOS; P6, P7 come from P5, so the 5 levels P3..P7 (strides 8..128) of the stock locations.
-MOBILENET_RETURNED_STAGES = [2, 3, 5]
-
-
 def fcos_mobilenet_v3_large_fpn(
     *,
     weights: None = None,
@@ -131,14 +125,10 @@ def fcos_mobilenet_v3_large_fpn(
     **kwargs: Any,
 ) -> FCOS:
     """torchvision's :class:`FCOS` (GroupNorm head, focal + GIoU + centerness losses) over a MobileNetV3-Large FPN
-    on :data:`MOBILENET_RETURNED_STAGES` + P6, P7, built as torchvision builds ``fasterrcnn_mobilenet_v3_large_fpn``
-    (see :func:`cls2det.students.backbones.mobilenet_v3_fpn_backbone`). torchvision has no such detector, so there
-    are no detection ``weights``; kwargs go to :class:`FCOS` (``anchor_generator``, ``min_size`` ...)."""
-    if weights is not None:
-        raise ConfigError("fcos_mobilenet_v3 has no pretrained detection weights; use backbone weights")
-    backbone = mobilenet_v3_fpn_backbone(
-        weights_backbone, trainable_backbone_layers, MOBILENET_RETURNED_STAGES, LastLevelP6P7(256, 256)
-    )
+    on levels P3..P7 (:func:`cls2det.students.backbones.mobilenet_v3_p3_p7_backbone`, as RetinaNet-MV3's).
+    torchvision has no such detector, so there are no detection ``weights``; kwargs go to :class:`FCOS`
+    (``anchor_generator``, ``min_size`` ...)."""
+    backbone = mobilenet_v3_p3_p7_backbone("fcos_mobilenet_v3", weights, weights_backbone, trainable_backbone_layers)
     kwargs.setdefault("anchor_generator", fcos_anchor_generator([8, 16, 32, 64, 128]))
     return FCOS(backbone, num_classes, **kwargs)
 

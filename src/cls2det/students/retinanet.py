@@ -16,7 +16,6 @@ from torchvision.models import MobileNet_V3_Large_Weights, mobilenet_v3_large, r
 from torchvision.models.detection import RetinaNet, retinanet_resnet50_fpn
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.retinanet import RetinaNetHead
-from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 from cls2det.config import ConfigError, StudentConfig
 from cls2det.students.backbones import (
@@ -24,7 +23,7 @@ from cls2det.students.backbones import (
     build_resnet_fpn_detector,
     fpn_level_sizes,
     load_mobilenet_fpn_body,
-    mobilenet_v3_fpn_backbone,
+    mobilenet_v3_p3_p7_backbone,
     transform_kwargs,
 )
 from cls2det.students.dense import DenseHeadAdapter
@@ -68,12 +67,6 @@ def retinanet_resnet50(num_classes: int, config: StudentConfig, **options: Any) 
     return RetinaNetAdapter(detector, num_classes)
 
 
-# MobileNetV3-Large stages (torchvision's ``_mobilenet_extractor`` rule: stem, the 4 strided blocks, the last conv)
-# that feed the FPN: the stride-8, stride-16 blocks and the last conv (stride 32), as C3, C4, C5 of the ResNet
-# RetinaNet; P6, P7 come from P5 (``LastLevelP6P7(256, 256)``), so the 5 levels P3..P7 of the stock anchors.
-MOBILENET_RETURNED_STAGES = [2, 3, 5]
-
-
 def retinanet_mobilenet_v3_large_fpn(
     *,
     weights: None = None,
@@ -82,16 +75,13 @@ def retinanet_mobilenet_v3_large_fpn(
     trainable_backbone_layers: int | None = None,
     **kwargs: Any,
 ) -> RetinaNet:
-    """torchvision's :class:`RetinaNet` over a MobileNetV3-Large FPN backbone, built as torchvision builds
-    ``fasterrcnn_mobilenet_v3_large_fpn`` (pretrained backbone: ``FrozenBatchNorm2d`` and the last
-    ``trainable_backbone_layers`` of 6 stages trainable, default 3; random: ``BatchNorm2d``, all trainable) with
-    RetinaNet's feature levels (:data:`MOBILENET_RETURNED_STAGES` + P6, P7). torchvision has no such detector, so
-    there are no detection ``weights``; kwargs go to :class:`RetinaNet` (``anchor_generator``, ``min_size`` ...).
-    """
-    if weights is not None:
-        raise ConfigError("retinanet_mobilenet_v3 has no pretrained detection weights; use backbone weights")
-    backbone = mobilenet_v3_fpn_backbone(
-        weights_backbone, trainable_backbone_layers, MOBILENET_RETURNED_STAGES, LastLevelP6P7(256, 256)
+    """torchvision's :class:`RetinaNet` over a MobileNetV3-Large FPN backbone on levels P3..P7
+    (:func:`cls2det.students.backbones.mobilenet_v3_p3_p7_backbone`; pretrained backbone: ``FrozenBatchNorm2d`` and
+    the last ``trainable_backbone_layers`` of 6 stages trainable, default 3; random: ``BatchNorm2d``, all trainable).
+    torchvision has no such detector, so there are no detection ``weights``; kwargs go to :class:`RetinaNet`
+    (``anchor_generator``, ``head``, ``min_size`` ...)."""
+    backbone = mobilenet_v3_p3_p7_backbone(
+        "retinanet_mobilenet_v3", weights, weights_backbone, trainable_backbone_layers
     )
     kwargs.setdefault("anchor_generator", retinanet_anchor_generator([32, 64, 128, 256, 512]))
     return RetinaNet(backbone, num_classes, **kwargs)
@@ -111,7 +101,6 @@ def retinanet_mobilenet_v3(num_classes: int, config: StudentConfig, **options: A
     options go to torchvision's :class:`RetinaNet` (e.g. ``score_thresh``, ``topk_candidates``).
     """
     kwargs = _kwargs(num_classes, config, "retinanet_mobilenet_v3", options)
-
     detector = build_detector(
         retinanet_mobilenet_v3_large_fpn,
         config,
