@@ -98,7 +98,8 @@ def retinanet_mobilenet_v3(num_classes: int, config: StudentConfig, **options: A
       * a local ``mobilenet_v3_large`` state dict (see :func:`backbone_classifier`): loaded into ``backbone.body``,
         BatchNorm frozen, only the last ``trainable_backbone_layers`` (default 3, max 6) stages trainable, as the
         ``"imagenet"`` path does.
-    options go to torchvision's :class:`RetinaNet` (e.g. ``score_thresh``, ``topk_candidates``).
+    options: ``head`` (``"v1"`` default, or ``"v2"``: :func:`retinanet_head`); the others go to torchvision's
+    :class:`RetinaNet` (e.g. ``score_thresh``, ``topk_candidates``).
     """
     kwargs = _kwargs(num_classes, config, "retinanet_mobilenet_v3", options)
     detector = build_detector(
