@@ -206,5 +206,8 @@ def test_head_v2_equals_torchvisions_v2_head_and_bad_versions_are_refused(tiny_b
     assert adapter.detector.head.regression_head._loss_type == "giou"
     v1 = build(anchor_sizes=SIZES).detector.head  # the default: torchvision's v1 head, smooth L1
     assert not any(isinstance(m, nn.GroupNorm) for m in v1.modules()) and v1.regression_head._loss_type == "l1"
+    own = retinanet_anchor_generator([16, 32, 64, 128, 256])  # a Python user's own option is passed through
+    mine = create_student(NAME, 3, StudentConfig(detector=NAME, options={"anchor_generator": own, "head": "v2"}))
+    assert mine.detector.anchor_generator is own
     with pytest.raises(ValueError, match=r"student.options.head must be 'v1' or 'v2', got 'v3'"):
         create_student(NAME, 3, StudentConfig(detector=NAME, options={"head": "v3"}))

@@ -151,6 +151,22 @@ def build_resnet_fpn_detector(
     )
 
 
+def build_mobilenet_fpn_detector(
+    builder: Callable[..., nn.Module], num_classes: int, config: StudentConfig, **kwargs: Any
+) -> nn.Module:
+    """A MobileNetV3-Large FPN builder through :func:`build_detector` (ImageNet: ``IMAGENET1K_V1``); a local file is
+    loaded by :func:`load_mobilenet_fpn_body` (BatchNorm frozen, the last ``trainable_backbone_layers`` stages
+    train). ``num_classes`` is the builder's own (C + 1 for Faster R-CNN)."""
+    return build_detector(
+        builder,
+        config,
+        MobileNet_V3_Large_Weights.IMAGENET1K_V1,
+        load_mobilenet_fpn_body,
+        num_classes=num_classes,
+        **kwargs,
+    )
+
+
 def load_backbone_weights(body: nn.Module, path: str | Path) -> None:
     """Load a ResNet state dict from ``path`` into ``body`` (the detector's ``backbone.body``), in place.
 

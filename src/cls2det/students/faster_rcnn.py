@@ -21,9 +21,8 @@ from torchvision.models.detection.rpn import RPNHead
 
 from cls2det.config import ConfigError, StudentConfig
 from cls2det.students.backbones import (
-    build_detector,
+    build_mobilenet_fpn_detector,
     build_resnet_fpn_detector,
-    load_mobilenet_fpn_body,
     mobilenet_v3_fpn_backbone,
     transform_kwargs,
 )
@@ -219,16 +218,13 @@ def fasterrcnn_mobilenet_v3(num_classes: int, config: StudentConfig, **kwargs: A
     (:func:`fasterrcnn_mobilenet_v3_large_fpn_stages`).
     """
     _check_num_classes(num_classes)
-    kwargs = {**kwargs, **transform_kwargs(config), "num_classes": num_classes + 1}
+    kwargs = {**kwargs, **transform_kwargs(config)}
     builder: Any = fasterrcnn_mobilenet_v3_large_fpn
     if "returned_stages" in kwargs:
         builder = functools.partial(
             fasterrcnn_mobilenet_v3_large_fpn_stages, returned_stages=kwargs.pop("returned_stages")
         )
-
-    detector = build_detector(
-        builder, config, MobileNet_V3_Large_Weights.IMAGENET1K_V1, load_mobilenet_fpn_body, **kwargs
-    )
+    detector = build_mobilenet_fpn_detector(builder, num_classes + 1, config, **kwargs)
     if config.anchor_sizes is not None:
         set_rpn_anchors(detector, config.anchor_sizes)
     return FasterRCNNAdapter(detector, num_classes)

@@ -28,10 +28,9 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 
 from cls2det.config import ConfigError, StudentConfig
 from cls2det.students.backbones import (
-    build_detector,
+    build_mobilenet_fpn_detector,
     build_resnet_fpn_detector,
     fpn_level_sizes,
-    load_mobilenet_fpn_body,
     mobilenet_v3_p3_p7_backbone,
     transform_kwargs,
 )
@@ -139,14 +138,7 @@ def fcos_mobilenet_v3(num_classes: int, config: StudentConfig, **options: Any) -
     (random, all trainable), ``"imagenet"`` (``MobileNet_V3_Large_Weights.IMAGENET1K_V1``) or a local
     ``mobilenet_v3_large`` state dict (:func:`cls2det.students.backbones.load_mobilenet_fpn_body`)."""
     kwargs = _kwargs(num_classes, config, "fcos_mobilenet_v3", options)
-    detector = build_detector(
-        fcos_mobilenet_v3_large_fpn,
-        config,
-        MobileNet_V3_Large_Weights.IMAGENET1K_V1,
-        load_mobilenet_fpn_body,
-        num_classes=num_classes,
-        **kwargs,
-    )
+    detector = build_mobilenet_fpn_detector(fcos_mobilenet_v3_large_fpn, num_classes, config, **kwargs)
     return FCOSAdapter(detector, num_classes)
 
 

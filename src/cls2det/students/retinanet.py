@@ -19,10 +19,9 @@ from torchvision.models.detection.retinanet import RetinaNetHead
 
 from cls2det.config import ConfigError, StudentConfig
 from cls2det.students.backbones import (
-    build_detector,
+    build_mobilenet_fpn_detector,
     build_resnet_fpn_detector,
     fpn_level_sizes,
-    load_mobilenet_fpn_body,
     mobilenet_v3_p3_p7_backbone,
     transform_kwargs,
 )
@@ -102,14 +101,7 @@ def retinanet_mobilenet_v3(num_classes: int, config: StudentConfig, **options: A
     :class:`RetinaNet` (e.g. ``score_thresh``, ``topk_candidates``).
     """
     kwargs = _kwargs(num_classes, config, "retinanet_mobilenet_v3", options)
-    detector = build_detector(
-        retinanet_mobilenet_v3_large_fpn,
-        config,
-        MobileNet_V3_Large_Weights.IMAGENET1K_V1,
-        load_mobilenet_fpn_body,
-        num_classes=num_classes,
-        **kwargs,
-    )
+    detector = build_mobilenet_fpn_detector(retinanet_mobilenet_v3_large_fpn, num_classes, config, **kwargs)
     return RetinaNetAdapter(detector, num_classes)
 
 
@@ -134,10 +126,13 @@ def _kwargs(num_classes: int, config: StudentConfig, detector: str, options: dic
     options = dict(options)
     head_version = options.pop("head", "v1")
     kwargs = {**transform_kwargs(config), **options}
-    sizes = fpn_level_sizes(config.anchor_sizes, detector) or [32, 64, 128, 256, 512]
-    kwargs["anchor_generator"] = retinanet_anchor_generator(sizes)
-    num_anchors = kwargs["anchor_generator"].num_anchors_per_location()[0]
-    kwargs["head"] = retinanet_head(head_version, num_anchors, num_classes)
+    sizes = fpn_level_sizes(config.anchor_sizes, detector)
+    if sizes is not None:
+        kwargs["anchor_generator"] = retinanet_anchor_generator(sizes)
+    if head_version != "v1":  # v1 is the head RetinaNet builds itself
+        anchors = kwargs.get("anchor_generator")
+        num_anchors = 9 if anchors is None else anchors.num_anchors_per_location()[0]  # stock: 3 scales x 3 ratios
+        kwargs["head"] = retinanet_head(head_version, num_anchors, num_classes)
     return kwargs
 
 
