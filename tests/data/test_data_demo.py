@@ -1,4 +1,4 @@
-"""The embedded demo dataset: determinism, geometry, tight boxes, disjoint digit samples, speed."""
+"""The embedded demo dataset: determinism, geometry, tight boxes, fonts, clutter, the flip statement, the size mix."""
 
 from __future__ import annotations
 
@@ -12,7 +12,18 @@ from PIL import Image
 
 from cls2det.data import check_dataset, generate_demo
 from cls2det.data import demo as demo_module
-from cls2det.data.demo import BACKGROUNDS, MAX_IOU, box_iou, load_backgrounds, load_digit_images
+from cls2det.data.demo import (
+    BACKGROUNDS,
+    CLASSES,
+    CLUTTER,
+    FONTS,
+    MAX_OVERLAP,
+    MAX_OBJECTS,
+    box_overlap,
+    glyph_alpha,
+    load_backgrounds,
+    size_mix,
+)
 
 SMALL = {"train_images": 10, "val_images": 5, "image_size": 64}
 
@@ -33,6 +44,18 @@ def test_backgrounds_load_offline():
         assert array.dtype == np.uint8 and array.ndim == 3 and array.shape[2] == 3 and min(array.shape[:2]) >= 256
 
 
+def test_every_font_renders_every_digit_and_the_fonts_differ():
+    rng = np.random.default_rng(0)
+    for font in FONTS:
+        for char in CLASSES:
+            alpha = glyph_alpha(rng, char, font, 40)
+            assert alpha.dtype == np.float32 and 20 <= max(alpha.shape) <= 60 and alpha.max() > 0.8, (font, char)
+    # the same glyph, same draw of stretch / shear / rotation, in two faces: other pixels
+    a = glyph_alpha(np.random.default_rng(1), "4", "DejaVuSans.ttf", 40)
+    b = glyph_alpha(np.random.default_rng(1), "4", "cmr10.ttf", 40)
+    assert a.shape != b.shape or np.abs(a - b).mean() > 0.05
+
+
 def test_same_seed_byte_identical_different_seed_differs(small_demo, tmp_path):
     again = generate_demo(tmp_path / "again", seed=0, **SMALL)
     other = generate_demo(tmp_path / "other", seed=1, **SMALL)
@@ -49,9 +72,9 @@ def test_layout_and_annotations_are_valid(small_demo):
     summary = check_dataset(small_demo)  # decodes every image and checks sizes, boxes, ids
     assert summary["class_names"] == [str(k) for k in range(10)]
     assert summary["splits"]["train"]["images"] == 10 and summary["splits"]["val"]["images"] == 5
-    _, targets = load_digit_images()
     for split in ("train", "val"):
         coco = json.loads((small_demo / "annotations" / f"{split}.json").read_text())
+        assert coco["info"]["hflip_preserves_labels"] is False  # a mirrored digit is not a digit
         assert [c["id"] for c in coco["categories"]] == list(range(1, 11))
         per_image: dict[int, list] = {im["id"]: [] for im in coco["images"]}
         for ann in coco["annotations"]:
@@ -59,27 +82,32 @@ def test_layout_and_annotations_are_valid(small_demo):
             x, y, w, h = ann["bbox"]
             assert 0 <= x and 0 <= y and x + w <= 64 and y + h <= 64 and w >= 1 and h >= 1
             assert ann["area"] == w * h and ann["iscrowd"] == 0
-            assert ann["category_id"] - 1 == targets[ann["digit_index"]]  # label = the pasted digit's class
+            assert ann["font"] in FONTS
         for image in coco["images"]:
             assert image["file_name"] == f"{split}/{image['id']:06d}.png"
             assert Image.open(small_demo / "images" / image["file_name"]).size == (64, 64)
             anns = per_image[image["id"]]
-            assert 1 <= len(anns) <= 6
+            assert 1 <= len(anns) <= MAX_OBJECTS
             boxes = [
                 (a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]) for a in anns
             ]
-            assert all(box_iou(a, b) <= MAX_IOU + 1e-9 for a, b in combinations(boxes, 2))
+            assert all(box_overlap(a, b) <= MAX_OVERLAP + 1e-9 for a, b in combinations(boxes, 2))
 
 
-def test_train_and_val_use_disjoint_digit_samples(small_demo):
-    used = {
-        split: {
-            a["digit_index"]
-            for a in json.loads((small_demo / "annotations" / f"{split}.json").read_text())["annotations"]
-        }
-        for split in ("train", "val")
-    }
-    assert used["train"] and used["val"] and not used["train"] & used["val"]
+def test_clutter_letters_are_drawn_but_never_annotated(tmp_path, monkeypatch):
+    drawn = []
+    real = demo_module.glyph_alpha
+
+    def spy(rng, char, font, longer):
+        drawn.append(char)
+        return real(rng, char, font, longer)
+
+    monkeypatch.setattr(demo_module, "glyph_alpha", spy)
+    root = generate_demo(tmp_path / "d", seed=0, train_images=20, val_images=1, image_size=96)
+    annotations = json.loads((root / "annotations" / "train.json").read_text())["annotations"]
+    assert any(char in CLUTTER for char in drawn)
+    assert {a["category_id"] for a in annotations} <= set(range(1, 11))
+    assert len(annotations) <= sum(char in CLASSES for char in drawn)
 
 
 def test_boxes_are_tight_on_visible_ink(tmp_path, monkeypatch):
@@ -87,6 +115,7 @@ def test_boxes_are_tight_on_visible_ink(tmp_path, monkeypatch):
     every side of every box holds a pixel with alpha >= INK_ALPHA."""
     monkeypatch.setattr(demo_module, "background", lambda rng, size: np.full((size, size, 3), 0.5, np.float32))
     monkeypatch.setattr(demo_module, "ink_colour", lambda rng, patch: np.zeros(3, np.float32))
+    monkeypatch.setattr(demo_module, "MAX_CLUTTER", 0)  # unannotated letters are ink outside every box
     root = generate_demo(tmp_path / "grey", seed=3, train_images=8, val_images=2, image_size=96)
     coco = json.loads((root / "annotations" / "train.json").read_text())
     threshold = 0.5 * (1 - demo_module.INK_ALPHA) * 255  # the value of a pixel at alpha = INK_ALPHA
@@ -112,11 +141,24 @@ def test_invalid_arguments(tmp_path):
 
 
 @pytest.mark.slow
-def test_default_demo_is_sized(tmp_path):
+def test_default_demo_is_sized_and_spreads_its_objects_over_cocos_size_bins(tmp_path):
     root = generate_demo(tmp_path / "demo")
     summary = check_dataset(root, check_images=False)
     train, val = summary["splits"]["train"], summary["splits"]["val"]
     assert (train["images"], val["images"]) == (600, 200)
-    assert 1.0 * 600 <= train["annotations"] <= 6 * 600 and train["empty_images"] == 0
-    assert min(train["per_class"].values()) > 0.5 * train["annotations"] / 10  # roughly balanced classes
-    assert train["sizes"]["small"] > 0 and train["sizes"]["medium"] > 0
+    assert 3 * 600 <= train["annotations"] <= MAX_OBJECTS * 600 and train["empty_images"] == 0
+    assert min(train["per_class"].values()) > 0.7 * train["annotations"] / 10  # roughly balanced classes
+    coco = json.loads((root / "annotations" / "train.json").read_text())
+    mix = size_mix(coco["annotations"])
+    assert abs(sum(mix.values()) - 1) < 1e-9
+    # every COCO area bin holds a real share (COCO train 2017: small 41%, medium 34%, large 24%)
+    assert mix["small"] >= 0.2 and mix["medium"] >= 0.3 and mix["large"] >= 0.1, mix
+    widths, heights = (np.array([a["bbox"][k] for a in coco["annotations"]], float) for k in (2, 3))
+    aspect = widths / heights
+    assert np.quantile(aspect, 0.1) < 0.5 and np.quantile(aspect, 0.9) > 0.9  # tall digits and wide ones
+
+
+def test_size_mix_by_hand():
+    areas = [10, 32**2 - 1, 32**2, 96**2 - 1, 96**2, 10**6]
+    assert size_mix([{"area": a} for a in areas]) == {"small": 2 / 6, "medium": 2 / 6, "large": 2 / 6}
+    assert size_mix([]) == {"small": 0.0, "medium": 0.0, "large": 0.0}
