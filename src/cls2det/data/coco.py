@@ -139,6 +139,18 @@ class DetectionSplit:
     def num_images(self) -> int:
         return len(self.image_ids)
 
+    @property
+    def hflip_preserves_labels(self) -> bool:
+        """Whether a left-right mirror of an image keeps its labels: the annotation file's
+        ``info.hflip_preserves_labels`` (cls2det's key: false for glyphs, whose mirror is no glyph), true when absent
+        (natural objects, as COCO)."""
+        value = self.info.get("hflip_preserves_labels", True) if isinstance(self.info, dict) else True
+        if not isinstance(value, bool):
+            raise DatasetError(
+                f"{self.annotation_file}: info.hflip_preserves_labels must be true or false, got {value!r}"
+            )
+        return value
+
     def image_record(self, i: int) -> dict:
         """COCO image record of image ``i`` (by position): ``{"id", "file_name", "width", "height"}``."""
         return {

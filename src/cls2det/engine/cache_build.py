@@ -2,7 +2,7 @@
 
 * **Images once, in workers.** A DataLoader (``workers`` processes) reads each image with GT boxes once and crops all
   its boxes there (:func:`~cls2det.distill.crops.crop_boxes`, eq. 8-9); the main process batches the crops of several
-  images, adds their flips and runs the teacher on its device.
+  images, adds their flips (when the run flips) and runs the teacher on its device.
 * **Shards.** Rank r of ``world`` takes images r, r + world, ... (the DataLoader sampler's split) and writes its rows
   into its own shard file (a cache file of its images). Rank 0 then assembles the shards into ONE preallocated file,
   copying a chunk of rows at a time; every rank works for ~1/world of the build, so the barrier after it waits for
@@ -78,9 +78,11 @@ def fill_rows(
     workers: int = 0,
     batch_boxes: int = 128,
     progress: Callable[[int], None] | None = None,
+    flips: bool = True,
 ) -> None:
-    """``write(name, row, values [n, 2, ...] float16)`` the ``outputs`` of the GT crops of image ``indices[j]`` (index
-    0 of each row) and of their flips (index 1) as rows ``first_rows[j]`` onwards of the tables.
+    """``write(name, row, values [n, V, ...] float16)`` the ``outputs`` of the GT crops of image ``indices[j]`` (index
+    0 of each row) and, with ``flips`` (V = 2; else V = 1), of their horizontal flips (index 1) as rows
+    ``first_rows[j]`` onwards of the tables.
 
     The images' rows must follow each other (``first_rows[j + 1] = first_rows[j] + boxes of image j``). Crops of
     several images are batched up to ``batch_boxes`` boxes per teacher call (the teacher is in eval mode, so a crop's
@@ -100,9 +102,10 @@ def fill_rows(
     def flush() -> None:
         nonlocal start
         crops = torch.cat(pending).to(device, non_blocking=True)  # [n, 3, s, s]
-        out = outputs(torch.cat([crops, crops.flip(-1)]))  # each [2n, ...]
+        variants = [crops, crops.flip(-1)] if flips else [crops]
+        out = outputs(torch.cat(variants))  # each [V·n, ...]
         for name, value in out.items():
-            write(name, start, torch.stack(value.chunk(2), 1).half().cpu().numpy())  # [n, 2, ...]
+            write(name, start, torch.stack(value.chunk(len(variants)), 1).half().cpu().numpy())  # [n, V, ...]
         start += len(crops)
         pending.clear()
         if progress is not None:
@@ -138,6 +141,7 @@ def build_shard(
     workers: int = 0,
     batch_boxes: int = 128,
     progress: bool = False,
+    flips: bool = True,
 ) -> Path:
     """Rank ``rank``'s shard of the cache: images ``rank::world`` of ``dataset``, written to
     :func:`shard_path` (atomically) as a cache file of its own. Returns its path."""
@@ -150,7 +154,8 @@ def build_shard(
         "offsets": (np.int64, (len(mine),)),
     }
     specs |= {
-        TABLE + name: (np.float16, (rows, 2, *shape)) for name, shape in output_shapes(outputs, size, device).items()
+        TABLE + name: (np.float16, (rows, 1 + flips, *shape))
+        for name, shape in output_shapes(outputs, size, device).items()
     }
     shard = shard_path(path, rank, world)
     tmp = shard.with_name(shard.name + ".tmp")
@@ -170,6 +175,7 @@ def build_shard(
             workers=workers,
             batch_boxes=batch_boxes,
             progress=advance,
+            flips=flips,
         )
     out.close(sync=True)
     os.replace(tmp, shard)
@@ -210,7 +216,7 @@ def assemble(path: str | Path, world: int, *, chunk_bytes: int = 64 << 20) -> No
                 b += 1
             lo, hi = int(first[a]), int(first[b - 1] + count[b - 1])
             for name in names:
-                rows = part.read(name, lo, hi)  # [hi - lo, 2, ...]
+                rows = part.read(name, lo, hi)  # [hi - lo, V, ...]
                 for j in range(a, b):
                     if count[j]:
                         out.write(name, int(dest[j]), rows[first[j] - lo : first[j] - lo + count[j]])
@@ -237,6 +243,7 @@ def build_cache_file(
     workers: int = 0,
     batch_boxes: int = 128,
     progress: bool = False,
+    flips: bool = True,
 ) -> None:
     """Every rank of ``world`` calls this: each builds its shard, then rank 0 assembles ``path``. ``barrier``: the
     ranks' barrier (``fabric.barrier``), needed when ``world`` > 1. On return ``path`` is complete on every rank."""
@@ -254,6 +261,7 @@ def build_cache_file(
         workers=workers,
         batch_boxes=batch_boxes,
         progress=progress and rank == 0,
+        flips=flips,
     )
     if world > 1:
         assert barrier is not None  # checked above
@@ -274,13 +282,16 @@ def build_in_memory(
     workers: int = 0,
     batch_boxes: int = 128,
     progress: bool = False,
+    flips: bool = True,
 ) -> tuple[dict[str, Tensor], Tensor, Tensor]:
-    """The tables in RAM (small datasets, benchmarks): ({name: [M, 2, ...] float16}, [I] image ids, [I] offsets)."""
+    """The tables in RAM (small datasets, benchmarks): ({name: [M, V, ...] float16}, [I] image ids, [I] offsets),
+    V = 2 with ``flips`` (index 1: the flipped crop), else 1."""
     image_ids, counts = box_layout(dataset)
     offsets = np.cumsum(counts) - counts
     rows = int(counts.sum())
     tables = {
-        name: np.zeros((rows, 2, *shape), np.float16) for name, shape in output_shapes(outputs, size, device).items()
+        name: np.zeros((rows, 1 + flips, *shape), np.float16)
+        for name, shape in output_shapes(outputs, size, device).items()
     }
     has_boxes = counts > 0
     with _bar(progress, rows, "teacher cache") as advance:
@@ -295,6 +306,7 @@ def build_in_memory(
             workers=workers,
             batch_boxes=batch_boxes,
             progress=advance,
+            flips=flips,
         )
     tensors = {name: torch.from_numpy(table) for name, table in tables.items()}
     return tensors, torch.from_numpy(image_ids), torch.from_numpy(offsets)

@@ -85,9 +85,12 @@ def needs_teacher(config: TrainConfig) -> bool:
     return any(term in ("cls", "kd_loc") for term in config.distill.kd)
 
 
-def load_distillation_teacher(config: TrainConfig, class_names: Sequence[str], *, device: torch.device | str = "cpu"):
+def load_distillation_teacher(
+    config: TrainConfig, class_names: Sequence[str], *, flips: bool = False, device: torch.device | str = "cpu"
+):
     """The frozen classifier teacher of ``config.teacher`` on ``device`` when ``config``'s terms need one, else None;
-    a missing flag, a folder that is not a teacher run, or a teacher of other classes is a one-line error."""
+    a missing flag, a folder that is not a teacher run, a teacher of other classes, or one trained without flips for
+    a student that flips (``flips``: it would score mirrored crops it never saw) is a one-line error."""
     if not needs_teacher(config):
         return None
     from cls2det.run_folder import check_run_kind
@@ -101,5 +104,10 @@ def load_distillation_teacher(config: TrainConfig, class_names: Sequence[str], *
         raise TrainingError(
             f"teacher {config.teacher} was trained on classes {teacher.class_names}, but {config.data} has "
             f"{list(class_names)}"
+        )
+    if flips and teacher.hflip is False:
+        raise TrainingError(
+            f"the student flips its images (train.hflip, or the dataset's info.hflip_preserves_labels) but teacher "
+            f"{config.teacher} was trained without flips: retrain it with teacher.hflip=true, or set train.hflip=false"
         )
     return teacher

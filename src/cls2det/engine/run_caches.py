@@ -21,18 +21,26 @@ from cls2det.engine.teacher_cache import (
 
 
 def open_teacher_caches(
-    fabric: Fabric, out: Path, teacher, dataset, distill: DistillConfig, *, workers: int, progress: bool
+    fabric: Fabric,
+    out: Path,
+    teacher,
+    dataset,
+    distill: DistillConfig,
+    *,
+    flips: bool,
+    workers: int,
+    progress: bool,
 ) -> tuple[SoftLabelCache | None, GTFeatureCache | None]:
     """The caches ``distill`` asks for (``soft_label_cache`` with KD_cls, ``gt_feature_cache`` with KD_loc), each
-    None when not asked or without a teacher."""
+    None when not asked or without a teacher; ``flips``: whether the run flips its images (the flipped crops' rows)."""
     soft_labels = gt_features = None
     if teacher is not None and "cls" in distill.kd and distill.soft_label_cache:
         soft_labels = _open(
             fabric,
             out / SOFT_LABELS,
             SoftLabelCache,
-            soft_label_key(teacher, dataset),
-            lambda **build: build_soft_label_cache(teacher, dataset, device=fabric.device, **build),
+            soft_label_key(teacher, dataset, flips=flips),
+            lambda **build: build_soft_label_cache(teacher, dataset, device=fabric.device, flips=flips, **build),
             workers,
             progress,
         )
@@ -42,9 +50,9 @@ def open_teacher_caches(
             fabric,
             out / GT_FEATURES,
             GTFeatureCache,
-            gt_feature_key(teacher, dataset, taps, size, pools),
+            gt_feature_key(teacher, dataset, taps, size, pools, flips=flips),
             lambda **build: build_gt_feature_cache(
-                teacher, dataset, taps=taps, size=size, pools=pools, device=fabric.device, **build
+                teacher, dataset, taps=taps, size=size, pools=pools, device=fabric.device, flips=flips, **build
             ),
             workers,
             progress,

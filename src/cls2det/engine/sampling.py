@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from cls2det.data.coco import hflip
+
 
 def epoch_order(num_items: int, seed: int, epoch: int) -> list[int]:
     """The shuffled image order of ``epoch``: a pure function of (seed, epoch)."""
@@ -20,9 +22,8 @@ def hflip_batch(images: list[torch.Tensor], targets: list[dict], generator: torc
     out_images, out_targets = [], []
     for image, target, flip in zip(images, targets, flips):
         if flip:
-            width = image.shape[-1]
-            boxes = target["boxes"][:, [2, 1, 0, 3]] * torch.tensor([-1, 1, -1, 1]) + torch.tensor([width, 0, width, 0])
-            image, target = image.flip(-1), {**target, "boxes": boxes}
+            image, boxes = hflip(image, target["boxes"])
+            target = {**target, "boxes": boxes}
         out_images.append(image)
         out_targets.append(target)
     return out_images, out_targets, torch.tensor(flips, dtype=torch.bool)

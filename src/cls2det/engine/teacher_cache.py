@@ -9,9 +9,11 @@ The teacher is frozen and GT boxes are fixed, so its outputs on a GT crop depend
 
 A horizontally flipped crop is exactly the flip of the unflipped crop (the sampling grid of eq. 8-9 is symmetric),
 so both variants come from one crop; the teacher runs on each (a conv stem is not flip-equivariant, so the flipped
-outputs are not the flipped unflipped outputs). Valid while no augmentation changes the crop's pixels other than the
-flip (photometric augmentation needs the online path); crops are taken from the original image, which equals the
-online crop from the detector's resized batch up to the resampling of the resize.
+outputs are not the flipped unflipped outputs). A run that does not flip (a dataset whose labels a mirror does not
+keep, e.g. glyphs: ``info.hflip_preserves_labels``) builds the unflipped variant only, and the key records which.
+Valid while no augmentation changes the crop's pixels other than the flip (photometric augmentation needs the online
+path); crops are taken from the original image, which equals the online crop from the detector's resized batch up to
+the resampling of the resize.
 
 Each cache stores its ``key`` in the file's metadata: the settings it was computed with, the SHA-256 of the teacher's
 weights and a fingerprint of the dataset split. A run resumed with another teacher (same architecture, other
@@ -50,7 +52,8 @@ class StaleCacheError(Cls2detError, ValueError):
 
 
 class GTBoxCache:
-    """Named tables of per-GT-box values, rows grouped by image: each table [M, 2, ...] float16 (index 1 = flipped).
+    """Named tables of per-GT-box values, rows grouped by image: each table [M, V, ...] float16, V = 2 when built with
+    flips (index 1 = flipped), else 1.
 
     ``image_ids`` [I] and ``offsets`` [I] int64: image ``image_ids[i]`` holds rows ``offsets[i]`` onwards, one per GT
     box in its targets' order. ``key``: the settings the tables were computed with (str -> str). ``mapped``: for a
@@ -81,6 +84,8 @@ class GTBoxCache:
 
         On a memory-mapped table this reads the K rows asked for, nothing else."""
         table = self.tables[name]
+        if table.shape[1] == 1 and bool(flipped.any()):  # the key ("hflip") keeps a run from reaching this
+            raise StaleCacheError(f"the {name!r} table was built without flipped crops, and a flipped box was asked")
         rows = self.rows(image_ids, gt_index).to(table.device)
         return table[rows, flipped.long().to(table.device)].float()
 
@@ -145,7 +150,7 @@ def check_key(path: str | Path, key: dict[str, str]) -> None:
 
 
 class SoftLabelCache(GTBoxCache):
-    """KD_cls's teacher logits per GT box: ``logits`` [M, 2, C] float16 (index 1 = flipped)."""
+    """KD_cls's teacher logits per GT box: ``logits`` [M, V, C] float16 (index 1 = flipped)."""
 
     @property
     def logits(self) -> Tensor:
@@ -157,7 +162,7 @@ class SoftLabelCache(GTBoxCache):
 
 
 class GTFeatureCache(GTBoxCache):
-    """KD_loc's GT branch per GT box: one table per tap, [M, 2, M_l, P, P] float16 (index 1 = flipped)."""
+    """KD_loc's GT branch per GT box: one table per tap, [M, V, M_l, P, P] float16 (index 1 = flipped)."""
 
     @property
     def taps(self) -> list[str]:
@@ -201,19 +206,23 @@ def dataset_fingerprint(dataset) -> str:
     return f"boxes:{digest.hexdigest()}"
 
 
-def soft_label_key(teacher, dataset) -> dict[str, str]:
-    """The settings KD_cls's teacher logits depend on: the teacher (architecture, weights, input size) and the data."""
+def soft_label_key(teacher, dataset, *, flips: bool = True) -> dict[str, str]:
+    """The settings KD_cls's teacher logits depend on: the teacher (architecture, weights, input size), the data and
+    whether the student's images are flipped (the flipped crops' rows exist only then)."""
     return {
         "teacher": teacher.arch,
         "teacher_sha256": teacher_fingerprint(teacher),
         "input_size": str(teacher.input_size),
         "data": dataset_fingerprint(dataset),
+        "hflip": str(bool(flips)).lower(),
     }
 
 
-def gt_feature_key(teacher, dataset, taps: Sequence[str], size: int, pools: Sequence[int]) -> dict[str, str]:
+def gt_feature_key(
+    teacher, dataset, taps: Sequence[str], size: int, pools: Sequence[int], *, flips: bool = True
+) -> dict[str, str]:
     """The settings KD_loc's pooled GT features depend on: the teacher (architecture, weights), the data, its taps,
-    the sample size s and the pooled size P_l of each tap."""
+    the sample size s, the pooled size P_l of each tap and whether the student's images are flipped."""
     return {
         "teacher": teacher.arch,
         "teacher_sha256": teacher_fingerprint(teacher),
@@ -221,6 +230,7 @@ def gt_feature_key(teacher, dataset, taps: Sequence[str], size: int, pools: Sequ
         "taps": ",".join(taps),
         "sample_size": str(size),
         "pools": ",".join(map(str, pools)),
+        "hflip": str(bool(flips)).lower(),
     }
 
 
@@ -245,9 +255,16 @@ def gt_feature_outputs(teacher, taps: Sequence[str], pools: Sequence[int]) -> Ca
 
 @torch.no_grad()
 def build_soft_label_cache(
-    teacher, dataset, *, device: str | torch.device = "cpu", path: str | Path | None = None, **build
+    teacher,
+    dataset,
+    *,
+    device: str | torch.device = "cpu",
+    path: str | Path | None = None,
+    flips: bool = True,
+    **build,
 ) -> SoftLabelCache:
-    """Run ``teacher`` once over the GT crops of ``dataset`` (items ``(image [3,H,W] 0..1, target)``, unflipped).
+    """Run ``teacher`` once over the GT crops of ``dataset`` (items ``(image [3,H,W] 0..1, target)``, unflipped) and,
+    with ``flips``, over their horizontal flips.
 
     Without ``path``: the tables in memory (small datasets, benchmarks). With ``path``: written to that file
     (``build``: ``key``, ``rank``, ``world``, ``barrier``, ``workers``, ``progress`` of
@@ -256,10 +273,10 @@ def build_soft_label_cache(
 
     outputs, size = soft_label_outputs(teacher), teacher.input_size
     if path is None:
-        tables, image_ids, offsets = build_in_memory(dataset, outputs, size=size, device=device, **build)
-        return SoftLabelCache(tables, image_ids, offsets, soft_label_key(teacher, dataset))
-    key = build.pop("key", None) or soft_label_key(teacher, dataset)
-    build_cache_file(path, dataset, outputs, size=size, key=key, device=device, **build)
+        tables, image_ids, offsets = build_in_memory(dataset, outputs, size=size, device=device, flips=flips, **build)
+        return SoftLabelCache(tables, image_ids, offsets, soft_label_key(teacher, dataset, flips=flips))
+    key = build.pop("key", None) or soft_label_key(teacher, dataset, flips=flips)
+    build_cache_file(path, dataset, outputs, size=size, key=key, device=device, flips=flips, **build)
     return SoftLabelCache.load(path, key=key)
 
 
@@ -273,6 +290,7 @@ def build_gt_feature_cache(
     pools: Sequence[int],
     device: str | torch.device = "cpu",
     path: str | Path | None = None,
+    flips: bool = True,
     **build,
 ) -> GTFeatureCache:
     """The pooled tap features KD_loc compares against (eq. 10, GT branch) for every GT crop of ``dataset``:
@@ -282,8 +300,9 @@ def build_gt_feature_cache(
 
     outputs = gt_feature_outputs(teacher, taps, pools)
     if path is None:
-        tables, image_ids, offsets = build_in_memory(dataset, outputs, size=size, device=device, **build)
-        return GTFeatureCache(tables, image_ids, offsets, gt_feature_key(teacher, dataset, taps, size, pools))
-    key = build.pop("key", None) or gt_feature_key(teacher, dataset, taps, size, pools)
-    build_cache_file(path, dataset, outputs, size=size, key=key, device=device, **build)
+        tables, image_ids, offsets = build_in_memory(dataset, outputs, size=size, device=device, flips=flips, **build)
+        key = gt_feature_key(teacher, dataset, taps, size, pools, flips=flips)
+        return GTFeatureCache(tables, image_ids, offsets, key)
+    key = build.pop("key", None) or gt_feature_key(teacher, dataset, taps, size, pools, flips=flips)
+    build_cache_file(path, dataset, outputs, size=size, key=key, device=device, flips=flips, **build)
     return GTFeatureCache.load(path, key=key)

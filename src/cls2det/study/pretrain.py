@@ -25,7 +25,7 @@ def pretrain_backbone(
     """
     from cls2det.data import ClassificationCrops, load_split
     from cls2det.teacher.model import Teacher
-    from cls2det.teacher.train import fit_teacher
+    from cls2det.teacher.train import Augment, fit_teacher
 
     split = load_split(data, "train")
     transform = create_student(detector, split.num_classes, StudentConfig(detector=detector)).detector.transform
@@ -40,6 +40,7 @@ def pretrain_backbone(
         std=transform.image_std,
     )
     crops = ClassificationCrops(split, size=config.input_size, workers=resolve_workers(config.workers))
-    metrics = fit_teacher(classifier, crops, None, config, progress=progress)
+    flips = split.hflip_preserves_labels if config.hflip is None else config.hflip  # the student's rule
+    metrics = fit_teacher(classifier, crops, None, config, progress=progress, augment=Augment(hflip=flips))
     save_safetensors(out_file, net.state_dict())
     return metrics

@@ -51,6 +51,7 @@ def save_teacher(
         "mean": list(teacher.mean),
         "std": list(teacher.std),
         "loss": teacher.loss,
+        "hflip": teacher.hflip,
         "taps": list(teacher.available_taps),
         "weights": WEIGHTS_FILE,
         "sha256": hashlib.sha256(blob).hexdigest(),
@@ -136,6 +137,8 @@ def load_teacher(run_dir: str | Path, *, device: str | torch.device = "cpu") -> 
         reason = " ".join(str(err).split())[:300]
         raise TeacherError(f"{weights}: does not fit {meta['arch']!r} ({reason})") from None
     teacher.loss = teacher_loss(meta)  # runs from before the key was recorded: "ce"
+    # runs from before the key: their config's hflip (the old default, False, when not even that)
+    teacher.hflip = meta.get("hflip", (meta.get("config") or {}).get("hflip", False))
     return teacher.freeze().to(device)
 
 

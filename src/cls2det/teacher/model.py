@@ -51,6 +51,7 @@ class Teacher(nn.Module):
         super().__init__()
         self.net = net
         self.arch, self.library, self.loss = arch, library, loss
+        self.hflip: bool | None = None  # whether it was trained on flipped crops too (None: not recorded)
         self.class_names = list(class_names)
         self.input_size = int(input_size)
         self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)

@@ -43,7 +43,7 @@ class Augment:
     translate: float = 0.05  # extra shift, fraction of the crop side (may move content out: zero padding, as KD crops)
     brightness: float = 0.3  # multiply by 1 +- brightness
     contrast: float = 0.3  # scale the deviation from the crop's mean grey by 1 +- contrast
-    hflip: bool = False  # flip half the crops horizontally (off: digits are not flip-invariant)
+    hflip: bool = False  # flip half the crops horizontally (off where a mirror changes the label: digits, text)
 
     def __call__(self, x: Tensor, generator: torch.Generator) -> Tensor:
         b = x.shape[0]
@@ -127,7 +127,7 @@ def fit_teacher(
         raise TeacherError("the teacher's training set is empty (no ground-truth boxes in the train split?)")
     if teacher.is_frozen:
         raise TeacherError(f"teacher {teacher.arch!r} is frozen (a distillation teacher); build a new one to train")
-    augment = augment if augment is not None else Augment(hflip=config.hflip)
+    augment = augment if augment is not None else Augment(hflip=bool(config.hflip))
     start = time.perf_counter()
     with torch.random.fork_rng(devices=[]), deterministic_algorithms(config.deterministic):
         torch.manual_seed(config.seed)
@@ -157,6 +157,8 @@ def fit_teacher(
             optimizer, lambda step: lr_factor(step, steps, warmup, floor=0.01)
         )  # cosine to 1%
         teacher.to(device).train()
+        if config.channels_last:
+            teacher.to(memory_format=torch.channels_last)
         loop, best_state = LoopState(), None
         if run is not None and run.start.resume:
             loop, best_state = run.load(teacher.net, optimizer, scheduler)
@@ -276,8 +278,13 @@ def _train_teacher(data, out, config: TeacherConfig, run: TeacherRun, *, progres
             input_size=config.input_size,
             pretrained=config.pretrained,
         )
+    # the student's augmentation rule (train.hflip): flip only where the dataset says a mirror keeps the labels
+    teacher.hflip = train_split.hflip_preserves_labels if config.hflip is None else config.hflip
     run.started(data)
-    metrics = fit_teacher(teacher, train_set, val_set, config, progress=progress, device=device, run=run)
+    augment = Augment(hflip=teacher.hflip)
+    metrics = fit_teacher(
+        teacher, train_set, val_set, config, progress=progress, device=device, augment=augment, run=run
+    )
     save_teacher(teacher, out, metrics, config=config)
     return metrics
 
