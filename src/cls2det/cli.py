@@ -60,12 +60,17 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(title="commands")
 
     data = commands.add_parser("data", help="make, check or import COCO-format datasets").add_subparsers(title="data")
-    p = data.add_parser("demo", help="generate the embedded demo dataset (sklearn digits on skimage photos)")
-    p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--train-images", type=int, default=None)
-    p.add_argument("--val-images", type=int, default=None)
-    p.add_argument("--image-size", type=int, default=None)
+    p = data.add_parser("demo", help="generate the embedded demo dataset (digits in several fonts on skimage photos)")
+    p.add_argument("--out", required=True, type=Path, help="folder to write images/ and annotations/ into")
+    p.add_argument("--seed", type=int, default=0, help="the same seed gives the same bytes")
+    p.add_argument("--train-images", type=int, default=None, help="train split size (default 600)")
+    p.add_argument("--val-images", type=int, default=None, help="val split size (default 200)")
+    p.add_argument("--image-size", type=int, default=None, help="square image side in px (default 256)")
+    p.add_argument(
+        "--object-size", type=float, nargs=2, default=None, metavar=("MIN", "MAX"),
+        help="range of a digit's longer side, fraction of the image side (default 0.1 0.6)",
+    )  # fmt: skip
+    p.add_argument("--source-px", type=int, default=None, help="render glyphs at this em and upscale (default: native)")
     p.set_defaults(func=cmd_data_demo)
     p = data.add_parser("check", help="validate a COCO-format dataset (JSON, ids, boxes, image files)")
     p.add_argument("dir", type=Path, help="dataset folder (annotations/{train,val}.json, images/) or a data YAML")
@@ -213,8 +218,18 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_data_demo(args) -> int:
     from cls2det.data import generate_demo
 
-    sizes = {"train_images": args.train_images, "val_images": args.val_images, "image_size": args.image_size}
-    out = generate_demo(args.out, seed=args.seed, **{k: v for k, v in sizes.items() if v is not None})
+    sizes = {
+        "train_images": args.train_images,
+        "val_images": args.val_images,
+        "image_size": args.image_size,
+        "object_size": args.object_size,
+        "source_px": args.source_px,
+    }
+    try:
+        out = generate_demo(args.out, seed=args.seed, **{k: v for k, v in sizes.items() if v is not None})
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     print(f"demo dataset written to {out}")
     return 0
 

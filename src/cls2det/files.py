@@ -241,6 +241,17 @@ def truncate_metrics(path: Path, step: int) -> None:
         atomic_write_text(path, header + "".join(kept))
 
 
+def append_csv_row(path: Path, row: dict[str, Any]) -> None:
+    """Append ``row`` to CSV file ``path`` (its keys as the header when the file is new); the first column is a step,
+    so :func:`truncate_metrics` can cut the file back on resume."""
+    new = not path.is_file()
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(row))
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+
+
 def _json_default(value: Any) -> Any:
     if isinstance(value, Tensor):
         return value.tolist()

@@ -34,6 +34,7 @@ LAST = "last"  # checkpoint folder of the latest state (end of epoch or interrup
 BEST = "best"  # checkpoint folder of the best val metric (weights only are needed from it)
 RESULTS = "results.json"
 METRICS_CSV = "metrics.csv"
+VAL_CSV = "val.csv"  # one row per evaluation on val during training: step, epoch, mAP, AP50, AP75
 TENSORBOARD = "tb"
 SOFT_LABELS = "soft_labels.safetensors"  # the teacher's logits per GT box (distill.soft_label_cache)
 GT_FEATURES = "gt_features.safetensors"  # KD_loc's pooled teacher taps per GT box (distill.gt_feature_cache)
@@ -53,6 +54,7 @@ RUN_FILES = (
     BEST + ".tmp",
     RESULTS,
     METRICS_CSV,
+    VAL_CSV,
     TENSORBOARD,
     SOFT_LABELS,
     GT_FEATURES,

@@ -4,6 +4,7 @@ the baseline, determinism, the soft-label and GT-feature caches against the onli
 
 from __future__ import annotations
 
+import csv
 import importlib
 import json
 import math
@@ -142,6 +143,16 @@ def test_fit_baseline_without_kd_needs_no_teacher(make_train_config, tmp_path, r
     assert row_sum_is_loss(rows[0], columns)
     assert "teacher" not in spy_fit and not (out / SOFT_LABELS).exists()
     assert differs(load_weights(out), spy_fit["student_init"])
+
+
+def test_every_evaluation_during_training_is_a_row_of_val_csv(make_train_config, tmp_path):
+    out = tmp_path / "curve"
+    overrides = ["distill.kd=[]", "teacher=null", "epochs=2", "eval_every=1"]
+    results = fit(make_train_config(out, "ssdlite320_mobilenet_v3", overrides), progress=False)
+    with open(out / "val.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["epoch"]) for r in rows] == [1, 2] and int(rows[-1]["step"]) == results["steps"]
+    assert float(rows[-1]["mAP"]) == pytest.approx(results["metrics"]["mAP"], abs=1e-9)
 
 
 def test_kd_terms_that_need_a_teacher_refuse_to_run_without_one(make_train_config, tmp_path):

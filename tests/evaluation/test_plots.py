@@ -8,7 +8,13 @@ import torch
 from PIL import Image
 
 from cls2det.evaluation import IOU_THRESHOLDS, METRIC_KEYS, summarize
-from cls2det.evaluation.plots import plot_ap_vs_iou, plot_loss_curves, plot_prediction_grid, smooth
+from cls2det.evaluation.plots import (
+    plot_ap_vs_iou,
+    plot_loss_curves,
+    plot_prediction_grid,
+    plot_val_curves,
+    smooth,
+)
 
 
 def png_size(path):
@@ -143,3 +149,27 @@ def test_plot_error_breakdown(tmp_path):
     png_size(plot_error_breakdown(summarize(with_errors), tmp_path / "from_summary.png"))
     with pytest.raises(ValueError, match="no result carries an error breakdown"):
         plot_error_breakdown(results(), tmp_path / "none.png")
+
+
+def test_plot_val_curves_one_panel_per_detector_and_refuses_empty_logs(tmp_path):
+    def log(name, values, epochs=(4, 8, 12)):
+        path = tmp_path / f"{name}.csv"
+        with open(path, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["step", "epoch", "mAP", "AP50", "AP75"])
+            for k, (epoch, v) in enumerate(zip(epochs, values)):
+                writer.writerow([10 * (k + 1), epoch, v, v + 20, v - 5])
+        return path
+
+    runs = {
+        "ssd / baseline": [log("b0", [10, 20, 25]), log("b1", [12, 21, 24])],
+        "ssd / full": [log("f0", [14, 24, 28])],
+        "frcnn / baseline": [log("r0", [5, 15, 30])],
+    }
+    width, height = png_size(plot_val_curves(runs, tmp_path / "val.png"))
+    one = png_size(plot_val_curves({"ssd / baseline": runs["ssd / baseline"]}, tmp_path / "one.png"))
+    assert width > 1.6 * one[0] and height == pytest.approx(one[1], rel=0.1)  # two panels side by side
+    empty = tmp_path / "empty.csv"
+    empty.write_text("step,epoch,mAP,AP50,AP75\n")
+    with pytest.raises(ValueError, match="no 'step' column|no run evaluated"):
+        plot_val_curves({"x": [empty]}, tmp_path / "none.png")

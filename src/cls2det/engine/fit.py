@@ -46,7 +46,8 @@ from cls2det.engine.run_dir import (
 from cls2det.engine.sampling import EpochBatches, hflip_batch
 from cls2det.engine.schedule import build_optimizer, build_scheduler
 from cls2det.evaluation.evaluate import evaluate_student
-from cls2det.run_folder import resume_changes
+from cls2det.files import append_csv_row
+from cls2det.run_folder import VAL_CSV, resume_changes
 from cls2det.students import create_student
 from cls2det.teacher import check_teacher_for_head
 
@@ -136,13 +137,24 @@ class _Trainer:
         self.val_split = load_split(config.data, "val")
         self.dataset = CocoDetection(self.train_split)
         self.loader = None  # built by _batches
-        self.teacher = load_distillation_teacher(config, self.train_split.class_names, device=fabric.device)
+        # left-right flips of the student's images: where the dataset says a mirror keeps its labels, unless set
+        self.flips = self.train_split.hflip_preserves_labels if config.hflip is None else config.hflip
+        self.teacher = load_distillation_teacher(
+            config, self.train_split.class_names, flips=self.flips, device=fabric.device
+        )
         if self.teacher is not None:
             self._check_same_weights(self.teacher, "teacher", str(config.teacher))
         self.weights = loss_weights(config.distill)  # eq. (12)'s lambda of each KD term
         distill = config.distill
         self.soft_labels, self.gt_features = open_teacher_caches(
-            fabric, out, self.teacher, self.dataset, distill, workers=resolve_workers(config.workers), progress=progress
+            fabric,
+            out,
+            self.teacher,
+            self.dataset,
+            distill,
+            flips=self.flips,
+            workers=resolve_workers(config.workers),
+            progress=progress,
         )
         student = create_student(config.student.detector, self.train_split.num_classes, config.student)
         student.max_negatives = distill.kd_cls_negatives  # 0: the adapter draws no negatives
@@ -173,6 +185,7 @@ class _Trainer:
             self._load(out / LAST)
             if fabric.is_global_zero:
                 truncate_metrics(out / METRICS_CSV, self.step)
+                truncate_metrics(out / VAL_CSV, self.step)
         self.stop_signal: int | None = None
         self.logger = MetricsLogger(out / METRICS_CSV, out / "tb") if fabric.is_global_zero else None
         self.progress = progress and fabric.is_global_zero
@@ -255,7 +268,7 @@ class _Trainer:
         seed = (config.seed * 1_000_003 + self.step) * fabric.world_size + fabric.global_rank
         generator = torch.Generator().manual_seed(seed)
         torch.manual_seed(seed)  # the detector's own samplers draw from the global RNG
-        images, targets, flipped = hflip_batch(images, targets, generator)
+        images, targets, flipped = hflip_batch(images, targets, generator, p=0.5 if self.flips else 0.0)
         soft_labels = gt_features = None
         if self.soft_labels is not None or self.gt_features is not None:
             image_ids = torch.stack([t["image_id"] for t in targets]).cpu()  # [N]
@@ -404,6 +417,8 @@ class _Trainer:
             metrics = self.last_metrics = self._evaluate(errors=final)
             self.last_eval_step = self.step
             self.fabric.print(f"epoch {self.epoch}: val mAP {metrics['mAP']:.2f}  AP50 {metrics['AP50']:.2f}")
+            val = {"step": self.step, "epoch": self.epoch, **{k: metrics[k] for k in ("mAP", "AP50", "AP75")}}
+            append_csv_row(self.out / VAL_CSV, val)  # the val curve (a report's plateau plot)
             if self.logger is not None and self.logger.tb is not None:
                 for key in ("mAP", "AP50", "AP75"):
                     self.logger.tb.add_scalar(f"val/{key}", metrics[key], self.step)

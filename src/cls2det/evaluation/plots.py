@@ -1,4 +1,4 @@
-"""Paper-style figures for a study: AP vs IoU threshold, training-loss curves, prediction grids (PNG, dpi 150).
+"""Paper-style figures for a study: AP vs IoU threshold, training-loss and val curves, prediction grids (PNG, dpi 150).
 
 Figures are built with ``matplotlib.figure.Figure`` (Agg canvas) rather than ``pyplot``: no global backend switch,
 no figure registry to leak, safe in worker threads.
@@ -20,7 +20,14 @@ from .coco_eval import IOU_THRESHOLDS
 from .errors import ERROR_TYPES
 from .report import summarize
 
-__all__ = ["plot_ap_vs_iou", "plot_error_breakdown", "plot_loss_curves", "plot_prediction_grid", "smooth"]
+__all__ = [
+    "plot_ap_vs_iou",
+    "plot_error_breakdown",
+    "plot_loss_curves",
+    "plot_prediction_grid",
+    "plot_val_curves",
+    "smooth",
+]
 
 DPI = 150
 _SKIP_COLUMNS = {"step", "epoch", "lr"}
@@ -205,6 +212,44 @@ def plot_loss_curves(csv_paths: Mapping[str, str | Path], path: str | Path, *, s
     for ax in axes[len(terms) :]:
         ax.set_visible(False)
     fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_val_curves(runs: Mapping[str, Sequence[str | Path]], path: str | Path, *, metric: str = "mAP") -> Path:
+    """Val ``metric`` against the epoch during training, one line per row: the mean over its runs (seeds) at the
+    epochs they all evaluated, their range as a band; one panel per detector when labels are ``detector / row``.
+
+    ``runs``: label -> the ``val.csv`` files of its runs (columns step, epoch, mAP, AP50, AP75), which show where a
+    schedule's val curve flattens (the plateau a converged comparison needs).
+    """
+    curves: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for label, paths in runs.items():
+        logs = [_read_log(Path(p)) for p in paths]
+        epochs = sorted(set.intersection(*(set(log["epoch"].tolist()) for log in logs))) if logs else []
+        if not epochs:
+            continue
+        values = np.array([[log[metric][log["epoch"] == e][-1] for e in epochs] for log in logs])  # [seeds, epochs]
+        curves[label] = (np.array(epochs), values)
+    if not curves:
+        raise ValueError("plot_val_curves: no run evaluated on val during training")
+    panels = list(dict.fromkeys(label.split(" / ")[0] if " / " in label else "" for label in curves))
+    fig = Figure(figsize=(5.5 * len(panels), 4.0), layout="constrained")
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    colours = {row: f"C{i % 10}" for i, row in enumerate(dict.fromkeys(lb.split(" / ")[-1] for lb in curves))}
+    for ax, panel in zip(axes, panels):
+        for label, (epochs, values) in curves.items():
+            if (label.split(" / ")[0] if " / " in label else "") != panel:
+                continue
+            row = label.split(" / ")[-1]
+            seeds = f" ({len(values)} seeds)" if len(values) > 1 else ""
+            ax.plot(epochs, values.mean(0), marker="o", color=colours[row], label=f"{row}{seeds}")
+            if len(values) > 1:
+                ax.fill_between(epochs, values.min(0), values.max(0), color=colours[row], alpha=0.15)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(f"val {metric}")
+        ax.set_title(panel or f"val {metric} during training")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     return _save(fig, path)
 
 

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 from cls2det.config import (
@@ -29,6 +30,7 @@ from cls2det.config import (
     shipped_config,
     to_dict,
 )
+from cls2det.engine.loading import needs_teacher
 from cls2det.engine.run_dir import (
     CONFIG,
     LAST,
@@ -39,7 +41,7 @@ from cls2det.engine.run_dir import (
     RunDirError,
     TrainingError,
 )
-from cls2det.run_folder import ANY, config_differences
+from cls2det.run_folder import ANY, VAL_CSV, config_differences
 
 DEMO_CONFIG = "demo.yaml"
 DET_TEACHER = "det_teacher"  # out/<detector>/det_teacher: the det2det rows' detector teacher
@@ -59,23 +61,54 @@ def run_study(path: str | Path, overrides: Sequence[str] = ()) -> Path:
     check_study(study, out)  # every row, before spending compute
 
     data = Path(study.data) if study.data else _demo_data(study, out)
-    teacher_run, teacher_top1 = _teacher(study, data, out)
-    results, notes = [], list(study.notes)
+    # no teacher for a grid of plain rows (loc and det:* need none either)
+    wanted = any(needs_teacher(row_config(study, row, d, out, 0)) for d in study.detectors for row in study.rows_of(d))
+    # with jobs > 1 the teacher trains in a process of its own while the backbones pre-train here, one core each
+    teacher = _TeacherJob(study, data, out, background=study.jobs > 1) if wanted else None
+    with _intra_op_threads(1 if teacher is not None and teacher.process is not None else None):
+        backbones = {detector: _backbone(study, data, out, detector) for detector in study.detectors}
+    teacher_run, teacher_top1 = teacher.result() if teacher is not None else (None, None)
+    runs, notes = [], list(study.notes)
     for detector in study.detectors:
-        backbone = _backbone(study, data, out, detector)
+        backbone = backbones[detector]
         det_teacher = _det_teacher(study, data, out, detector, backbone)
         if det_teacher is not None:
             notes.append(_det_teacher_note(det_teacher))
         for seed in study.seeds_of(detector):
             for row in study.rows_of(detector):
                 config = row_config(study, row, detector, out, seed)
-                config.data, config.teacher = str(data), str(teacher_run)
-                if backbone is not None:
+                config.data, config.teacher = str(data), str(teacher_run) if teacher_run else None
+                if backbone is not None and not sets_backbone(study.rows[row]):
                     config.student.backbone_weights = str(backbone)
                 if det_teacher is not None and needs_study_det_teacher(config):
                     config.distill.det_teacher = det_teacher["run"]
-                results.append(train_row(config, row))
+                runs.append((config, row))
+    results = train_rows(runs, jobs=study.jobs)
     return _report(study, results, teacher_top1, out, data, notes)
+
+
+def train_rows(runs: Sequence[tuple[TrainConfig, str]], *, jobs: int = 1) -> list[dict]:
+    """:func:`train_row` of every ``(config, row)``, ``jobs`` at a time (each a process with its share of this
+    process's CPU cores as intra-op threads); the results in ``runs``' order. The first failure stops the runs not
+    yet started and is raised once the running ones end."""
+    if jobs <= 1:
+        return [train_row(config, row) for config, row in runs]
+    from concurrent.futures import ThreadPoolExecutor
+
+    threads = max(1, usable_cores() // jobs)
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        futures = [pool.submit(train_row, config, row, threads=threads) for config, row in runs]
+        try:
+            return [future.result() for future in futures]
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def check_study(study: StudyConfig, out: Path) -> None:
@@ -100,6 +133,12 @@ def check_study(study: StudyConfig, out: Path) -> None:
                 )
         if study.det_teacher is not None:
             det_teacher_config(study, detector, out)
+
+
+def sets_backbone(overrides: Sequence[str]) -> bool:
+    """Whether a row's overrides choose its own backbone weights (e.g. ``student.backbone_weights=null``: from scratch,
+    an ablation of the study's backbone pre-training)."""
+    return any(item.split("=", 1)[0].strip() == "student.backbone_weights" for item in overrides)
 
 
 def needs_study_det_teacher(config: TrainConfig) -> bool:
@@ -145,24 +184,60 @@ def _demo_data(study: StudyConfig, out: Path) -> Path:
     if not (data / "annotations" / "val.json").is_file():
         demo = study.demo_data
         _say(f"generating the demo dataset in {data}")
-        generate_demo(
-            data, seed=demo.seed, train_images=demo.train_images, val_images=demo.val_images, image_size=demo.image_size
-        )
+        generate_demo(data, **to_dict(demo))
     return data
 
 
-def _teacher(study: StudyConfig, data: Path, out: Path) -> tuple[Path, float | None]:
-    from cls2det.teacher import train_teacher
+class _TeacherJob:
+    """The study's teacher: ``study.teacher_run`` as given, or trained into ``out/teacher`` (resumed if a study stopped
+    mid-teacher), in this process or, with ``background``, in a ``cls2det teacher`` process of one thread started
+    here (its output in ``out/teacher.log``); :meth:`result` waits for it."""
 
-    run = Path(study.teacher_run) if study.teacher_run else out / "teacher"
-    meta = run / "teacher.json"
-    if not meta.is_file():
+    def __init__(self, study: StudyConfig, data: Path, out: Path, *, background: bool) -> None:
+        from cls2det.teacher import train_teacher
+
+        self.run = Path(study.teacher_run) if study.teacher_run else out / "teacher"
+        self.process: subprocess.Popen | None = None
+        if (self.run / "teacher.json").is_file():
+            return
         if study.teacher_run:
-            raise ConfigError(f"teacher_run {run}: teacher.json not found")
-        _say(f"training the teacher ({study.teacher.arch}) in {run}")
-        train_teacher(data, run, study.teacher, resume=(run / "last").is_dir())  # a study stopped mid-teacher
-    top1 = json.loads(meta.read_text()).get("metrics", {}).get("top1")
-    return run, top1
+            raise ConfigError(f"teacher_run {self.run}: teacher.json not found")
+        _say(f"training the teacher ({study.teacher.arch}) in {self.run}")
+        resume = (self.run / "last").is_dir()  # a study stopped mid-teacher
+        if not background:
+            train_teacher(data, self.run, study.teacher, resume=resume)
+            return
+        recipe, self.log = out / "teacher.yaml", out / "teacher.log"
+        save_config(study.teacher, recipe)
+        cmd = [sys.executable, "-m", "cls2det", "teacher", str(data), "--out", str(self.run), "--config", str(recipe)]
+        cmd += ["--resume" if resume else "--overwrite", "--no-progress"]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+        with open(self.log, "a") as stream:
+            self.process = subprocess.Popen(cmd, env=env, stdout=stream, stderr=subprocess.STDOUT)
+
+    def result(self) -> tuple[Path, float | None]:
+        """(the teacher's run folder, its val top-1), once it has finished."""
+        if self.process is not None:
+            code = self.process.wait()
+            if code != 0:
+                tail = self.log.read_text().strip().splitlines()[-1:] or ["(no output)"]
+                raise TrainingError(f"teacher {self.run} failed (exit {code}): {tail[0]} (full log: {self.log})")
+        top1 = json.loads((self.run / "teacher.json").read_text()).get("metrics", {}).get("top1")
+        return self.run, top1
+
+
+@contextmanager
+def _intra_op_threads(threads: int | None):
+    """torch's intra-op threads set to ``threads`` inside the block (None: unchanged)."""
+    import torch
+
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def _backbone(study: StudyConfig, data: Path, out: Path, detector: str) -> Path | None:
@@ -196,9 +271,10 @@ def _det_teacher_note(results: dict) -> str:
     )
 
 
-def train_row(config: TrainConfig, row: str) -> dict:
-    """Train one run of the grid into ``config.out`` (a subprocess: ``cls2det train``), or reuse it if it finished
-    with this very recipe; a finished run of another recipe is refused (:func:`check_finished_run`)."""
+def train_row(config: TrainConfig, row: str, *, threads: int | None = None) -> dict:
+    """Train one run of the grid into ``config.out`` (a subprocess: ``cls2det train``, with ``threads`` intra-op
+    threads when given), or reuse it if it finished with this very recipe; a finished run of another recipe is
+    refused (:func:`check_finished_run`)."""
     run = Path(config.out)
     if (run / RESULTS).is_file():
         check_finished_run(run, config)
@@ -225,6 +301,8 @@ def train_row(config: TrainConfig, row: str) -> dict:
         start = time.perf_counter()
         with open(log, "a") as stream:
             env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+            if threads is not None:
+                env["OMP_NUM_THREADS"] = str(threads)
             code = subprocess.run(cmd, env=env, stdout=stream, stderr=subprocess.STDOUT).returncode
         if code != 0:
             tail = log.read_text().strip().splitlines()[-1:] or ["(no output)"]
@@ -252,7 +330,7 @@ def check_finished_run(run: Path, config: TrainConfig) -> None:
 def _report(
     study: StudyConfig, results: list[dict], teacher_top1: float | None, out: Path, data: Path, notes: list[str]
 ) -> Path:
-    from cls2det.evaluation.plots import plot_ap_vs_iou, plot_error_breakdown, plot_loss_curves
+    from cls2det.evaluation.plots import plot_ap_vs_iou, plot_error_breakdown, plot_loss_curves, plot_val_curves
     from cls2det.evaluation.report import write_report
 
     plots = [plot_ap_vs_iou(results, out / "ap_vs_iou.png")]
@@ -265,6 +343,13 @@ def _report(
         if r["seed"] == first_seed and r["detector"] == study.detectors[0]
     }
     plots.append(plot_loss_curves(curves, out / "loss_curves.png"))
+    val_curves: dict[str, list[Path]] = {}
+    for r in results:  # runs that evaluated on val more than once: their curves (where the schedule flattens)
+        val = Path(r["run"]) / VAL_CSV
+        if val.is_file() and len(val.read_text().splitlines()) > 2:
+            val_curves.setdefault(f"{r['detector']} / {r['row']}", []).append(val)
+    if val_curves:
+        plots.append(plot_val_curves(val_curves, out / "val_curves.png"))
     if _prediction_grid(study, results, out, data):
         plots.append(out / "predictions.png")
     return write_report(
