@@ -32,6 +32,7 @@ def test_tiny_study_end_to_end_and_resumable(tmp_path):
         },
         "detectors": ["ssdlite320_mobilenet_v3"],
         "seeds": [0],
+        "jobs": 2,  # the teacher in its own process beside the backbone pre-training, then two runs at a time
         "det_teacher": ["max_steps=2", "seed=7"],
         "rows": {
             "baseline": ["distill.kd=[]"],
@@ -51,6 +52,7 @@ def test_tiny_study_end_to_end_and_resumable(tmp_path):
         "loss_curves.png",
         "predictions.png",
         "teacher/teacher.json",
+        "teacher.log",  # the background teacher's output
         "backbone/ssdlite320_mobilenet_v3.safetensors",
     ):
         assert (out / name).is_file(), name
@@ -88,7 +90,7 @@ def test_study_without_rows_is_refused(tmp_path):
 
 def test_det2det_study_shares_the_full_studys_recipe_and_trains_its_teacher_longer():
     study = load_config(StudyConfig, shipped_config("study_det2det.yaml"))
-    demo = load_config(StudyConfig, shipped_config("study_full.yaml"))  # the demo's grid at 12 epochs
+    demo = load_config(StudyConfig, shipped_config("study_full.yaml"))  # the demo's grid over 3 seeds
     check_study(study, Path("runs"))
     assert (study.demo_data, study.teacher, study.backbone_pretrain, study.train) == (
         demo.demo_data,
@@ -195,7 +197,7 @@ def test_families_study_runs_three_families_on_the_full_studys_recipe():
         full.backbone_pretrain,
     )
     assert study.teacher.loss == "ce+bce"  # RetinaNet is a sigmoid student
-    assert (study.train.epochs, full.train.epochs) == (8, 12)  # the budget's cut (see the YAML)
+    assert study.train == full.train  # the demo's recipe
     assert study.train.optim == full.train.optim and study.train.distill == full.train.distill
     rows = {"baseline": [], "kd_cls": ["cls"], "kd_loc": ["kd_loc"], "kd_cls+kd_loc": ["cls", "kd_loc"]}
     kd = {row: row_config(study, row, families[0], Path("runs"), 0).distill.kd for row in study.rows_of(families[0])}
@@ -206,18 +208,17 @@ def test_families_study_runs_three_families_on_the_full_studys_recipe():
         config = row_config(study, row, families[1], Path("runs"), 0)
         assert (config.distill.kd, config.distill.lambda_kd_loc) == (terms, 0.06)
     assert study.rows_of(families[2]) == ["baseline", "kd_cls", *weighted]  # RetinaNet: the weight of the rule
-    assert study.seeds_of(families[0]) == study.seeds_of(families[2]) == [0, 1, 2, 3, 4]
-    assert study.seeds_of(families[1]) == [0, 1, 2]
+    assert all(study.seeds_of(family) == [0, 1, 2] for family in families)
     assert study.comparisons == [["kd_cls+kd_loc", "kd_cls"], ["kd_cls+kd_loc@0.06", "kd_cls"]]
     students = {d: row_config(study, "baseline", d, Path("runs"), 0).student for d in families}
     assert students["ssdlite320_mobilenet_v3"] == full.train.student  # study_full's measured SSDlite recipe
-    assert students["retinanet_mobilenet_v3"].anchor_sizes == [12, 24, 48, 96, 192]
+    assert students["retinanet_mobilenet_v3"].anchor_sizes == [24, 48, 96, 192, 384]
     assert students["retinanet_mobilenet_v3"].options == {"head": "v2"}  # GroupNorm head: trains in the budget
     assert row_config(study, "baseline", families[2], Path("runs"), 0).optim.lr == 0.001
     frcnn = students["fasterrcnn_mobilenet_v3"]
-    assert frcnn.anchor_sizes == [12, 16, 24, 32, 48, 64, 96, 128] and frcnn.options["returned_stages"] == [2, 3, 5]
-    assert [row_config(study, "baseline", d, Path("runs"), 0).epochs for d in families] == [8, 6, 8]
-    assert all(s.image_size == 128 for s in students.values())
+    assert frcnn.anchor_sizes == [24, 32, 48, 64, 96, 128, 192, 256] and frcnn.options["returned_stages"] == [2, 3, 5]
+    assert [row_config(study, "baseline", d, Path("runs"), 0).epochs for d in families] == [8, 8, 8]
+    assert all(s.image_size == 256 for s in students.values())
     # one family of the grid: the others' overrides stay in the config, unused
     ssd = load_config(StudyConfig, shipped_config("study_families.yaml"), ["detectors=[ssdlite320_mobilenet_v3]"])
     check_study(ssd, Path("runs"))
@@ -249,6 +250,16 @@ def test_detector_rows_pick_a_subset_per_detector():
         from_dict(StudyConfig, {**values, "detector_rows": {"retinanet_mobilenet_v3": ["baseline", "kd"]}})
 
 
+class FinishedTeacher:
+    """Stands in for the study's teacher job: a finished teacher run."""
+
+    def __init__(self, study, data, out, *, background):
+        self.run, self.process = out / "teacher", None
+
+    def result(self):
+        return self.run, 90.0
+
+
 def test_detector_seeds_replace_the_seeds_per_detector(tmp_path, monkeypatch):
     import cls2det.study.runner as runner
 
@@ -263,7 +274,7 @@ def test_detector_seeds_replace_the_seeds_per_detector(tmp_path, monkeypatch):
     study = from_dict(StudyConfig, values)
     assert study.seeds_of("ssdlite320_mobilenet_v3") == [0, 1, 2, 3] and study.seeds_of("fcos_resnet50") == [0, 1]
     trained = []
-    monkeypatch.setattr(runner, "_teacher", lambda *args: (tmp_path / "teacher", 90.0))
+    monkeypatch.setattr(runner, "_TeacherJob", FinishedTeacher)
     monkeypatch.setattr(runner, "_backbone", lambda *args: None)
     monkeypatch.setattr(runner, "_det_teacher", lambda *args: None)
     monkeypatch.setattr(runner, "train_row", lambda config, row: trained.append((config.student.detector, config.seed)))
@@ -303,3 +314,60 @@ def test_a_finished_run_is_reused_only_with_its_own_recipe(tmp_path):
         with pytest.raises(RunDirError, match=rf"seed0 finished with {key}=.*but the study asks {key}="):
             train_row(other, "baseline")
     assert json.loads((run / "results.json").read_text()) == {"metrics": {"mAP": 0.25}}  # nothing touched
+
+
+def stub_study(tmp_path, monkeypatch, rows, **values):
+    """Run a study of ``rows`` on stubs (teacher, backbone, report); returns what each run was given:
+    [(row, config, threads)] in the order train_row was called, and run_study's results."""
+    import cls2det.study.runner as runner
+
+    values = {"out": str(tmp_path / "study"), "data": str(tmp_path / "data"), "seeds": [0, 1], "rows": rows, **values}
+    calls, teachers = [], []
+
+    class Teacher(FinishedTeacher):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            teachers.append(self)
+
+    def train_row(config, row, threads=None):
+        import time
+
+        time.sleep(0.05 if config.seed == 0 else 0.0)  # the later runs finish first
+        calls.append((row, config, threads))
+        return {"row": row, "seed": config.seed}
+
+    monkeypatch.setattr(runner, "_TeacherJob", Teacher)
+    monkeypatch.setattr(runner, "_backbone", lambda *args: tmp_path / "backbone.safetensors")
+    monkeypatch.setattr(runner, "_det_teacher", lambda *args: None)
+    monkeypatch.setattr(runner, "train_row", train_row)
+    reported = []
+    monkeypatch.setattr(runner, "_report", lambda study, results, *args: reported.append(results) or tmp_path / "r.md")
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(values))
+    run_study(path)
+    return calls, reported[0], teachers
+
+
+def test_jobs_train_runs_side_by_side_on_a_share_of_the_cores_and_report_in_grid_order(tmp_path, monkeypatch):
+    import cls2det.study.runner as runner
+
+    monkeypatch.setattr(runner, "usable_cores", lambda: 4)
+    rows = {"baseline": ["distill.kd=[]"], "kd_cls": ["distill.kd=[cls]"]}
+    calls, results, _ = stub_study(tmp_path, monkeypatch, rows, jobs=2)
+    assert {threads for _, _, threads in calls} == {2}  # 4 cores / 2 jobs
+    assert [(r["row"], r["seed"]) for r in results] == [("baseline", 0), ("kd_cls", 0), ("baseline", 1), ("kd_cls", 1)]
+    calls, results, _ = stub_study(tmp_path, monkeypatch, rows)  # jobs: 1, one after the other, threads untouched
+    assert [threads for _, _, threads in calls] == [None] * 4 and [r["seed"] for r in results] == [0, 0, 1, 1]
+    with pytest.raises(ConfigError, match="study.jobs must be >= 1, got 0"):
+        from_dict(StudyConfig, {"rows": rows, "jobs": 0})
+
+
+def test_a_grid_of_plain_rows_trains_no_teacher_and_a_row_may_choose_its_own_backbone(tmp_path, monkeypatch):
+    rows = {"baseline": ["distill.kd=[]"], "scratch": ["distill.kd=[]", "student.backbone_weights=null"]}
+    calls, _, teachers = stub_study(tmp_path, monkeypatch, rows, seeds=[0])
+    assert teachers == []  # no row needs the classifier teacher
+    weights = {row: config.student.backbone_weights for row, config, _ in calls}
+    assert weights == {"baseline": str(tmp_path / "backbone.safetensors"), "scratch": None}
+    assert all(config.teacher is None for _, config, _ in calls)
+    _, _, teachers = stub_study(tmp_path, monkeypatch, {**rows, "kd_loc": ["distill.kd=[kd_loc]"]}, seeds=[0])
+    assert len(teachers) == 1

@@ -63,9 +63,10 @@ def run_study(path: str | Path, overrides: Sequence[str] = ()) -> Path:
     data = Path(study.data) if study.data else _demo_data(study, out)
     # no teacher for a grid of plain rows (loc and det:* need none either)
     wanted = any(needs_teacher(row_config(study, row, d, out, 0)) for d in study.detectors for row in study.rows_of(d))
-    # with jobs > 1 the teacher trains in a process of its own while the backbones pre-train here, one core each
+    # with jobs > 1 the teacher trains in a process of its own while the backbones pre-train here, each on its share
+    # of the cores (OpenMP threads that share a core with another busy process wait on each other)
     teacher = _TeacherJob(study, data, out, background=study.jobs > 1) if wanted else None
-    with _intra_op_threads(1 if teacher is not None and teacher.process is not None else None):
+    with _intra_op_threads(max(1, usable_cores() // study.jobs) if study.jobs > 1 else None):
         backbones = {detector: _backbone(study, data, out, detector) for detector in study.detectors}
     teacher_run, teacher_top1 = teacher.result() if teacher is not None else (None, None)
     runs, notes = [], list(study.notes)
