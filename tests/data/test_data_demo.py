@@ -44,6 +44,15 @@ def test_backgrounds_load_offline():
         assert array.dtype == np.uint8 and array.ndim == 3 and array.shape[2] == 3 and min(array.shape[:2]) >= 256
 
 
+def test_a_low_source_resolution_blurs_the_glyph():
+    native = glyph_alpha(np.random.default_rng(2), "8", "DejaVuSans.ttf", 48)
+    upscaled = glyph_alpha(np.random.default_rng(2), "8", "DejaVuSans.ttf", 48, source_px=8)
+    assert abs(native.shape[0] - upscaled.shape[0]) <= 8  # about the same size
+    # fewer fully inked or fully clear pixels: the 8 px em's ink smeared over the upscaled glyph
+    crisp = lambda alpha: float(np.mean((alpha < 0.05) | (alpha > 0.8)))  # noqa: E731
+    assert crisp(upscaled) < crisp(native) - 0.1
+
+
 def test_every_font_renders_every_digit_and_the_fonts_differ():
     rng = np.random.default_rng(0)
     for font in FONTS:
@@ -98,9 +107,9 @@ def test_clutter_letters_are_drawn_but_never_annotated(tmp_path, monkeypatch):
     drawn = []
     real = demo_module.glyph_alpha
 
-    def spy(rng, char, font, longer):
+    def spy(rng, char, font, longer, **options):
         drawn.append(char)
-        return real(rng, char, font, longer)
+        return real(rng, char, font, longer, **options)
 
     monkeypatch.setattr(demo_module, "glyph_alpha", spy)
     root = generate_demo(tmp_path / "d", seed=0, train_images=20, val_images=1, image_size=96)
@@ -138,6 +147,12 @@ def test_invalid_arguments(tmp_path):
         generate_demo(tmp_path, train_images=0, val_images=0)
     with pytest.raises(ValueError, match="image_size"):
         generate_demo(tmp_path, image_size=16)
+    with pytest.raises(
+        ValueError, match=r"object_size must be \(min, max\) with 0 < min <= max <= 0.95, got \[0.5, 0.2\]"
+    ):
+        generate_demo(tmp_path, object_size=(0.5, 0.2))
+    with pytest.raises(ValueError, match="source_px must be >= 4 or None, got 2"):
+        generate_demo(tmp_path, source_px=2)
 
 
 @pytest.mark.slow
