@@ -303,3 +303,13 @@ def test_a_finished_run_is_reused_only_with_its_own_recipe(tmp_path):
         with pytest.raises(RunDirError, match=rf"seed0 finished with {key}=.*but the study asks {key}="):
             train_row(other, "baseline")
     assert json.loads((run / "results.json").read_text()) == {"metrics": {"mAP": 0.25}}  # nothing touched
+
+
+def test_a_typo_in_a_row_names_the_row_and_writes_nothing(tmp_path):
+    path = tmp_path / "s.yaml"
+    out = tmp_path / "out"
+    path.write_text(f"out: {out}\nrows: {{baseline: [], kd_cls: ['distill.kd=[cls]', distill.temprature=4]}}\n")
+    with pytest.raises(ConfigError) as caught:
+        run_study(path)
+    assert str(caught.value).startswith("study row 'kd_cls' (fasterrcnn_mobilenet_v3): unknown key distill.temprature")
+    assert not out.exists()  # no out/study.yaml left behind
