@@ -40,6 +40,6 @@ def pretrain_backbone(
         std=transform.image_std,
     )
     crops = ClassificationCrops(split, size=config.input_size, workers=resolve_workers(config.workers))
-    metrics = fit_teacher(classifier, crops, None, config, progress=progress)
+    metrics = fit_teacher(classifier, crops, None, config, progress=progress, label=f"{detector} backbone pre-training")
     save_safetensors(out_file, net.state_dict())
     return metrics
