@@ -80,7 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = data.add_parser("import", help="convert a Pascal VOC or YOLO dataset to the COCO-format layout")
     p.add_argument("format", choices=["voc", "yolo"], help="the layout of SRC")
     p.add_argument("src", type=Path, help="the VOC folder (Annotations/, JPEGImages/) or the YOLO dataset folder")
-    p.add_argument("--out", required=True, type=Path, help="the COCO-format dataset folder to write (must not exist)")
+    p.add_argument(
+        "--out",
+        required=True,
+        type=Path,
+        help="the COCO-format dataset folder to write (new, or an earlier import it replaces)",
+    )
     p.add_argument(
         "--classes",
         default=None,
@@ -91,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--splits",
         default=None,
         help="voc: split=image list, e.g. train=train.txt,val=val.txt (default: ImageSets/Main/trainval.txt + "
-        "test.txt, else train.txt + val.txt); yolo: split names (default train,val)",
+        "test.txt, else train.txt + val.txt); yolo: split names or split=source split, e.g. train,val=valid "
+        "(default train,val); the output splits are train, val or test",
     )
     p.set_defaults(func=cmd_data_import)
 
@@ -275,9 +281,8 @@ def cmd_data_import(args) -> int:
         splits = {k: v for k, v in (e.split("=", 1) if "=" in e else (e, e) for e in entries)} or None
         summary = import_voc(args.src, args.out, splits=splits, class_names=classes)
     else:
-        if any("=" in e for e in entries):
-            raise ConfigError("--splits of a YOLO import names the splits only (images/<split>/), e.g. train,val")
-        options: dict[str, Any] = {"splits": tuple(entries)} if entries else {}
+        mapped = {k: v for k, v in (e.split("=", 1) if "=" in e else (e, e) for e in entries)}
+        options: dict[str, Any] = {"splits": mapped} if mapped else {}
         summary = import_yolo(args.src, args.out, names=classes, **options)
     print(json.dumps(summary, indent=2, default=str))
     print(f"{args.format} dataset imported to {args.out}")
