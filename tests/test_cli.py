@@ -207,7 +207,7 @@ def test_train_eval_export_in_process(demo_data, teacher_run, tiny_overrides, tm
     )
     printed = capsys.readouterr()
     assert code == 0, printed.err
-    assert "ssdlite320_mobilenet_v3 kd=['cls', 'loc', 'kd_loc']" in printed.out and "mAP |" in printed.out
+    assert "ssdlite320_mobilenet_v3 --kd cls,loc,kd_loc" in printed.out and "mAP |" in printed.out
     results = json.loads((run / "results.json").read_text())
     assert results["steps"] == 1
 

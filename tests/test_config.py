@@ -178,6 +178,7 @@ def test_workers_auto_by_default_and_checked(monkeypatch):
         ("distill.sample_size=0", "distill.sample_size must be > 0, got 0"),
         ("student.image_size=0", "student.image_size must be > 0, got 0"),
         ("student.anchor_sizes=[16,0]", "student.anchor_sizes must be > 0, got 0"),
+        ("seed=-1", "seed must be >= 0, got -1"),
     ],
 )
 def test_every_number_is_checked_with_its_name(override, message):
@@ -194,6 +195,7 @@ def test_every_number_is_checked_with_its_name(override, message):
         (TeacherConfig, "batch_size=-1", "teacher.batch_size must be > 0, got -1"),
         (TeacherConfig, "lr=0", "teacher.lr must be > 0, got 0.0"),
         (TeacherConfig, "warmup_epochs=-1", "teacher.warmup_epochs must be >= 0, got -1.0"),
+        (TeacherConfig, "seed=-3", "teacher.seed must be >= 0, got -3"),
         (StudyConfig, "demo_data.train_images=0", "demo_data.train_images must be > 0, got 0"),
     ],
 )

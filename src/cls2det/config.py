@@ -75,6 +75,7 @@ class TeacherConfig:
         _check_positive("teacher.lr", self.lr)
         _check_at_least("teacher.weight_decay", self.weight_decay, 0)
         _check_at_least("teacher.warmup_epochs", self.warmup_epochs, 0)
+        _check_at_least("teacher.seed", self.seed, 0)
         if not 0 <= self.label_smoothing < 1:
             raise ConfigError(f"teacher.label_smoothing must be in [0, 1), got {self.label_smoothing}")
 
@@ -249,6 +250,7 @@ class TrainConfig:
             _check_positive(name, getattr(self, name))
         if self.max_steps is not None:
             _check_positive("max_steps", self.max_steps)
+        _check_at_least("seed", self.seed, 0)  # Fabric would replace a negative seed by a random one
         if isinstance(self.devices, int):
             _check_at_least("devices", self.devices, -1)  # Fabric: -1 = every device, N > 0 = N of them
             if self.devices == 0:
