@@ -17,9 +17,11 @@
   after being moved or copied. The inputs it was made from (``data``, ``teacher``, ``distill.det_teacher``,
   ``student.backbone_weights``, a teacher's ``pretrained`` file, ``run.json``'s ``data``) are resolved once, when
   the run starts, and recorded as absolute paths (:func:`absolute_input`): ``--resume`` finds them from anywhere
-  on the same machine. ``out`` records where the run was made and is not read back. A trained student is rebuilt
-  (eval, export, predict) from ``config.yaml`` and its checkpoint alone: the backbone's pretrained file or download
-  is not needed again, the checkpoint holds every weight.
+  on the same machine (elsewhere, it needs them at the same paths). ``out`` records where the run was made and is
+  not read back. A trained student is rebuilt (eval, export, predict, a resume) from ``config.yaml`` and its
+  checkpoint: a local ``student.backbone_weights`` file is not read again, the checkpoint holds every weight. (A
+  student started from ``imagenet`` is rebuilt through torchvision's builder, which takes the ImageNet weights from
+  the torch hub cache: for SSDlite the layout itself depends on them.)
 
 Neutral ground: imported by the engine and by the teacher package, imports neither.
 """

@@ -51,7 +51,7 @@ from cls2det.evaluation.evaluate import evaluate_student
 from cls2det.lr import continue_schedule
 from cls2det.run_folder import resume_changes
 from cls2det.students import create_student
-from cls2det.students.backbones import CHECKPOINT_WEIGHTS
+from cls2det.students.backbones import CHECKPOINT_WEIGHTS, is_local_weights
 from cls2det.teacher import check_teacher_for_head
 
 
@@ -150,7 +150,7 @@ class _Trainer:
             fabric, out, self.teacher, self.dataset, distill, workers=resolve_workers(config.workers), progress=progress
         )
         student_config = config.student
-        if resume and student_config.backbone_weights is not None:  # last/ holds every weight: no file, no download
+        if resume and is_local_weights(student_config.backbone_weights):  # last/ holds every weight: no file read
             student_config = dataclasses.replace(student_config, backbone_weights=CHECKPOINT_WEIGHTS)
         student = create_student(config.student.detector, self.train_split.num_classes, student_config)
         student.max_negatives = distill.kd_cls_negatives  # 0: the adapter draws no negatives

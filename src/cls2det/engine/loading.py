@@ -14,7 +14,7 @@ from cls2det.engine.checkpoint import CheckpointError, load_model_state
 from cls2det.engine.run_dir import CLASSES, CONFIG, RunDirError, TrainingError
 from cls2det.run_folder import check_run_kind, short_list
 from cls2det.students import create_student
-from cls2det.students.backbones import CHECKPOINT_WEIGHTS
+from cls2det.students.backbones import CHECKPOINT_WEIGHTS, is_local_weights
 from cls2det.students.base import StudentAdapter
 
 
@@ -22,7 +22,8 @@ def load_student(run: str | Path, *, checkpoint: str = "last") -> tuple[StudentA
     """The student of run folder ``run`` in eval mode, with its weights from ``run/checkpoint``, and its config.
 
     Built from the folder alone (``config.yaml``, ``classes.json``, the checkpoint): the backbone's pretrained weights
-    file is not read again (the run may have moved to where it is not), nor are ImageNet weights downloaded."""
+    file is not read again (the run may have moved to where it is not); ``imagenet`` goes through torchvision's builder
+    (its hub cache), whose layout depends on those weights (SSDlite's tail)."""
     run = Path(run)
     check_run_kind(run, "student", role="run")
     for name in (CONFIG, CLASSES):
@@ -31,7 +32,7 @@ def load_student(run: str | Path, *, checkpoint: str = "last") -> tuple[StudentA
     config = load_config(TrainConfig, run / CONFIG)
     classes = json.loads((run / CLASSES).read_text())
     student = config.student
-    if student.backbone_weights is not None:  # the layout it trained with; no file or download: the checkpoint has all
+    if is_local_weights(student.backbone_weights):  # the layout it trained with, no file read: the checkpoint has all
         student = dataclasses.replace(student, backbone_weights=CHECKPOINT_WEIGHTS)
     model = create_student(config.student.detector, len(classes["class_names"]), student)
     state = load_model_state(run / checkpoint)

@@ -34,6 +34,13 @@ MOBILENET_STAGES = 6  # torchvision's ``_mobilenet_extractor`` stages: stem, the
 CHECKPOINT_WEIGHTS = "<checkpoint>"
 
 
+def is_local_weights(backbone_weights: str | None) -> bool:
+    """Whether ``student.backbone_weights`` names a local state-dict file (not None, not ``imagenet``): the case
+    :data:`CHECKPOINT_WEIGHTS` rebuilds exactly. ``imagenet`` is not: torchvision builds SSDlite's backbone with a
+    full tail for ImageNet weights and a reduced one without."""
+    return backbone_weights not in (None, "imagenet", CHECKPOINT_WEIGHTS)
+
+
 def mobilenet_v3_fpn_backbone(
     weights_backbone: MobileNet_V3_Large_Weights | None,
     trainable_backbone_layers: int | None,
