@@ -30,7 +30,7 @@ import yaml
 from PIL import Image
 from torch import Tensor
 
-from cls2det.data.validate import DatasetError, check_image_file, read_json, validate_coco
+from cls2det.data.validate import DatasetError, check_image_file, is_usable_image_record, read_json, validate_coco
 
 SPLITS = ("train", "val")
 YAML_SUFFIXES = (".yaml", ".yml")
@@ -385,9 +385,9 @@ def check_dataset(
 
 def _image_file_problems(root: str | Path, split: str, *, check_images: bool) -> list[str]:
     """The image-file problems of ``split`` read from its raw JSON, for a split that failed :func:`load_split`:
-    every image record well-formed enough to name a file (an object with an int id, a file_name string, positive int
-    width and height) is checked as :func:`check_dataset` checks a valid split's; the JSON's own problems are
-    reported by ``load_split``, so a JSON that cannot be read at all adds nothing here."""
+    every image record whole enough to name a file (:func:`is_usable_image_record`) is checked as
+    :func:`check_dataset` checks a valid split's; the JSON's own problems are reported by ``load_split``, so a JSON
+    that cannot be read at all adds nothing here."""
     try:
         images_dir, annotation_file = split_paths(root, split)
         coco = read_json(annotation_file)
@@ -398,13 +398,7 @@ def _image_file_problems(root: str | Path, split: str, *, check_images: bool) ->
         return []
     problems = []
     for image in records:
-        if not (
-            isinstance(image, dict)
-            and all(type(image.get(key)) is int for key in ("id", "width", "height"))
-            and min(image["width"], image["height"]) > 0  # a record reported as broken is not reported again
-            and isinstance(image.get("file_name"), str)
-            and image["file_name"]
-        ):
+        if not is_usable_image_record(image):  # reported by load_split as broken: not again through its file
             continue
         try:
             check_image_file(images_dir / image["file_name"], image, source=annotation_file, load=check_images)
