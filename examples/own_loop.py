@@ -1,4 +1,4 @@
-"""Add the paper's KD_cls + loc + KD_loc to a plain PyTorch loop over a torchvision detector, on the demo data.
+"""Add the paper's full method, KD_cls + KD_loc, to a plain PyTorch loop over a torchvision detector, on the demo data.
 
     python examples/own_loop.py --out runs/own_loop --steps 50        # makes the data and a teacher first
     python examples/own_loop.py --out runs/own_loop --teacher runs/teacher --data mydata
@@ -47,7 +47,7 @@ step = 0
 while step < args.steps:
     for images, targets in loader:
         output = student(images, targets)  # .losses: {"bbox_regression", "classification"}; .positives
-        kd = distiller.losses(output)  # {"kd_cls", "loc", "kd_loc"}, unweighted
+        kd = distiller.losses(output)  # {"kd_cls", "kd_loc"}, unweighted
         loss = distiller.total(output, kd)  # sum(detector losses) + sum(lambda * kd term), eq. (12)
         optimizer.zero_grad()
         loss.backward()

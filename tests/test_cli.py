@@ -75,7 +75,10 @@ def bad_inputs(root: Path, data: Path, teacher: Path) -> dict[str, tuple[list, l
         "unknown_detector": ([*train, root / "r1", "--detector", "nope"], ["'nope'", *list_students()]),
         "unknown_kd_term": ([*train, root / "r2", "--kd", "foo"], ["'foo'", "cls, loc, kd_loc"]),
         "unknown_override_key": ([*train, root / "r3", "epochz=1"], ["epochz", "epochs"]),
-        "out_holds_a_run": ([*train, held], [str(held), "holds another run", "--resume", "--overwrite"]),
+        "out_holds_a_run": (
+            [*train, held],
+            [str(held), "holds an interrupted run", "continue it with --resume", "--overwrite"],
+        ),
         "resume_nothing": ([*train, root / "empty", "--resume"], ["nothing to resume", str(root / "empty")]),
         "teacher_without_meta": (
             [*train, root / "r4", "--kd", "cls", "--teacher", root / "no_meta"],
@@ -204,7 +207,7 @@ def test_train_eval_export_in_process(demo_data, teacher_run, tiny_overrides, tm
     )
     printed = capsys.readouterr()
     assert code == 0, printed.err
-    assert "ssdlite320_mobilenet_v3 kd=['cls', 'loc', 'kd_loc']" in printed.out and "mAP |" in printed.out
+    assert "ssdlite320_mobilenet_v3 --kd cls,loc,kd_loc" in printed.out and "mAP |" in printed.out
     results = json.loads((run / "results.json").read_text())
     assert results["steps"] == 1
 
@@ -219,7 +222,7 @@ def test_train_eval_export_in_process(demo_data, teacher_run, tiny_overrides, tm
     metrics = json.loads(metrics_file.read_text())
     for key in ("mAP", "AP50", "AP75", "APs", "APm", "APl", "mAR"):
         assert same_number(metrics[key], results["metrics"][key]), key
-        assert f"{metrics[key]:6.2f}" in lines[-1]
+        assert f"{results['metrics'][key]:6.2f}" in lines[-1]  # printed as nan, written as null
 
     # --errors: the same metrics, then the TIDE breakdown table (also in the JSON)
     code = main(["eval", str(run), str(demo_data), "--errors", "--json", str(metrics_file)])
@@ -249,7 +252,9 @@ def test_train_eval_export_in_process(demo_data, teacher_run, tiny_overrides, tm
     assert set(detections[0]) == {"boxes", "labels", "scores"}
 
 
-def same_number(a: float, b: float) -> bool:
+def same_number(a: float | None, b: float | None) -> bool:
+    """Equal metrics, a metric without a value being null in `eval --json` and NaN in results.json."""
+    a, b = (math.nan if v is None else v for v in (a, b))
     return (math.isnan(a) and math.isnan(b)) or a == b
 
 
@@ -285,3 +290,63 @@ def test_a_bug_keeps_its_traceback_and_a_user_error_is_one_line(monkeypatch, cap
     monkeypatch.setattr(cli, "cmd_train", bad_input)
     assert main(["train", str(tmp_path), "--out", str(tmp_path / "run")]) == 2
     assert capsys.readouterr().err == "error: annotations/train.json: image 3 has no file_name\n"
+
+
+# ------------------------------------------------------------------------------------------------ help and version
+
+
+def test_version_is_the_installed_distributions(capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as caught:
+        main(["--version"])
+    assert caught.value.code == 0
+    assert capsys.readouterr().out.strip() == f"cls2det {version('cls2det')}"
+
+
+def test_train_list_names_every_detector(capsys):
+    """`cls2det train --help` points to --list: it exists and needs no dataset or --out."""
+    with pytest.raises(SystemExit) as caught:
+        main(["train", "--list"])
+    assert caught.value.code == 0
+    assert capsys.readouterr().out.split() == list_students()
+
+
+def test_every_flag_and_positional_has_help():
+    import argparse
+
+    from cls2det.cli import build_parser
+
+    def parsers(parser):
+        yield parser
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    yield from parsers(sub)
+
+    silent = [
+        f"{parser.prog} {action.dest}"
+        for parser in parsers(build_parser())
+        for action in parser._actions
+        if not isinstance(action, (argparse._SubParsersAction, argparse._HelpAction)) and not action.help
+    ]
+    assert silent == []
+
+
+@pytest.mark.parametrize("value", ["0", "-1"])
+def test_epochs_below_one_is_one_error_line(value, capsys, tmp_path):
+    """`--epochs 0` exited 0, printed the mAP of an untrained model and left a run without a checkpoint."""
+    with pytest.raises(SystemExit) as caught:
+        main(["train", str(tmp_path), "--out", str(tmp_path / "r"), "--epochs", value])
+    assert caught.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: cls2det train: argument --epochs: must be >= 1, got {value}"
+    ]
+    assert not (tmp_path / "r").exists()
+
+
+def test_json_safe_writes_null_for_a_metric_without_a_value():
+    from cls2det.cli import json_safe
+
+    text = json.dumps(json_safe({"mAP": 1.5, "APl": math.nan, "per_iou": [math.inf, 2.0]}), allow_nan=False)
+    assert json.loads(text) == {"mAP": 1.5, "APl": None, "per_iou": [None, 2.0]}

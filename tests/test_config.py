@@ -157,3 +157,50 @@ def test_workers_auto_by_default_and_checked(monkeypatch):
     assert resolve_workers("auto") == 8
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1}, raising=False)
     assert resolve_workers("auto") == 2
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("epochs=0", "epochs must be > 0, got 0"),
+        ("epochs=-1", "epochs must be > 0, got -1"),
+        ("batch_size=0", "batch_size must be > 0, got 0"),
+        ("max_steps=0", "max_steps must be > 0, got 0"),
+        ("eval_every=0", "eval_every must be > 0, got 0"),
+        ("checkpoint_every=-2", "checkpoint_every must be > 0, got -2"),
+        ("devices=0", "devices must be >= 1, -1 (all) or 'auto', got 0"),
+        ("optim.lr=0", "optim.lr must be > 0, got 0.0"),
+        ("optim.lr=.nan", "optim.lr must be > 0, got nan"),
+        ("optim.momentum=1", "optim.momentum must be in [0, 1), got 1.0"),
+        ("optim.warmup_steps=-1", "optim.warmup_steps must be >= 0, got -1"),
+        ("optim.grad_clip=0", "optim.grad_clip must be > 0, got 0.0"),
+        ("distill.lambda_kd_loc=-0.1", "distill.lambda_kd_loc must be >= 0, got -0.1"),
+        ("distill.sample_size=0", "distill.sample_size must be > 0, got 0"),
+        ("student.image_size=0", "student.image_size must be > 0, got 0"),
+        ("student.anchor_sizes=[16,0]", "student.anchor_sizes must be > 0, got 0"),
+        ("seed=-1", "seed must be >= 0, got -1"),
+    ],
+)
+def test_every_number_is_checked_with_its_name(override, message):
+    """`--epochs 0` used to exit 0 with the mAP of an untrained model and no checkpoint."""
+    with pytest.raises(ConfigError) as caught:
+        load_config(TrainConfig, None, [override])
+    assert str(caught.value) == message
+
+
+@pytest.mark.parametrize(
+    "cls, override, message",
+    [
+        (TeacherConfig, "epochs=0", "teacher.epochs must be > 0, got 0"),
+        (TeacherConfig, "batch_size=-1", "teacher.batch_size must be > 0, got -1"),
+        (TeacherConfig, "lr=0", "teacher.lr must be > 0, got 0.0"),
+        (TeacherConfig, "warmup_epochs=-1", "teacher.warmup_epochs must be >= 0, got -1.0"),
+        (TeacherConfig, "seed=-3", "teacher.seed must be >= 0, got -3"),
+        (StudyConfig, "demo_data.train_images=0", "demo_data.train_images must be > 0, got 0"),
+    ],
+)
+def test_teacher_and_study_numbers_are_checked(cls, override, message):
+    base = ["rows={baseline: []}"] if cls is StudyConfig else []
+    with pytest.raises(ConfigError) as caught:
+        load_config(cls, None, [*base, override])
+    assert str(caught.value) == message

@@ -77,7 +77,10 @@ def test_overwrite_puts_the_old_run_back_when_the_new_one_fails_to_start(tmp_pat
     out = tmp_path / "run"
     (out / "last").mkdir(parents=True)
     (out / "results.json").write_text('{"old": 1}')
-    with pytest.raises(RunDirError, match="holds another run; pass --resume to continue it or --overwrite"):
+    with pytest.raises(
+        RunDirError,
+        match="holds a finished run: train it longer with --resume and more epochs, or replace it with --overwrite",
+    ):
         prepare_run_dir(out, resume=False, overwrite=False)
     start = prepare_run_dir(out, resume=False, overwrite=True)
     assert not (out / "results.json").exists()
@@ -108,3 +111,16 @@ def test_resume_changes_refuse_the_recipe_and_take_the_safe_keys(tmp_path):
 def test_short_list():
     assert short_list(["cat", "bird"]) == "[cat, bird]"
     assert short_list([str(i) for i in range(80)]) == "[0, 1, 2, 3, ..., 79] (80 classes)"
+
+
+def test_an_interrupted_run_is_named_as_such_with_both_ways_on(tmp_path):
+    """Rerunning a run stopped at its checkpoint (no results yet) says to resume it, not that it "holds another run"."""
+    out = tmp_path / "run"
+    (out / "last").mkdir(parents=True)
+    (out / "config.yaml").write_text("epochs: 2\n")
+    with pytest.raises(RunDirError) as caught:
+        prepare_run_dir(out, resume=False, overwrite=False)
+    assert str(caught.value) == (
+        f"{out} holds an interrupted run (a 'last' checkpoint, no final results): continue it with --resume, "
+        "or start it over with --overwrite"
+    )

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from cls2det.config import (
     DET_TERMS,
@@ -56,16 +57,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cls2det", description="Distill image classifiers into object detectors.")
+    parser = _Parser(prog="cls2det", description="Distill image classifiers into object detectors.")
+    parser.add_argument("--version", action="version", version=f"cls2det {package_version()}")
     commands = parser.add_subparsers(title="commands")
 
     data = commands.add_parser("data", help="make, check or import COCO-format datasets").add_subparsers(title="data")
-    p = data.add_parser("demo", help="generate the embedded demo dataset (digits in several fonts on skimage photos)")
-    p.add_argument("--out", required=True, type=Path, help="folder to write images/ and annotations/ into")
-    p.add_argument("--seed", type=int, default=0, help="the same seed gives the same bytes")
-    p.add_argument("--train-images", type=int, default=None, help="train split size (default 600)")
-    p.add_argument("--val-images", type=int, default=None, help="val split size (default 200)")
-    p.add_argument("--image-size", type=int, default=None, help="square image side in px (default 256)")
+    p = data.add_parser("demo", help="generate the embedded demo dataset (digits in 22 fonts on skimage photos)")
+    p.add_argument("--out", required=True, type=Path, help="dataset folder to write (annotations/, images/)")
+    p.add_argument("--seed", type=int, default=0, help="same seed, same bytes (default 0)")
+    p.add_argument("--train-images", type=positive_int, default=None, help="images in the train split (default 600)")
+    p.add_argument("--val-images", type=positive_int, default=None, help="images in the val split (default 200)")
+    p.add_argument("--image-size", type=positive_int, default=None, help="square image side in px (default 256)")
     p.add_argument(
         "--object-size", type=float, nargs=2, default=None, metavar=("MIN", "MAX"),
         help="range of a digit's longer side, fraction of the image side (default 0.1 0.6)",
@@ -74,14 +76,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_data_demo)
     p = data.add_parser("check", help="validate a COCO-format dataset (JSON, ids, boxes, image files)")
     p.add_argument("dir", type=Path, help="dataset folder (annotations/{train,val}.json, images/) or a data YAML")
-    p.add_argument("--splits", default="train,val")
+    p.add_argument("--splits", default="train,val", help="comma list of the splits to check (default train,val)")
     p.add_argument("--no-images", action="store_true", help="skip opening every image file")
-    p.add_argument("--clip-tolerance", type=float, default=1.0, help="pixels a box may exceed the image (clipped)")
+    p.add_argument(
+        "--clip-tolerance", type=non_negative_float, default=1.0, help="pixels a box may exceed the image (clipped)"
+    )
     p.set_defaults(func=cmd_data_check)
     p = data.add_parser("import", help="convert a Pascal VOC or YOLO dataset to the COCO-format layout")
-    p.add_argument("format", choices=["voc", "yolo"])
-    p.add_argument("src", type=Path)
-    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("format", choices=["voc", "yolo"], help="the layout of SRC")
+    p.add_argument("src", type=Path, help="the VOC folder (Annotations/, JPEGImages/) or the YOLO dataset folder")
+    p.add_argument(
+        "--out",
+        required=True,
+        type=Path,
+        help="the COCO-format dataset folder to write (new, or an earlier import it replaces)",
+    )
     p.add_argument(
         "--classes",
         default=None,
@@ -92,29 +101,33 @@ def build_parser() -> argparse.ArgumentParser:
         "--splits",
         default=None,
         help="voc: split=image list, e.g. train=train.txt,val=val.txt (default: ImageSets/Main/trainval.txt + "
-        "test.txt, else train.txt + val.txt); yolo: split names (default train,val)",
+        "test.txt, else train.txt + val.txt); yolo: split names or split=source split, e.g. train,val=valid "
+        "(default train,val); the output splits are train, val or test",
     )
     p.set_defaults(func=cmd_data_import)
 
     p = commands.add_parser("teacher", help="train the classifier teacher on the GT crops of a dataset")
     p.add_argument("dir", type=Path, help="dataset folder or data YAML")
-    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--out", required=True, type=Path, help="the teacher run folder")
     p.add_argument("--arch", default=None, help="resnet18 | resnet50 | any torchvision or timm classifier name")
-    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--epochs", type=positive_int, default=None, help="passes over the train crops (default 6)")
     p.add_argument("--pretrained", default=None, help="'imagenet' or a local weights file")
     p.add_argument("--loss", default=None, help="ce+bce (default: suits softmax and sigmoid students) | ce | bce")
     p.add_argument("--config", type=Path, default=None, help="YAML with TeacherConfig keys")
     p.add_argument("--resume", action="store_true", help="continue the teacher run in --out from its last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace a teacher run already in --out")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("overrides", nargs="*", help="key=value overrides of TeacherConfig")
     p.set_defaults(func=cmd_teacher)
 
     p = commands.add_parser("train", help="train a student detector, with or without distillation")
     p.add_argument("dir", type=Path, help="dataset folder or data YAML")
-    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--out", required=True, type=Path, help="the run folder")
+    p.add_argument("--list", action=_ListDetectors, help="list the detector names and exit")
     p.add_argument("--teacher", default=None, help="teacher run folder (needed for --kd cls / kd_loc)")
-    p.add_argument("--detector", default=None, help="student detector name (see `cls2det train --list`)")
+    p.add_argument(
+        "--detector", default=None, help="student detector name (default fasterrcnn_mobilenet_v3; see --list)"
+    )
     p.add_argument("--kd", default=None, help=f"none, or a comma list of {', '.join(KD_TERMS + DET_TERMS)}")
     p.add_argument(
         "--det-teacher",
@@ -122,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="RUN",
         help="detector teacher for the det:* terms: a run of the student's detector (train --kd none)",
     )
-    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--epochs", type=positive_int, default=None, help="passes over the train split (default 12)")
     p.add_argument("--config", type=Path, default=None, help="YAML with TrainConfig keys (configs/*.yaml)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
@@ -130,37 +143,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--accelerator", default=None, help="Fabric accelerator: auto | cpu | cuda")
     p.add_argument("--strategy", default=None, help="Fabric strategy: auto | ddp | ...")
     p.add_argument("--precision", default=None, help="Fabric precision: 32-true | bf16-mixed | 16-mixed")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. distill.temperature=4 optim.lr=0.01")
     p.set_defaults(func=cmd_train)
 
     p = commands.add_parser("eval", help="COCO mAP of a trained student on a split")
-    p.add_argument("run", type=Path)
-    p.add_argument("dir", type=Path)
-    p.add_argument("--split", default="val")
-    p.add_argument("--checkpoint", default="last", choices=["last", "best"])
-    p.add_argument("--json", type=Path, default=None, help="also write the metrics to this JSON file")
+    p.add_argument("run", type=Path, help="the training run folder")
+    p.add_argument("dir", type=Path, help="dataset folder or data YAML with the run's classes")
+    p.add_argument("--split", default="val", help="the split to evaluate (default val)")
+    p.add_argument("--checkpoint", default="last", choices=["last", "best"], help="which weights (default last)")
+    p.add_argument(
+        "--json",
+        type=Path,
+        default=None,
+        help="also write the metrics to this JSON file (a metric without a value: null)",
+    )
     p.add_argument("--errors", action="store_true", help="also print the TIDE error breakdown (AP50 points lost)")
     p.set_defaults(func=cmd_eval)
 
     p = commands.add_parser("study", help="run a grid of rows x seeds x detectors from a YAML and write the report")
-    p.add_argument("config", type=Path)
-    p.add_argument("overrides", nargs="*", help="key=value overrides of the study config")
+    p.add_argument("config", type=Path, help="study YAML (e.g. configs/study_full.yaml, a file or a shipped recipe)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides of the study config, e.g. out=runs/study")
     p.set_defaults(func=cmd_study)
 
     p = commands.add_parser("demo", help="the paper's Table 1 on the embedded dataset, end to end")
-    p.add_argument("--out", type=Path, default=Path("runs/demo"))
+    p.add_argument("--out", type=Path, default=Path("runs/demo"), help="study folder (default runs/demo)")
     p.add_argument("overrides", nargs="*", help="key=value overrides of the demo study config")
     p.set_defaults(func=cmd_demo)
 
     p = commands.add_parser("bench", help="time distillation (online and cached teacher) against plain training")
-    p.add_argument("--detector", default="fasterrcnn_mobilenet_v3")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--image-size", type=int, default=256)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--teacher-size", type=int, default=112, help="the teacher's input side in pixels")
-    p.add_argument("--sample-size", type=int, default=112, help="KD_loc's crop side s in pixels")
+    p.add_argument("--detector", default="fasterrcnn_mobilenet_v3", help="student detector name")
+    p.add_argument("--batch-size", type=positive_int, default=4, help="images per step (default 4)")
+    p.add_argument("--image-size", type=positive_int, default=256, help="side of the random images (default 256)")
+    p.add_argument("--repeats", type=positive_int, default=5, help="timed steps per variant; the median is shown")
+    p.add_argument("--device", default="cpu", help="cpu | cuda")
+    p.add_argument("--teacher-size", type=positive_int, default=112, help="the teacher's input side in pixels")
+    p.add_argument("--sample-size", type=positive_int, default=112, help="KD_loc's crop side s in pixels")
     p.add_argument(
         "--channels-last",
         action="store_true",
@@ -182,10 +200,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench)
 
     p = commands.add_parser("export", help="export the student alone (no teacher) for deployment")
-    p.add_argument("run", type=Path)
-    p.add_argument("--format", choices=["onnx", "torchscript"], default="onnx")
-    p.add_argument("--out", type=Path, default=None)
-    p.add_argument("--checkpoint", default="last", choices=["last", "best"])
+    p.add_argument("run", type=Path, help="the training run folder")
+    p.add_argument("--format", choices=["onnx", "torchscript"], default="onnx", help="default onnx")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="the model file (e.g. model.onnx), or a folder (no suffix) to write student.onnx / "
+        "student.torchscript.pt in; default RUN/export",
+    )
+    p.add_argument("--checkpoint", default="last", choices=["last", "best"], help="which weights (default last)")
     p.set_defaults(func=cmd_export)
 
     p = commands.add_parser(
@@ -203,11 +227,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--onnx", type=Path, default=None, help="run this `cls2det export` ONNX file with onnxruntime")
     p.add_argument("--checkpoint", default=None, choices=["best", "last"], help="default: best if the run has it")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--score-threshold", type=float, default=0.3, help="least score drawn (default 0.3)")
-    p.add_argument("--json-threshold", type=float, default=0.05, help="least score in predictions.json (0.05)")
+    p.add_argument("--batch-size", type=positive_int, default=4, help="images per forward pass (default 4)")
+    p.add_argument("--score-threshold", type=fraction, default=0.3, help="least score drawn (default 0.3)")
+    p.add_argument("--json-threshold", type=fraction, default=0.05, help="least score in predictions.json (0.05)")
     p.add_argument("--save-images", action="store_true", help="write each image with its detections drawn")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_predict)
     return parser
 
@@ -272,9 +296,8 @@ def cmd_data_import(args) -> int:
         splits = {k: v for k, v in (e.split("=", 1) if "=" in e else (e, e) for e in entries)} or None
         summary = import_voc(args.src, args.out, splits=splits, class_names=classes)
     else:
-        if any("=" in e for e in entries):
-            raise ConfigError("--splits of a YOLO import names the splits only (images/<split>/), e.g. train,val")
-        options: dict[str, Any] = {"splits": tuple(entries)} if entries else {}
+        mapped = {k: v for k, v in (e.split("=", 1) if "=" in e else (e, e) for e in entries)}
+        options: dict[str, Any] = {"splits": mapped} if mapped else {}
         summary = import_yolo(args.src, args.out, names=classes, **options)
     print(json.dumps(summary, indent=2, default=str))
     print(f"{args.format} dataset imported to {args.out}")
@@ -340,7 +363,8 @@ def cmd_train(args) -> int:
         raise ConfigError(f"unknown detector {config.student.detector!r}; valid: {', '.join(list_students())}")
     results = fit(config, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
     if results.get("metrics"):
-        print(format_metrics(results["metrics"], title=f"{config.student.detector} kd={config.distill.kd or 'none'}"))
+        kd = ",".join(config.distill.kd) or "none"  # as --kd takes it
+        print(format_metrics(results["metrics"], title=f"{config.student.detector} --kd {kd}"))
     return 0
 
 
@@ -361,8 +385,8 @@ def cmd_eval(args) -> int:
         from cls2det.evaluation.errors import format_errors
 
         print(format_errors(metrics["errors"], title="TIDE error breakdown (AP50 points lost per error type)"))
-    if args.json is not None:
-        args.json.write_text(json.dumps(metrics, indent=2, default=float))
+    if args.json is not None:  # strict JSON: a metric without a value (NaN: no GT of that size) is null
+        args.json.write_text(json.dumps(json_safe(metrics), indent=2, default=float, allow_nan=False))
     return 0
 
 
@@ -440,6 +464,87 @@ def cmd_predict(args) -> int:
 
 
 # --------------------------------------------------------------------------------------------------- helpers
+
+
+def package_version() -> str:
+    """The installed distribution's version (``pip show cls2det``), else the source tree's ``__version__``."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("cls2det")
+    except metadata.PackageNotFoundError:
+        from cls2det import __version__
+
+        return __version__
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the CLI's one-line errors: ``error: cls2det train: argument --epochs: must be >= 1, got 0``
+    (``-h`` shows the usage); the sub-command parsers are of this class too."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_BAD_INPUT, f"error: {self.prog}: {_one_line(message)}\n")
+
+
+class _ListDetectors(argparse.Action):
+    """``cls2det train --list``: print the detector names and exit, before the required arguments are checked."""
+
+    def __init__(self, option_strings, dest, **kwargs) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        from cls2det.students import list_students
+
+        print("\n".join(list_students()))
+        parser.exit(0)
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    """argparse type: a finite number >= 0."""
+    value = _finite_float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def fraction(text: str) -> float:
+    """argparse type: a number in [0, 1] (a score threshold)."""
+    value = _finite_float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {value}")
+    return value
+
+
+def _finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` (nested dicts / lists of numbers) with every non-finite float as None, for strict JSON."""
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def format_metrics(metrics: dict, title: str = "") -> str:

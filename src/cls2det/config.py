@@ -75,6 +75,12 @@ class TeacherConfig:
         _check_choice("teacher.loss", self.loss, ("ce", "bce", "ce+bce"))
         self.workers = _check_workers("teacher.workers", self.workers)
         _check_positive("teacher.input_size", self.input_size)
+        _check_positive("teacher.epochs", self.epochs)
+        _check_positive("teacher.batch_size", self.batch_size)
+        _check_positive("teacher.lr", self.lr)
+        _check_at_least("teacher.weight_decay", self.weight_decay, 0)
+        _check_at_least("teacher.warmup_epochs", self.warmup_epochs, 0)
+        _check_at_least("teacher.seed", self.seed, 0)
         if not 0 <= self.label_smoothing < 1:
             raise ConfigError(f"teacher.label_smoothing must be in [0, 1), got {self.label_smoothing}")
 
@@ -92,6 +98,14 @@ class StudentConfig:
     anchor_sizes: list[int] | None = None  # override the anchor sizes where the family has anchors
     options: dict[str, Any] = field(default_factory=dict)  # extra keyword arguments of the torchvision builder,
     # e.g. {rpn_post_nms_top_n_train: 300, box_batch_size_per_image: 128} for a fast Faster R-CNN
+
+    def __post_init__(self) -> None:
+        if self.image_size is not None:
+            _check_positive("student.image_size", self.image_size)
+        if self.trainable_backbone_layers is not None:
+            _check_at_least("student.trainable_backbone_layers", self.trainable_backbone_layers, 0)
+        for size in self.anchor_sizes or ():
+            _check_positive("student.anchor_sizes", size)
 
 
 @dataclass
@@ -157,6 +171,10 @@ class DistillConfig:
                 _check_positive("distill.pools", size)
         _check_positive("distill.loc_pool", self.loc_pool)
         _check_positive("distill.max_positives", self.max_positives)
+        _check_positive("distill.sample_size", self.sample_size)
+        for name in ("lambda_kd_cls", "lambda_kd_loc", "lambda_loc", "lambda_det_logit", "lambda_det_fgfi"):
+            _check_at_least(f"distill.{name}", getattr(self, name), 0)
+        _check_at_least("distill.lambda_det_pkd", self.lambda_det_pkd, 0)
         if self.temperature <= 0:
             raise ConfigError(f"distill.temperature must be > 0, got {self.temperature}")
         if self.det_temperature <= 0:
@@ -192,6 +210,13 @@ class OptimConfig:
     def __post_init__(self) -> None:
         _check_choice("optim.name", self.name, ("sgd", "adamw"))
         _check_choice("optim.schedule", self.schedule, ("cosine", "step", "constant"))
+        _check_positive("optim.lr", self.lr)
+        if not 0 <= self.momentum < 1:
+            raise ConfigError(f"optim.momentum must be in [0, 1), got {self.momentum}")
+        _check_at_least("optim.weight_decay", self.weight_decay, 0)
+        _check_at_least("optim.warmup_steps", self.warmup_steps, 0)
+        if self.grad_clip is not None:
+            _check_positive("optim.grad_clip", self.grad_clip)
 
 
 @dataclass
@@ -229,6 +254,16 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.workers = _check_workers("workers", self.workers)
+        # a run of 0 steps would "finish" at once: the mAP of an untrained model and no checkpoint
+        for name in ("epochs", "batch_size", "eval_every", "checkpoint_every", "max_nonfinite_steps", "num_nodes"):
+            _check_positive(name, getattr(self, name))
+        if self.max_steps is not None:
+            _check_positive("max_steps", self.max_steps)
+        _check_at_least("seed", self.seed, 0)  # Fabric would replace a negative seed by a random one
+        if isinstance(self.devices, int):
+            _check_at_least("devices", self.devices, -1)  # Fabric: -1 = every device, N > 0 = N of them
+            if self.devices == 0:
+                raise ConfigError("devices must be >= 1, -1 (all) or 'auto', got 0")
         if not 0 < self.dist_timeout_s <= 1e9:  # NaN and inf fail too (timedelta cannot hold them)
             raise ConfigError(f"dist_timeout_s must be > 0 and <= 1e9 seconds, got {self.dist_timeout_s}")
 
@@ -244,6 +279,10 @@ class DemoDataConfig:
     # (min, max) longer side of a digit's box, fraction of image_size (log-uniform): COCO's small / medium / large
     object_size: list[float] = field(default_factory=lambda: [0.1, 0.6])
     source_px: int | None = None  # glyphs rendered at this em and upscaled (a diagnosis knob); None = native
+
+    def __post_init__(self) -> None:
+        for name in ("train_images", "val_images", "image_size"):
+            _check_positive(f"demo_data.{name}", getattr(self, name))
 
 
 @dataclass
@@ -507,5 +546,10 @@ def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
 
 
 def _check_positive(name: str, value: float) -> None:
-    if value <= 0:
+    if not value > 0:  # NaN fails too
         raise ConfigError(f"{name} must be > 0, got {value}")
+
+
+def _check_at_least(name: str, value: float, least: float) -> None:
+    if not value >= least:  # NaN fails too
+        raise ConfigError(f"{name} must be >= {least}, got {value}")

@@ -35,3 +35,15 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, *, schedule: str =
         return 0.1 ** sum(step >= total_steps * f for f in (2 / 3, 8 / 9))
     progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def continue_schedule(scheduler) -> None:
+    """Set every parameter group's LR to what ``scheduler`` (a torch ``LambdaLR``, its state just loaded) gives at the
+    step it was saved at.
+
+    The optimizer's saved LR is the one the *old* schedule reached: a finished cosine run saved 0 (the student) or
+    its floor (the teacher), so a run extended by ``--resume`` (more epochs, a larger max_steps) trained its first new
+    step at that LR. Its schedule is now laid over the new length, and the next step must use that schedule's LR.
+    """
+    for group, base_lr, factor in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base_lr * factor(scheduler.last_epoch)

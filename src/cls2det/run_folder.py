@@ -10,7 +10,18 @@
   far it got) that a plain rerun reuses and ``--resume`` names as such.
 * ``--resume`` continues the recipe in ``RUN/config.yaml``: the newly resolved config is compared with it key by key
   and any difference is refused, except the keys a caller names as safe (e.g. more epochs), which are applied,
-  written back to ``config.yaml`` and recorded in ``RUN/history.jsonl``.
+  written back to ``config.yaml`` and recorded in ``RUN/history.jsonl``. Paths are equal when they name the same
+  file, however they are spelled.
+* **A run folder travels.** Its own files are always found relative to the folder a command is given (``RUN/last``,
+  ``RUN/classes.json``, ...), never through a path recorded inside it, so it works from any working directory and
+  after being moved or copied. The inputs it was made from (``data``, ``teacher``, ``distill.det_teacher``,
+  ``student.backbone_weights``, a teacher's ``pretrained`` file, ``run.json``'s ``data``) are resolved once, when
+  the run starts, and recorded as absolute paths (:func:`absolute_input`): ``--resume`` finds them from anywhere
+  on the same machine (elsewhere, it needs them at the same paths). ``out`` records where the run was made and is
+  not read back. A trained student is rebuilt (eval, export, predict, a resume) from ``config.yaml`` and its
+  checkpoint: a local ``student.backbone_weights`` file is not read again, the checkpoint holds every weight. (A
+  student started from ``imagenet`` is rebuilt through torchvision's builder, which takes the ImageNet weights from
+  the torch hub cache: for SSDlite the layout itself depends on them.)
 
 Neutral ground: imported by the engine and by the teacher package, imports neither.
 """
@@ -180,7 +191,15 @@ def prepare_run_dir(out: Path, *, resume: bool, overwrite: bool, kind: str = "st
     replaced = None
     if holds_run(out):
         if not overwrite:
-            raise RunDirError(f"{out} holds another run; pass --resume to continue it or --overwrite to replace it")
+            if (out / LAST).is_dir() and not any((out / name).exists() for name in (RESULTS, TEACHER_META)):
+                raise RunDirError(
+                    f"{out} holds an interrupted run (a '{LAST}' checkpoint, no final results): continue it with "
+                    "--resume, or start it over with --overwrite"
+                )
+            raise RunDirError(
+                f"{out} holds a finished run: train it longer with --resume and more epochs, or replace it with "
+                "--overwrite (or choose another --out)"
+            )
         replaced = out.with_name(out.name + ".replaced")
         shutil.rmtree(replaced, ignore_errors=True)
         os.replace(out, replaced)
@@ -245,6 +264,14 @@ def config_differences(
         if old != value and not (key in paths and _same_path(old, value)):
             differences.append((key, old, value))
     return differences
+
+
+def absolute_input(path: str | None) -> str | None:
+    """An input path as a run records it: absolute and normalised (``..`` folded, symlinks kept as named), so that the
+    run folder works from any working directory. None and names that are not files (``"imagenet"``) stay as given."""
+    if path is None or path == "" or path.lower() == "imagenet":
+        return path
+    return os.path.abspath(path)
 
 
 def write_run_json(out: Path, kind: str, **meta: Any) -> None:

@@ -63,16 +63,38 @@ def test_memory_and_channels_last_rows_and_the_table():
     assert steps["+all online"]["peak_mib"] > steps["baseline"]["peak_mib"]
     assert steps["+kd_cls cached channels_last"]["teacher_calls"] == 0
     table = format_step_table(steps, "tiny").splitlines()
-    assert table[0] == "tiny" and len(table) == 2 + 14 + 1
-    assert table[2].split() == [
-        "baseline",
-        f"{steps['baseline']['time_s']:.3f}",
-        "1.00",
-        f"{steps['baseline']['peak_mib']:.1f}",
-        "1.00",
+    # the README's side-by-side table: a header, the alignment row, 7 variants, then the channels_last ratios
+    assert table[0] == "tiny" and len(table) == 1 + 2 + 7 + 1
+    assert table[1] == (
+        "| variant | contiguous s/step | x base | channels_last s/step | x base | peak MiB | x base | "
+        "teacher passes/step |"
+    )
+    cached_cl, base_cl = steps["+kd_cls cached channels_last"]["time_s"], steps["baseline channels_last"]["time_s"]
+    assert table[5].strip("| ").split(" | ") == [
+        "+kd_cls cached",
+        f"{steps['+kd_cls cached']['time_s']:.3f}",
+        f"{steps['+kd_cls cached']['time_s'] / steps['baseline']['time_s']:.2f}",
+        f"{cached_cl:.3f}",
+        f"{cached_cl / base_cl:.2f}",  # against the baseline of the same memory format
+        f"{steps['+kd_cls cached']['peak_mib']:.1f}",
+        f"{steps['+kd_cls cached']['peak_mib'] / steps['baseline']['peak_mib']:.2f}",
         "0",
     ]
     assert table[-1].startswith("channels_last time / contiguous time: baseline ")
+
+
+def test_the_table_without_channels_last_has_one_time_column():
+    steps = {
+        "baseline": {"time_s": 0.5, "teacher_calls": 0, "peak_mib": None},
+        "+kd_cls online": {"time_s": 1.0, "teacher_calls": 1, "peak_mib": None},
+    }
+    assert format_step_table(steps, "t").splitlines() == [
+        "t",
+        "| variant | s/step | x base | peak MiB | x base | teacher passes/step |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        "| baseline | 0.500 | 1.00 | - | - | 0 |",
+        "| +kd_cls online | 1.000 | 2.00 | - | - | 1 |",
+    ]
 
 
 def test_cli_passes_its_options_through(monkeypatch):

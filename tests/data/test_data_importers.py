@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cls2det.data import CocoDetection, DatasetError, import_voc, import_yolo, load_split
+from cls2det.data import CocoDetection, DatasetError, check_dataset, import_voc, import_yolo, load_split
 
 # ------------------------------------------------------------------------------------------------------ VOC
 
@@ -262,3 +263,80 @@ def test_yolo_structure_errors(yolo_dir, tmp_path):
         import_yolo(yolo_dir, tmp_path / "b")
     with pytest.raises(DatasetError, match="split 'test' missing"):
         import_yolo(yolo_dir, tmp_path / "c", splits=("test",))
+
+
+# ------------------------------------------------------------------------------------------ layouts, all or nothing
+
+
+@pytest.fixture
+def roboflow_dir(yolo_dir: Path, tmp_path: Path) -> Path:
+    """``yolo_dir`` in the layout Roboflow and Ultralytics export: {train,valid}/{images,labels} and a data.yaml whose
+    paths start with ``../``."""
+    root = tmp_path / "rf"
+    for source, split in (("train", "train"), ("val", "valid")):
+        for kind in ("images", "labels"):
+            shutil.copytree(yolo_dir / kind / source, root / split / kind)
+    (root / "data.yaml").write_text(
+        "train: ../train/images\nval: ../valid/images\nnc: 3\nnames: ['car', 'bus', 'van']\n"
+    )
+    return root
+
+
+def test_yolo_reads_the_roboflow_ultralytics_export_layout(roboflow_dir, yolo_dir, tmp_path):
+    """Was: "no rf/images/train"."""
+    summary = import_yolo(roboflow_dir, tmp_path / "coco")
+    assert summary["class_names"] == ["car", "bus", "van"]
+    reference = import_yolo(yolo_dir, tmp_path / "ref")
+    assert summary["splits"] == reference["splits"]
+    for split in ("train", "val"):
+        assert (
+            load_split(tmp_path / "coco", split).coco["annotations"]
+            == load_split(tmp_path / "ref", split).coco["annotations"]
+        )
+
+
+def test_yolo_without_a_yaml_finds_split_folders_and_valid(roboflow_dir, tmp_path):
+    (roboflow_dir / "data.yaml").unlink()
+    summary = import_yolo(roboflow_dir, tmp_path / "coco", names=["car", "bus", "van"])
+    assert summary["splits"]["val"]["images"] == 1 and summary["splits"]["train"]["annotations"] == 2
+
+
+def test_split_names_cls2det_would_not_read_are_refused(yolo_dir, voc_dir, tmp_path, capsys):
+    """Was: `--splits training,val` reported success and the result failed `data check`."""
+    from cls2det.cli import main
+
+    expected = (
+        "error: --splits: output split 'training' is not one of train, val, test (cls2det train reads train and "
+        "val); map the source's split onto one, e.g. train=training\n"
+    )
+    argv = ["data", "import", "yolo", str(yolo_dir), "--out", str(tmp_path / "y"), "--splits", "training,val"]
+    assert main(argv) == 2 and capsys.readouterr().err == expected
+    argv = ["data", "import", "voc", str(voc_dir), "--out", str(tmp_path / "v"), "--splits", "training=trainval"]
+    assert main(argv) == 2 and capsys.readouterr().err == expected
+    assert not (tmp_path / "y").exists() and not (tmp_path / "v").exists()
+    (yolo_dir / "images" / "training").mkdir()
+    (yolo_dir / "images" / "train").rename(yolo_dir / "images" / "training")
+    (yolo_dir / "labels" / "train").rename(yolo_dir / "labels" / "training")
+    (yolo_dir / "data.yaml").write_text("names: [car, bus, van]\n")
+    argv[2:6] = ["yolo", str(yolo_dir), "--out", str(tmp_path / "y")]
+    assert main([*argv[:6], "--splits", "train=training,val"]) == 0
+    assert check_dataset(tmp_path / "y")["splits"]["train"]["images"] == 2
+
+
+def test_a_refused_import_leaves_nothing_and_keeps_an_earlier_one(voc_dir, tmp_path):
+    """Was: a VOC import refused at its last image left a partial images/train behind."""
+    out = tmp_path / "out"
+    import_voc(voc_dir, out)
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    (voc_dir / "JPEGImages" / "000003.jpg").unlink()  # found missing after the first image was placed
+    with pytest.raises(DatasetError, match="image file not found"):
+        import_voc(voc_dir, tmp_path / "new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["VOC2007", "out"]  # no new/, no hidden partial folder
+    with pytest.raises(DatasetError, match="image file not found"):
+        import_voc(voc_dir, out)  # over the earlier import: it stays whole
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(DatasetError, match="holds other files than a dataset's annotations/ and images/"):
+        import_voc(voc_dir, tmp_path / "mine")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"

@@ -178,8 +178,9 @@ def test_check_dataset_collects_every_problem(make_dataset, coco):
         f"{source}: category ids 5 and 6 share the name 'cat' (their classes would merge in per-class reports)",
         f"{source}: annotation id 11 bbox must be 4 finite numbers [x, y, w, h], got [2, 3, 5]",
         f"{source}: annotation id 12 points to unknown category id 4",
-    ]  # the JSON's problems stop the split before its image files are opened
-    assert str(info.value) == f"{info.value.problems[0]} (and 3 more problems)"
+        f"{source}: image id 9 (empty.png): image file not found: {root / 'images' / 'empty.png'}",
+    ]  # the image files are checked beside the JSON's problems (the broken image 3 is not reported again)
+    assert str(info.value) == f"{info.value.problems[0]} (and 4 more problems)"
     # load_split raises the same collected list (str: the first problem and the count, one line)
     raises(lambda: load_split(root, "train"), "image id 3 has invalid width/height", "(and 3 more problems)")
 
@@ -231,3 +232,18 @@ def test_data_check_cli_prints_every_problem_then_a_count(make_dataset, coco, ca
     assert all(line.startswith("error: ") and "non-positive box width/height" in line for line in lines[:-1])
     assert "annotation id 100 " in lines[0] and f"annotation id {100 + MAX_PROBLEMS - 1} " in lines[-2]
     assert lines[-1] == "error: ... and 5 more problems"
+
+
+def test_check_lists_box_errors_and_missing_images_together(make_dataset, coco):
+    """Bad boxes and missing image files in one pass (before, the missing files appeared once the JSON was clean)."""
+    coco["annotations"][0]["bbox"] = [2, 3, -10, 8]  # a negative width
+    coco["annotations"][1]["bbox"] = [20, 5, 0, 20]  # a zero width
+    root = make_dataset(coco, splits=("train",))
+    (root / "images" / "sub" / "b.png").unlink()
+    (root / "images" / "empty.png").unlink()
+    with pytest.raises(DatasetError) as caught:
+        check_dataset(root, splits=("train",))
+    problems = caught.value.problems
+    assert sum("annotation id 11" in p for p in problems) == 1 and sum("annotation id 12" in p for p in problems) == 1
+    missing = [p for p in problems if "image file not found" in p]
+    assert len(missing) == 2 and "sub/b.png" in missing[0] and "empty.png" in missing[1]

@@ -211,3 +211,55 @@ def test_read_rgb_turns_a_photo_upright_by_its_exif_orientation(tmp_path):
     assert upright.shape == (40, 20, 3)  # 20 wide, 40 high, as a photo viewer shows it
     assert upright[:4, -4:, 0].mean() > 200 and upright[:4, :4, 0].mean() < 50  # the red corner is now top-right
     assert np.asarray(read_rgb(tmp_path / "plain.png")).shape == (20, 40, 3)  # no EXIF: as stored
+
+
+def test_predict_on_a_teacher_run_says_so_as_eval_and_export_do(run, teacher_run, photos, tmp_path, capsys):
+    lines = []
+    for argv in (["predict", teacher_run, photos, "--out", tmp_path / "o"], ["export", teacher_run]):
+        assert main([*map(str, argv)]) == 2
+        lines.append(capsys.readouterr().err.strip())
+    expected = (
+        f"error: run {teacher_run} is a teacher run (cls2det teacher), not a student run (cls2det train): "
+        "pass a student run"
+    )
+    assert lines == [expected, expected]
+
+
+def test_an_onnx_export_carries_its_own_classes(run, photos, tmp_path, capsys):
+    """The ONNX file holds its metadata: a sidecar of another model beside it cannot mislabel its detections."""
+    from cls2det.deploy.export import read_onnx_metadata
+
+    assert main(["export", str(run), "--format", "onnx", "--out", str(tmp_path / "X")]) == 0, capsys.readouterr()
+    model = tmp_path / "X" / "student.onnx"  # `--out X`: a folder, not an extensionless model file
+    classes = json.loads((run / "classes.json").read_text())
+    meta = read_onnx_metadata(model)
+    assert meta is not None and meta["detector"] == "fasterrcnn_mobilenet_v3"
+    assert meta["class_names"] == classes["class_names"] and meta["exports"]["onnx"]["file"] == "student.onnx"
+    # another model's export overwrote the sidecar (another detector, other class names, no label offset)
+    other = {**meta, "detector": "ssdlite320_mobilenet_v3", "class_names": [f"c{i}" for i in range(10)]}
+    (tmp_path / "X" / "student.json").write_text(json.dumps({**other, "label_offset": 0}))
+    summary = predict_images([photos / "img0.png"], tmp_path / "p", onnx=model, progress=False)
+    assert summary["model"]["detector"] == "fasterrcnn_mobilenet_v3"
+    names = {r["category_name"] for r in json.loads((tmp_path / "p" / PREDICTIONS).read_text())}
+    assert names and names <= set(classes["class_names"])
+
+
+def test_an_onnx_file_without_metadata_takes_only_its_own_sidecar(run, photos, tmp_path):
+    import onnx
+
+    from cls2det.deploy.export import METADATA_KEY
+
+    export_student(run, fmt="onnx", out=tmp_path / "model.onnx")
+    assert (tmp_path / "model.json").is_file()  # the sidecar is named after the model
+    stripped = onnx.load(str(tmp_path / "model.onnx"))  # as exported before the metadata was embedded
+    kept = [p for p in stripped.metadata_props if p.key != METADATA_KEY]
+    del stripped.metadata_props[:]
+    stripped.metadata_props.extend(kept)
+    onnx.save(stripped, str(tmp_path / "old.onnx"))
+    shutil.copy(tmp_path / "model.json", tmp_path / "old.json")  # a sidecar that describes model.onnx
+    with pytest.raises(PredictError) as caught:
+        predict_images([photos / "img0.png"], tmp_path / "p", onnx=tmp_path / "old.onnx", progress=False)
+    assert str(caught.value) == (
+        f"{tmp_path / 'old.onnx'} holds no cls2det metadata and {tmp_path / 'old.json'} describes model.onnx, not "
+        "old.onnx: export it again (`cls2det export RUN --format onnx`)"
+    )

@@ -365,7 +365,7 @@ def test_out_folder_holding_a_run_is_refused(make_train_config, tmp_path, load_w
     out = tmp_path / "run"
     fit(make_train_config(out, "ssdlite320_mobilenet_v3", ["max_steps=1"]), progress=False)
     before = load_weights(out)
-    with pytest.raises(RunDirError, match="holds another run"):
+    with pytest.raises(RunDirError, match="holds a finished run"):
         fit(make_train_config(out, "ssdlite320_mobilenet_v3", ["max_steps=1", "seed=3"]), progress=False)
     after = load_weights(out)
     assert all(torch.equal(before[k], after[k]) for k in before)  # the refused run touched nothing

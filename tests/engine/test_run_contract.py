@@ -42,8 +42,10 @@ def test_resume_refuses_another_recipe_and_rewrites_nothing(finished_run, demo_d
     assert main(train(demo_data, run, "--resume", "--kd", "none", "student.image_size=128")) == 2
     line = one_error_line(capsys)
     assert f"{run} was run with distill.kd=['cls']; --resume cannot change it to []" in line
-    assert main(train(demo_data, run, "--resume", "epochs=0")) == 2
-    assert "epochs=1; --resume cannot change it to 0 (it may only grow)" in one_error_line(capsys)
+    assert main(train(demo_data, run, "--resume", "epochs=0")) == 2  # no run has 0 epochs: refused by the config
+    assert one_error_line(capsys) == "error: epochs must be > 0, got 0"
+    assert main(train(demo_data, run, "--resume", "max_steps=1")) == 2  # was null (no cap)
+    assert "max_steps=null; --resume cannot change it to 1 (it may only grow)" in one_error_line(capsys)
     # the same recipe: the run is finished, nothing to do and nothing rewritten
     assert main(train(demo_data, run, "--resume")) == 0
     assert "nothing to resume; raise epochs=N" in capsys.readouterr().out

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from cls2det.config import StudentConfig
-from cls2det.students import create_student
+from cls2det.students import create_student, list_students
 
 SIZES = {"ssd300_vgg16": 270, "fasterrcnn_resnet50": 96, "retinanet_resnet50": 96, "fcos_resnet50": 96}
 
@@ -94,3 +94,24 @@ def test_an_extra_term_on_positives_drives_a_training_step(name, tiny_batch, num
     torch.manual_seed(1)
     with torch.no_grad():
         assert extra_term().item() < before.item()
+
+
+@pytest.mark.parametrize("name", list_students())
+def test_a_run_is_rebuilt_in_its_own_layout_without_its_backbone_file(name, tmp_path):
+    """load_student builds a run started from a local backbone file without that file (CHECKPOINT_WEIGHTS): the same
+    modules (frozen BatchNorm, frozen stages), so the checkpoint loads strictly."""
+    from safetensors.torch import save_file
+
+    from cls2det.students.backbones import CHECKPOINT_WEIGHTS
+    from cls2det.students.registry import backbone_classifier
+
+    save_file(backbone_classifier(name, 3).state_dict(), str(tmp_path / "backbone.safetensors"))
+    size = 300 if name == "ssd300_vgg16" else 128
+    local = StudentConfig(detector=name, image_size=size, backbone_weights=str(tmp_path / "backbone.safetensors"))
+    trained = create_student(name, 3, local)
+    rebuilt = create_student(
+        name, 3, StudentConfig(detector=name, image_size=size, backbone_weights=CHECKPOINT_WEIGHTS)
+    )
+    assert rebuilt.load_state_dict(trained.state_dict(), strict=True)  # raises on any missing / unexpected key
+    trainable = {n for n, p in trained.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, p in rebuilt.named_parameters() if p.requires_grad}

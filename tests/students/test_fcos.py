@@ -149,7 +149,9 @@ def test_builder_options():
     assert det.transform.min_size == (96,) and det.transform.max_size == 96
     assert det.anchor_generator.sizes == ((8,), (16,), (32,), (64,), (128,))  # stock: the strides
     with pytest.raises(ValueError, match=r"anchor_sizes: fcos_resnet50 needs 5 positive sizes"):
-        fcos_resnet50(4, StudentConfig(anchor_sizes=[8, 16, 32, 64, 0]))
+        fcos_resnet50(4, StudentConfig(anchor_sizes=[8, 16, 32, 64]))
+    with pytest.raises(ValueError, match=r"student.anchor_sizes must be > 0, got 0"):  # refused by the config already
+        StudentConfig(anchor_sizes=[8, 16, 32, 64, 0])
 
 
 def test_bf16_autocast_decodes_pred_boxes_in_float32(model, tiny_batch):

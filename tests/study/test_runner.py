@@ -371,3 +371,13 @@ def test_a_grid_of_plain_rows_trains_no_teacher_and_a_row_may_choose_its_own_bac
     assert all(config.teacher is None for _, config, _ in calls)
     _, _, teachers = stub_study(tmp_path, monkeypatch, {**rows, "kd_loc": ["distill.kd=[kd_loc]"]}, seeds=[0])
     assert len(teachers) == 1
+
+
+def test_a_typo_in_a_row_names_the_row_and_writes_nothing(tmp_path):
+    path = tmp_path / "s.yaml"
+    out = tmp_path / "out"
+    path.write_text(f"out: {out}\nrows: {{baseline: [], kd_cls: ['distill.kd=[cls]', distill.temprature=4]}}\n")
+    with pytest.raises(ConfigError) as caught:
+        run_study(path)
+    assert str(caught.value).startswith("study row 'kd_cls' (fasterrcnn_mobilenet_v3): unknown key distill.temprature")
+    assert not out.exists()  # no out/study.yaml left behind

@@ -117,8 +117,9 @@ def test_teacher_and_student_run_folders_keep_apart(uninterrupted, demo_data, tm
         return lines[0]
 
     # a second teacher run into the same folder no longer replaces the first one silently
-    assert "holds another run; pass --resume to continue it or --overwrite" in error(
-        ["teacher", data, "--out", teacher_dir]
+    assert (
+        "holds a finished run: train it longer with --resume and more epochs, or replace it with --overwrite"
+        in error(["teacher", data, "--out", teacher_dir])
     )
     # --overwrite keeps the old run until the new one has started (here: an unknown architecture)
     assert "nope" in error(["teacher", data, "--out", teacher_dir, "--overwrite", "--arch", "nope"])

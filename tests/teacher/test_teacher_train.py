@@ -175,6 +175,16 @@ def test_fit_reports_each_epoch_with_progress_on(capsys):
         assert f"teacher epoch {h['epoch']}: train loss {h['loss']:.4f}, val top-1 {h['top1']:.2f}%" in out
 
 
+def test_a_backbone_pre_training_reports_under_its_own_name_without_a_val_column(capsys):
+    """The study's backbone pre-training (no val split) logged as "teacher epoch 1 ... val top-1 n/a"."""
+    config = TeacherConfig(arch="test_resnet", input_size=16, epochs=1, batch_size=4)
+    teacher = build_teacher("test_resnet", 3, input_size=16)
+    metrics = fit_teacher(teacher, shapes(8, 16), None, config, label="ssdlite320_mobilenet_v3 backbone pre-training")
+    lines = [line.strip() for line in capsys.readouterr().out.splitlines() if "epoch 1:" in line]
+    loss = metrics["history"][0]["loss"]
+    assert lines == [f"ssdlite320_mobilenet_v3 backbone pre-training epoch 1: train loss {loss:.4f}"]
+
+
 def test_training_learns_shapes_and_keeps_the_best_epoch():
     """Proof of learning: chance is 33%; a tiny ResNet from scratch reaches > 90% top-1 in 60 steps."""
     train, val = shapes(240, seed=0), shapes(150, seed=1)

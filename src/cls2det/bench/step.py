@@ -278,21 +278,46 @@ def memory_worker(detector: str, teacher_precision: str | None, **setup) -> list
 
 
 def format_step_table(steps: dict[str, dict], title: str) -> str:
-    """The table: s/step, x baseline, peak MiB, x baseline, teacher passes per step; then channels_last vs not."""
+    """The step-time table as the README prints it (Markdown): one row per variant; "x base" is the time over the
+    baseline **of the same memory format**; with channels_last rows, the two formats side by side. Peak memory (and
+    its ratio to the baseline's) and the teacher's passes per step are the contiguous variant's."""
+    suffix = " channels_last"
+    contiguous = [name for name in steps if not name.endswith(suffix)]
+    side_by_side = any(name + suffix in steps for name in contiguous)
     base = steps["baseline"]
-    lines = [title, f"{'variant':<52}{'s/step':>9}{'x base':>9}{'peak MiB':>10}{'x base':>9}{'teacher/step':>14}"]
-    for name, row in steps.items():
+    header = ["variant", "s/step", "x base"]
+    if side_by_side:
+        header = ["variant", "contiguous s/step", "x base", "channels_last s/step", "x base"]
+    header += ["peak MiB", "x base", "teacher passes/step"]
+    lines = [title, _markdown_row(header), _markdown_row(["---"] + ["---:"] * (len(header) - 1))]
+    for name in contiguous:
+        row = steps[name]
+        cells = [name, f"{row['time_s']:.3f}", f"{row['time_s'] / base['time_s']:.2f}"]
+        if side_by_side:
+            other, other_base = steps.get(name + suffix), steps.get("baseline" + suffix)
+            if other is None or other_base is None:
+                cells += ["-", "-"]
+            else:
+                cells += [f"{other['time_s']:.3f}", f"{other['time_s'] / other_base['time_s']:.2f}"]
         peak = row["peak_mib"]
-        memory = f"{'-':>10}{'-':>9}" if peak is None else f"{peak:>10.1f}{peak / max(base['peak_mib'], 1e-6):>9.2f}"
-        lines.append(
-            f"{name:<52}{row['time_s']:>9.3f}{row['time_s'] / base['time_s']:>9.2f}{memory}"
-            f"{row['teacher_calls']:>14.0f}"
+        if peak is None:
+            cells += ["-", "-"]
+        else:
+            cells += [f"{peak:.1f}", f"{peak / max(base['peak_mib'], 1e-6):.2f}"]
+        cells.append(f"{row['teacher_calls']:.0f}")
+        lines.append(_markdown_row(cells))
+    if side_by_side:
+        ratios = ", ".join(
+            f"{name} {steps[name + suffix]['time_s'] / steps[name]['time_s']:.2f}"
+            for name in contiguous
+            if name + suffix in steps
         )
-    pairs = [(name, name + " channels_last") for name in steps if name + " channels_last" in steps]
-    if pairs:
-        ratios = ", ".join(f"{a} {steps[b]['time_s'] / steps[a]['time_s']:.2f}" for a, b in pairs)
         lines.append(f"channels_last time / contiguous time: {ratios}")
     return "\n".join(lines)
+
+
+def _markdown_row(cells: list[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
 
 
 def run_benchmarks(
@@ -326,7 +351,7 @@ def run_benchmarks(
     title = (
         f"train step, {detector}, batch {batch_size}, {image_size}px, precision {precision}, teacher resnet18 at "
         f"{teacher_size}px, s={sample_size}, {device} ({torch.get_num_threads()} threads), median of {repeats}; "
-        "x base: / the baseline row"
+        "x base: / the baseline of the same memory format"
     )
     print(format_step_table(steps, title), flush=True)
     from cls2det.bench.crops import format_table, run_crop_benchmark

@@ -30,7 +30,7 @@ import yaml
 from PIL import Image
 from torch import Tensor
 
-from cls2det.data.validate import DatasetError, check_image_file, read_json, validate_coco
+from cls2det.data.validate import DatasetError, check_image_file, is_usable_image_record, read_json, validate_coco
 
 SPLITS = ("train", "val")
 YAML_SUFFIXES = (".yaml", ".yml")
@@ -364,6 +364,8 @@ def check_dataset(
             loaded.append(load_split(root, name, clip_tolerance=clip_tolerance))
         except DatasetError as err:
             problems.extend(err.problems)
+            # the image files of a split whose JSON is broken are checked too: one pass lists every problem
+            problems.extend(_image_file_problems(root, name, check_images=check_images))
     for split in loaded:
         for image in split.images:
             try:
@@ -391,6 +393,30 @@ def check_dataset(
         "num_classes": first.num_classes if first else 0,
         "splits": {split.name: split_summary(split) for split in loaded},
     }
+
+
+def _image_file_problems(root: str | Path, split: str, *, check_images: bool) -> list[str]:
+    """The image-file problems of ``split`` read from its raw JSON, for a split that failed :func:`load_split`:
+    every image record whole enough to name a file (:func:`is_usable_image_record`) is checked as
+    :func:`check_dataset` checks a valid split's; the JSON's own problems are reported by ``load_split``, so a JSON
+    that cannot be read at all adds nothing here."""
+    try:
+        images_dir, annotation_file = split_paths(root, split)
+        coco = read_json(annotation_file)
+    except DatasetError:
+        return []
+    records = coco.get("images") if isinstance(coco, dict) else None
+    if not images_dir.is_dir() or not isinstance(records, list):
+        return []
+    problems = []
+    for image in records:
+        if not is_usable_image_record(image):  # reported by load_split as broken: not again through its file
+            continue
+        try:
+            check_image_file(images_dir / image["file_name"], image, source=annotation_file, load=check_images)
+        except DatasetError as err:
+            problems.extend(err.problems)
+    return problems
 
 
 def read_pixels(path: Path, image: dict, *, source: Path) -> np.ndarray:

@@ -77,6 +77,17 @@ def _is_id(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and -(2**63) <= value < 2**63
 
 
+def is_usable_image_record(image: Any) -> bool:
+    """Whether an image record is whole enough to check its file on its own: an object with an int64 id, finite
+    positive width and height and a one-line ``file_name`` (the record checks of :func:`validate_coco`; a record that
+    fails them is reported there, and not again through its file)."""
+    if not isinstance(image, dict) or not _is_id(image.get("id")):
+        return False
+    width, height, name = image.get("width", 0), image.get("height", 0), image.get("file_name")
+    sized = _is_number(width) and _is_number(height) and width > 0 and height > 0
+    return sized and isinstance(name, str) and name.splitlines() == [name]
+
+
 def _show(value: Any) -> str:
     """A short one-line repr of a JSON value, for messages (strings, lists and deep nesting are cut)."""
     return reprlib.repr(value)

@@ -2,8 +2,14 @@
 
 What is exported is the stock torchvision detector (``adapter.detector``) in eval mode: it takes float RGB images in
 0..1 and does its own resizing and mean/std normalisation, and its labels stay in the detector's convention (index 0
-is background for the softmax families), so ``student.json`` says how to map them back: ``class = label -
+is background for the softmax families), so the metadata says how to map them back: ``class = label -
 label_offset``, ``category_id = category_ids[class]``.
+
+The metadata (detector, classes, category ids, label offset, the run and checkpoint) travels inside an ONNX file
+(its ``metadata_props``, key ``cls2det``): ``cls2det predict --onnx`` reads it from there, so a file copied,
+renamed or exported beside another model cannot be run with another model's classes. It is also written to a JSON
+sidecar named after the model file's stem (``student.onnx`` and ``student.torchscript.pt`` -> ``student.json``,
+``ssd.onnx`` -> ``ssd.json``), for readers and for TorchScript, whose file has no place for it.
 
 * ONNX: torch's TorchScript-based exporter (``torch.onnx.export(..., dynamo=False)``, torchvision's own tested path
   for its detectors); one image per call, input ``image`` [3, H, W] with dynamic H and W, outputs ``boxes`` [N, 4]
@@ -30,7 +36,8 @@ from cls2det.files import atomic_write
 from cls2det.students.base import Detector
 
 FORMATS = {"onnx": "student.onnx", "torchscript": "student.torchscript.pt"}  # format -> default file in run/export
-SIDECAR = "student.json"
+SIDECAR = "student.json"  # the sidecar of the default file names
+METADATA_KEY = "cls2det"  # the ONNX metadata_props entry that holds the sidecar's JSON
 ONNX_INPUT = "image"
 ONNX_OUTPUTS = ("boxes", "labels", "scores")
 ONNX_OPSET = 17  # the legacy exporter handles 7..20; 17 is what onnxruntime >= 1.13 runs everywhere
@@ -41,13 +48,20 @@ class ExportError(Cls2detError, RuntimeError):
 
 
 def export_detector(
-    detector: nn.Module, path: str | Path, fmt: str, *, image_size: int | tuple[int, int], example: Tensor | None = None
+    detector: nn.Module,
+    path: str | Path,
+    fmt: str,
+    *,
+    image_size: int | tuple[int, int],
+    example: Tensor | None = None,
+    metadata: dict[str, Any] | None = None,
 ) -> Path:
     """Write torchvision ``detector`` (switched to eval mode) to ``path`` as ``fmt`` ("onnx" or "torchscript").
 
     image_size: H = W (or (H, W)) of the example image the ONNX exporter traces with; any size runs afterwards.
     example: the [3, H, W] image in 0..1 to trace with instead of a random one (ONNX only). The file is written under
-    a temporary name and renamed, so a failed export leaves no half-written model behind. Returns ``path``.
+    a temporary name and renamed, so a failed export leaves no half-written model behind. metadata: JSON-able facts
+    stored in the ONNX file's ``metadata_props`` under :data:`METADATA_KEY` (ONNX only). Returns ``path``.
     """
     _check_format(fmt)
     detector.eval()
@@ -56,7 +70,7 @@ def export_detector(
             height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
             device = next(detector.parameters()).device
             example = torch.rand(3, height, width, generator=torch.Generator().manual_seed(0)).to(device)
-        return atomic_write(path, lambda tmp: _export_onnx(detector, example, tmp))
+        return atomic_write(path, lambda tmp: _export_onnx(detector, example, tmp, metadata))
     return atomic_write(path, lambda tmp: _export_torchscript(detector, tmp))
 
 
@@ -65,8 +79,10 @@ def export_student(
 ) -> Path:
     """Export the student of training run folder ``run`` (weights of ``run/checkpoint``) and its sidecar.
 
-    out: the model file; default ``run/export/student.onnx`` or ``run/export/student.torchscript.pt``. The sidecar
-    ``student.json`` is written next to it (one sidecar describes both formats when both are exported there).
+    out: the model file (a name with a suffix), or a folder (an existing one, or a name without a suffix) to write
+    ``student.onnx`` / ``student.torchscript.pt`` in; default ``run/export``. The sidecar (:func:`sidecar_path`) is
+    written next to it (one sidecar describes both formats when both are exported under one stem); an ONNX file also
+    holds the metadata itself.
     Raises ConfigError / CheckpointError for a missing or broken run folder or checkpoint, ExportError when the
     export itself fails. Returns the path of the model file.
     """
@@ -76,8 +92,7 @@ def export_student(
     classes = _read_classes(run / CLASSES)
     detector = adapter.detector
     size = config.student.image_size or _transform_size(detector)
-    path = Path(out) if out is not None else run / "export" / FORMATS[fmt]
-    export_detector(detector, path, fmt, image_size=size)
+    path = export_path(run, fmt, out)
     header = {
         "detector": config.student.detector,
         "class_names": classes["class_names"],
@@ -86,8 +101,36 @@ def export_student(
         "head": adapter.head,
     }
     entry = {"file": path.name, "run": str(run), "checkpoint": checkpoint, **_format_card(detector, fmt, size)}
-    write_sidecar(path.parent / SIDECAR, header, fmt, entry)
+    export_detector(detector, path, fmt, image_size=size, metadata={**header, "exports": {fmt: entry}})
+    write_sidecar(sidecar_path(path), header, fmt, entry)
     return path
+
+
+def export_path(run: Path, fmt: str, out: str | Path | None) -> Path:
+    """Where ``export_student`` writes the model: ``out`` when it names a file (it has a suffix and is no folder),
+    else ``FORMATS[fmt]`` in the folder ``out`` (default ``run/export``)."""
+    if out is None:
+        return run / "export" / FORMATS[fmt]
+    out = Path(out)
+    if out.is_dir() or not out.suffix:  # `--out X`: a folder, not an extensionless model file
+        return out / FORMATS[fmt]
+    return out
+
+
+def sidecar_path(model: Path) -> Path:
+    """The JSON sidecar of model file ``model``: its stem up to the first dot, ``.json``, beside it."""
+    return model.with_name(model.name.split(".")[0] + ".json")
+
+
+def read_onnx_metadata(path: Path) -> dict[str, Any] | None:
+    """The metadata ``cls2det export`` stored in ONNX file ``path`` (None for a file without it)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    for prop in model.metadata_props:
+        if prop.key == METADATA_KEY:
+            return json.loads(prop.value)
+    return None
 
 
 def write_sidecar(path: Path, header: dict[str, Any], fmt: str, entry: dict[str, Any]) -> dict[str, Any]:
@@ -113,7 +156,7 @@ def write_sidecar(path: Path, header: dict[str, Any], fmt: str, entry: dict[str,
 # ----------------------------------------------------------------------------------------------- helpers
 
 
-def _export_onnx(detector: nn.Module, example: Tensor, path: Path) -> None:
+def _export_onnx(detector: nn.Module, example: Tensor, path: Path, metadata: dict[str, Any] | None = None) -> None:
     try:
         import onnx  # noqa: F401  (the TorchScript-based exporter serialises through it)
     except ImportError:
@@ -137,6 +180,13 @@ def _export_onnx(detector: nn.Module, example: Tensor, path: Path) -> None:
             )
         except Exception as err:  # the exporter raises many kinds; the user needs one line saying which op failed
             raise ExportError(f"ONNX export of {type(detector).__name__} failed: {_first_line(err)}") from err
+    if metadata is not None:
+        import onnx
+
+        model = onnx.load(str(path))
+        entry = model.metadata_props.add()
+        entry.key, entry.value = METADATA_KEY, json.dumps(metadata)
+        onnx.save(model, str(path))
 
 
 class _SingleImage(nn.Module):

@@ -4,7 +4,7 @@ Writes to ``out``:
   * ``predictions.json``: COCO results, one record per detection with score >= ``json_threshold`` (default 0.05,
     what COCO evaluation keeps; the detector's own ``score_thresh`` applies first):
     ``{"image_id", "file_name", "category_id", "category_name", "bbox": [x, y, w, h], "score"}``, bbox in pixels of
-    the original image, category ids the dataset's own (``classes.json`` / the export's ``student.json``);
+    the original image, category ids the dataset's own (``classes.json`` / the export's metadata);
   * ``images.json``: the images (id, file_name, width, height), the skipped files with their reason, the model;
   * with ``save_images``: each image with its detections of score >= ``score_threshold`` (default 0.3) drawn,
     one colour per class, under its name relative to the folder it was found in (a file's own name otherwise).
@@ -31,6 +31,7 @@ from torch import Tensor
 
 from cls2det.engine.run_dir import BEST, CLASSES, CONFIG, LAST, write_json
 from cls2det.errors import Cls2detError
+from cls2det.run_folder import check_run_kind
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 PREDICTIONS = "predictions.json"
@@ -142,6 +143,7 @@ def run_classes(run: Path) -> Classes:
     """The classes of run folder ``run`` (its ``classes.json``), checked."""
     if not run.is_dir():
         raise PredictError(f"no such run folder: {run}")
+    check_run_kind(run, "student", role="run")  # a teacher run: the same line as eval and export
     if not is_run(run):
         raise PredictError(f"{run} is not a training run: {CONFIG} or {CLASSES} not found")
     try:
@@ -176,8 +178,8 @@ def torch_model(run: Path, checkpoint: str | None, device: str) -> tuple[Model, 
 
 
 def onnx_model(path: Path, device: str) -> tuple[Model, Classes, dict[str, Any]]:
-    """An ONNX file of ``cls2det export --format onnx`` and its sidecar ``student.json`` (classes, label offset)."""
-    from cls2det.deploy.export import ONNX_INPUT, ONNX_OUTPUTS, SIDECAR
+    """An ONNX file of ``cls2det export --format onnx`` and the metadata it holds (classes, label offset)."""
+    from cls2det.deploy.export import ONNX_INPUT, ONNX_OUTPUTS
 
     try:
         import onnxruntime as ort
@@ -185,14 +187,8 @@ def onnx_model(path: Path, device: str) -> tuple[Model, Classes, dict[str, Any]]
         raise PredictError("--onnx needs onnxruntime: pip install 'cls2det[export]'") from None
     if not path.is_file():
         raise PredictError(f"no such ONNX file: {path}")
-    sidecar = path.parent / SIDECAR
-    if not sidecar.is_file():
-        raise PredictError(f"{sidecar} not found: export with `cls2det export RUN --format onnx` (it writes both)")
-    try:
-        meta = json.loads(sidecar.read_text())
-    except ValueError as err:
-        raise PredictError(f"{sidecar}: not valid JSON ({err})") from None
-    classes = read_classes(meta.get("class_names"), meta.get("category_ids"), sidecar)
+    meta, source = onnx_metadata(path)
+    classes = read_classes(meta.get("class_names"), meta.get("category_ids"), source)
     offset = int(meta.get("label_offset", 0))
     providers = ["CPUExecutionProvider"]
     if device.startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
@@ -212,6 +208,34 @@ def onnx_model(path: Path, device: str) -> tuple[Model, Classes, dict[str, Any]]
 
     info = {"onnx": str(path), "detector": meta.get("detector"), "providers": session.get_providers()}
     return run_batch, classes, info
+
+
+def onnx_metadata(path: Path) -> tuple[dict[str, Any], Path]:
+    """The classes, label offset and detector of ONNX file ``path``, and where they were read: the file's own
+    metadata (``cls2det export`` stores it there), else, for a file exported before it did, its sidecar, but only
+    when the sidecar names this very file (a sidecar of another model in the same folder would mislabel it)."""
+    from cls2det.deploy.export import read_onnx_metadata, sidecar_path
+
+    try:
+        meta = read_onnx_metadata(path)
+    except Exception as err:  # noqa: BLE001 - onnx raises DecodeError and others for a file that is not a model
+        raise PredictError(f"{path}: not a loadable ONNX model ({' '.join(str(err).split())[:200]})") from None
+    if meta is not None:
+        return meta, path
+    sidecar = sidecar_path(path)
+    if not sidecar.is_file():
+        raise PredictError(f"{path} holds no cls2det metadata and {sidecar} is not there: export it again")
+    try:
+        meta = json.loads(sidecar.read_text())
+    except ValueError as err:
+        raise PredictError(f"{sidecar}: not valid JSON ({err})") from None
+    described = (meta.get("exports") or {}).get("onnx", {}).get("file") if isinstance(meta, dict) else None
+    if described != path.name:
+        raise PredictError(
+            f"{path} holds no cls2det metadata and {sidecar} describes {described or 'no ONNX file'}, not "
+            f"{path.name}: export it again (`cls2det export RUN --format onnx`)"
+        )
+    return meta, sidecar
 
 
 def _torch_device(device: str) -> torch.device:

@@ -7,6 +7,7 @@ boundary and resumed reproduces the uninterrupted run exactly on CPU.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import signal
@@ -41,14 +42,17 @@ from cls2det.engine.run_dir import (
     TrainingError,
     TrainingInterrupted,
     prepare_run_dir,
+    with_absolute_inputs,
     write_json,
 )
 from cls2det.engine.sampling import EpochBatches, hflip_batch
 from cls2det.engine.schedule import build_optimizer, build_scheduler
 from cls2det.evaluation.evaluate import evaluate_student
 from cls2det.files import append_csv_row
+from cls2det.lr import continue_schedule
 from cls2det.run_folder import VAL_CSV, resume_changes
 from cls2det.students import create_student
+from cls2det.students.backbones import CHECKPOINT_WEIGHTS, is_local_weights
 from cls2det.teacher import check_teacher_for_head
 
 
@@ -59,6 +63,7 @@ def fit(config: TrainConfig, *, resume: bool = False, overwrite: bool = False, p
     (``config.yaml``) up to the keys of :data:`RESUME_SAFE`. A resumed run that has nothing left to do returns the
     results it wrote when it finished, untouched.
     """
+    config = with_absolute_inputs(config)  # recorded so in config.yaml: the run folder works from anywhere
     out = Path(config.out)
     fabric = build_fabric(config)  # before the run folder is touched: a machine that cannot run it changes nothing
     start = prepare_run_dir(out, resume=resume, overwrite=overwrite, kind="student")
@@ -156,7 +161,10 @@ class _Trainer:
             workers=resolve_workers(config.workers),
             progress=progress,
         )
-        student = create_student(config.student.detector, self.train_split.num_classes, config.student)
+        student_config = config.student
+        if resume and is_local_weights(student_config.backbone_weights):  # last/ holds every weight: no file read
+            student_config = dataclasses.replace(student_config, backbone_weights=CHECKPOINT_WEIGHTS)
+        student = create_student(config.student.detector, self.train_split.num_classes, student_config)
         student.max_negatives = distill.kd_cls_negatives  # 0: the adapter draws no negatives
         if self.teacher is not None and "cls" in distill.kd:
             check_teacher_for_head(self.teacher, student.head, allow_ce_teacher=distill.allow_ce_teacher)
@@ -446,5 +454,6 @@ class _Trainer:
         state = load_state(path)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        continue_schedule(self.scheduler)  # the (maybe extended) schedule's LR, not the one the old schedule reached
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         self.best_map, self.nonfinite_total = state["best_map"], state["nonfinite_total"]

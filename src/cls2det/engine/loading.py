@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -13,11 +14,16 @@ from cls2det.engine.checkpoint import CheckpointError, load_model_state
 from cls2det.engine.run_dir import CLASSES, CONFIG, RunDirError, TrainingError
 from cls2det.run_folder import check_run_kind, short_list
 from cls2det.students import create_student
+from cls2det.students.backbones import CHECKPOINT_WEIGHTS, is_local_weights
 from cls2det.students.base import StudentAdapter
 
 
 def load_student(run: str | Path, *, checkpoint: str = "last") -> tuple[StudentAdapter, TrainConfig]:
-    """The student of run folder ``run`` in eval mode, with its weights from ``run/checkpoint``, and its config."""
+    """The student of run folder ``run`` in eval mode, with its weights from ``run/checkpoint``, and its config.
+
+    Built from the folder alone (``config.yaml``, ``classes.json``, the checkpoint): the backbone's pretrained weights
+    file is not read again (the run may have moved to where it is not); ``imagenet`` goes through torchvision's builder
+    (its hub cache), whose layout depends on those weights (SSDlite's tail)."""
     run = Path(run)
     check_run_kind(run, "student", role="run")
     for name in (CONFIG, CLASSES):
@@ -25,7 +31,10 @@ def load_student(run: str | Path, *, checkpoint: str = "last") -> tuple[StudentA
             raise ConfigError(f"{run} is not a training run: {name} not found")
     config = load_config(TrainConfig, run / CONFIG)
     classes = json.loads((run / CLASSES).read_text())
-    model = create_student(config.student.detector, len(classes["class_names"]), config.student)
+    student = config.student
+    if is_local_weights(student.backbone_weights):  # the layout it trained with, no file read: the checkpoint has all
+        student = dataclasses.replace(student, backbone_weights=CHECKPOINT_WEIGHTS)
+    model = create_student(config.student.detector, len(classes["class_names"]), student)
     state = load_model_state(run / checkpoint)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:

@@ -3,6 +3,9 @@ engine adds how a student run ends badly."""
 
 from __future__ import annotations
 
+import dataclasses
+
+from cls2det.config import TrainConfig
 from cls2det.errors import Cls2detError
 from cls2det.files import write_json
 from cls2det.run_folder import (
@@ -21,6 +24,7 @@ from cls2det.run_folder import (
     RunDirError,
     RunStart,
     TrainingInterrupted,
+    absolute_input,
     discard_replaced,
     prepare_run_dir,
     restore,
@@ -46,6 +50,7 @@ __all__ = [
     "discard_replaced",
     "prepare_run_dir",
     "restore",
+    "with_absolute_inputs",
     "write_json",
 ]
 
@@ -67,4 +72,15 @@ RESUME_SAFE = {
     "dist_timeout_s": ANY,  # how long a collective waits for a slow rank
     "out": ANY,  # the run folder itself (moved, or spelled another way)
 }
-RESUME_PATHS = ("data", "teacher", "out", "distill.det_teacher")  # equal when they name the same file
+# equal when they name the same file
+RESUME_PATHS = ("data", "teacher", "out", "distill.det_teacher", "student.backbone_weights")
+
+
+def with_absolute_inputs(config: TrainConfig) -> TrainConfig:
+    """``config`` with its input paths (data, teacher, det teacher, backbone weights file) absolute: resolved once,
+    against the working directory the run starts in, and so recorded in ``config.yaml`` (the run-folder contract in
+    :mod:`cls2det.run_folder`)."""
+    student = dataclasses.replace(config.student, backbone_weights=absolute_input(config.student.backbone_weights))
+    distill = dataclasses.replace(config.distill, det_teacher=absolute_input(config.distill.det_teacher))
+    data, teacher = absolute_input(config.data), absolute_input(config.teacher)
+    return dataclasses.replace(config, data=data or "", teacher=teacher, student=student, distill=distill)

@@ -30,6 +30,15 @@ from cls2det.students.base import Detector
 # The order in which torchvision unfreezes ResNet stages (``backbone_utils._resnet_fpn_extractor``).
 RESNET_TRAINABLE_ORDER = ("layer4", "layer3", "layer2", "layer1", "conv1")
 MOBILENET_STAGES = 6  # torchvision's ``_mobilenet_extractor`` stages: stem, the 4 strided blocks, the last conv
+# ``student.backbone_weights`` of a trained run being rebuilt (load_student): the pretrained layout, no weights read
+CHECKPOINT_WEIGHTS = "<checkpoint>"
+
+
+def is_local_weights(backbone_weights: str | None) -> bool:
+    """Whether ``student.backbone_weights`` names a local state-dict file (not None, not ``imagenet``): the case
+    :data:`CHECKPOINT_WEIGHTS` rebuilds exactly. ``imagenet`` is not: torchvision builds SSDlite's backbone with a
+    full tail for ImageNet weights and a reduced one without."""
+    return backbone_weights not in (None, "imagenet", CHECKPOINT_WEIGHTS)
 
 
 def mobilenet_v3_fpn_backbone(
@@ -96,9 +105,15 @@ def build_detector(
       torchvision's own warning);
     * ``"imagenet"``: torchvision's ``weights_backbone=imagenet_weights`` path (download or torch hub cache);
     * a local state-dict file: the untrained detector, then ``load_local(detector, path, trainable_backbone_layers)``
-      loads the file into its backbone and freezes as torchvision freezes a pretrained one.
+      loads the file into its backbone and freezes as torchvision freezes a pretrained one;
+    * :data:`CHECKPOINT_WEIGHTS`: the layout of the local-file case (frozen BatchNorm, frozen stages) without reading
+      any file: how a trained run is rebuilt before its checkpoint, which holds every weight, is loaded.
     """
     weights, trainable = config.backbone_weights, config.trainable_backbone_layers
+    if weights == CHECKPOINT_WEIGHTS:  # a pretrained backbone's layout; no file, no download: the checkpoint fills it
+        detector = builder(weights=None, weights_backbone=None, trainable_backbone_layers=None, **kwargs)
+        load_local(detector, CHECKPOINT_WEIGHTS, trainable)
+        return detector
     if weights == "imagenet":
         return build_imagenet_detector(builder, imagenet_weights, trainable_backbone_layers=trainable, **kwargs)
     detector = builder(
@@ -174,6 +189,8 @@ def load_backbone_weights(body: nn.Module, path: str | Path) -> None:
     stem's ``conv1.weight`` and stripped; keys outside it and the classifier (``fc.*``) are ignored. Every
     body tensor must be present with the right shape (``num_batches_tracked`` may be missing).
     """
+    if path == CHECKPOINT_WEIGHTS:
+        return  # the run's checkpoint fills the body
     state = read_state_dict(path)
     # a prefix p is the ResNet's if both p + "conv1.weight" (stem) and p + "layer1.0.conv1.weight" exist
     prefixes = [k[: -len("conv1.weight")] for k in state if k.endswith("conv1.weight")]
@@ -236,6 +253,8 @@ def load_view_weights(view: nn.Module, path: str | Path, classifier: str) -> Non
     classification head (``fc.*`` / ``classifier.*``) and outside the prefix are ignored. Every view tensor must be
     present with the right shape (``num_batches_tracked`` may be missing).
     """
+    if path == CHECKPOINT_WEIGHTS:
+        return  # the run's checkpoint fills the view
     state = read_state_dict(path)
     own = view.state_dict()
     first = next(iter(own))

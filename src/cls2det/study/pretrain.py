@@ -41,6 +41,14 @@ def pretrain_backbone(
     )
     crops = ClassificationCrops(split, size=config.input_size, workers=resolve_workers(config.workers))
     flips = split.hflip_preserves_labels if config.hflip is None else config.hflip  # the student's rule
-    metrics = fit_teacher(classifier, crops, None, config, progress=progress, augment=Augment(hflip=flips))
+    metrics = fit_teacher(
+        classifier,
+        crops,
+        None,
+        config,
+        progress=progress,
+        augment=Augment(hflip=flips),
+        label=f"{detector} backbone pre-training",
+    )
     save_safetensors(out_file, net.state_dict())
     return metrics

@@ -56,9 +56,9 @@ def run_study(path: str | Path, overrides: Sequence[str] = ()) -> Path:
     """Run study ``path`` (a :class:`StudyConfig` YAML) with overrides; returns the report's path."""
     study = load_config(StudyConfig, path, overrides)
     out = Path(study.out)
+    check_study(study, out)  # every row, before spending compute or writing anything
     out.mkdir(parents=True, exist_ok=True)
     save_config(study, out / "study.yaml")
-    check_study(study, out)  # every row, before spending compute
 
     data = Path(study.data) if study.data else _demo_data(study, out)
     # no teacher for a grid of plain rows (loc and det:* need none either)
@@ -171,11 +171,14 @@ def detector_train_values(study: StudyConfig, detector: str) -> dict:
 
 def row_config(study: StudyConfig, row: str, detector: str, out: Path, seed: int) -> TrainConfig:
     """The TrainConfig of one run: the study's ``train`` section, the detector's overrides, then the row's."""
-    values = apply_overrides(detector_train_values(study, detector), study.rows[row])
-    values["seed"] = seed
-    values["student"]["detector"] = detector
-    values["out"] = str(out / detector / row / f"seed{seed}")
-    return from_dict(TrainConfig, values)
+    try:
+        values = apply_overrides(detector_train_values(study, detector), study.rows[row])
+        values["seed"] = seed
+        values["student"]["detector"] = detector
+        values["out"] = str(out / detector / row / f"seed{seed}")
+        return from_dict(TrainConfig, values)
+    except ConfigError as err:  # a typo in a row: say which row (and detector) holds it
+        raise ConfigError(f"study row {row!r} ({detector}): {err}") from None
 
 
 def _demo_data(study: StudyConfig, out: Path) -> Path:

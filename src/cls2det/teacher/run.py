@@ -20,6 +20,7 @@ import torch
 
 from cls2det.config import TeacherConfig, load_config, save_config, to_dict
 from cls2det.files import MetricsLogger, load_model_state, load_state, save_checkpoint, truncate_metrics
+from cls2det.lr import continue_schedule
 from cls2det.run_folder import (
     ANY,
     BEST,
@@ -75,7 +76,7 @@ class TeacherRun:
             saved = to_dict(load_config(TeacherConfig, out / CONFIG))
             saved["data"] = _run_json(out).get("data")
             new = {**to_dict(config), "data": str(data)}
-            start.changes = resume_changes(out, saved, new, RESUME_SAFE, paths=("data",))
+            start.changes = resume_changes(out, saved, new, RESUME_SAFE, paths=("data", "pretrained"))
         return cls(out, config, start)
 
     # ----------------------------------------------------------------------------------------------- lifecycle
@@ -123,6 +124,7 @@ class TeacherRun:
         state = load_state(self.out / LAST)
         optimizer.load_state_dict(state.pop("optimizer"))
         scheduler.load_state_dict(state.pop("scheduler"))
+        continue_schedule(scheduler)  # more epochs: the new schedule's LR, not the floor the old one ended at
         loop = LoopState(**state)
         best = load_model_state(self.out / BEST) if (self.out / BEST).is_dir() else None
         return loop, best

@@ -9,6 +9,7 @@ epoch's weights are kept.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Sized
@@ -26,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 from cls2det.config import TeacherConfig, resolve_workers
 from cls2det.determinism import deterministic_algorithms
 from cls2det.lr import lr_factor
+from cls2det.run_folder import absolute_input
 from cls2det.teacher.io import save_teacher
 from cls2det.teacher.model import Teacher, TeacherError, build_teacher
 from cls2det.teacher.run import LoopState, TeacherRun
@@ -110,6 +112,7 @@ def fit_teacher(
     device: str | torch.device = "cpu",
     augment: Augment | None = None,
     run: TeacherRun | None = None,
+    label: str = "teacher",
 ) -> dict[str, Any]:
     """Train ``teacher`` in place on (crop, label) items; returns metrics (top1 in percent on ``val_set``).
 
@@ -118,6 +121,7 @@ def fit_teacher(
     run; ``config.deterministic`` allows deterministic kernels only (:mod:`cls2det.determinism`). Leaves the best
     epoch's weights in ``teacher`` (the last epoch's when there is no val set).
 
+    ``label``: what the progress bar and the epoch lines call the network (e.g. the backbone pre-training's).
     ``run``: the run folder (:class:`~cls2det.teacher.run.TeacherRun`) that gets a checkpoint at every epoch's end
     and at SIGINT / SIGTERM, metrics.csv and TensorBoard; when it is resuming, training continues from its ``last/``.
     """
@@ -170,7 +174,7 @@ def fit_teacher(
             TimeRemainingColumn(),
         )
         with Progress(*columns, disable=not progress) as bar, run.signals() if run is not None else nullcontext():
-            task = bar.add_task("teacher", total=steps, completed=loop.step)
+            task = bar.add_task(label, total=steps, completed=loop.step)
             for epoch in range(loop.epoch, config.epochs + 1):
                 sampler.set_epoch(epoch, skip=loop.batch_in_epoch)
                 for crops, labels in loader:
@@ -190,13 +194,13 @@ def fit_teacher(
                     if run is not None:
                         run.log({"step": loop.step, "epoch": epoch, "lr": lr, "loss": loss.item()}, loop.step)
                         run.stop_if_asked(teacher.net, optimizer, scheduler, loop)
-                    bar.update(task, advance=1, description=f"teacher epoch {epoch}/{config.epochs} loss {loss:.3f}")
+                    bar.update(task, advance=1, description=f"{label} epoch {epoch}/{config.epochs} loss {loss:.3f}")
                 top1 = evaluate_top1(teacher, val_loader, device=str(device)) if val_loader is not None else None
                 mean_loss = loop.loss_sum / max(loop.seen, 1)
                 loop.history.append({"epoch": epoch, "loss": mean_loss, "top1": top1})
                 if progress:
-                    val = f"{top1:.2f}%" if top1 is not None else "n/a"
-                    bar.console.print(f"teacher epoch {epoch}: train loss {mean_loss:.4f}, val top-1 {val}")
+                    val = f", val top-1 {top1:.2f}%" if top1 is not None else ""  # no val set: nothing to show
+                    bar.console.print(f"{label} epoch {epoch}: train loss {mean_loss:.4f}{val}")
                 new_best = top1 is not None and top1 > loop.best_top1
                 if new_best:
                     assert top1 is not None  # new_best implies it
@@ -244,6 +248,9 @@ def train_teacher(
 
     Returns the metrics (also stored in teacher.json): top1 (percent, best epoch, val crops), epochs, wall_s, ...
     """
+    # inputs resolved once and recorded absolute (config.yaml, run.json): the run folder works from anywhere
+    data = absolute_input(str(data)) or str(data)
+    config = dataclasses.replace(config, pretrained=absolute_input(config.pretrained))
     run = TeacherRun.open(out, config, data, resume=resume, overwrite=overwrite)
     try:
         done = run.finished_metrics()
