@@ -381,3 +381,15 @@ def test_a_typo_in_a_row_names_the_row_and_writes_nothing(tmp_path):
         run_study(path)
     assert str(caught.value).startswith("study row 'kd_cls' (fasterrcnn_mobilenet_v3): unknown key distill.temprature")
     assert not out.exists()  # no out/study.yaml left behind
+
+
+def test_a_demo_data_folder_made_with_other_settings_is_refused(tmp_path):
+    from cls2det.study.runner import _demo_data
+
+    study = from_dict(StudyConfig, {"rows": {"baseline": []}, "demo_data": {"train_images": 2, "val_images": 1}})
+    data = _demo_data(study, tmp_path)
+    assert json.loads((data / "demo_data.json").read_text())["train_images"] == 2
+    assert _demo_data(study, tmp_path) == data  # the same settings: reused
+    other = from_dict(StudyConfig, {"rows": {"baseline": []}, "demo_data": {"train_images": 3, "val_images": 1}})
+    with pytest.raises(ConfigError, match=r"generated with demo_data=\{.*'train_images': 2.*but the study asks"):
+        _demo_data(other, tmp_path)

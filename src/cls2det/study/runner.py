@@ -41,6 +41,7 @@ from cls2det.engine.run_dir import (
     RunDirError,
     TrainingError,
 )
+from cls2det.files import write_json
 from cls2det.run_folder import ANY, VAL_CSV, config_differences
 
 DEMO_CONFIG = "demo.yaml"
@@ -184,11 +185,19 @@ def row_config(study: StudyConfig, row: str, detector: str, out: Path, seed: int
 def _demo_data(study: StudyConfig, out: Path) -> Path:
     from cls2det.data import generate_demo
 
-    data = out / "data"
-    if not (data / "annotations" / "val.json").is_file():
-        demo = study.demo_data
-        _say(f"generating the demo dataset in {data}")
-        generate_demo(data, **to_dict(demo))
+    data, settings = out / "data", to_dict(study.demo_data)
+    recipe = data / "demo_data.json"  # what the folder was generated with: a changed demo_data is never mixed in
+    if (data / "annotations" / "val.json").is_file():
+        made = json.loads(recipe.read_text()) if recipe.is_file() else None
+        if made != settings:
+            raise ConfigError(
+                f"{data} was generated with demo_data={made}, but the study asks {settings}: give the study another "
+                "out (or remove that folder) to generate it anew"
+            )
+        return data
+    _say(f"generating the demo dataset in {data}")
+    generate_demo(data, **settings)
+    write_json(recipe, settings)
     return data
 
 
