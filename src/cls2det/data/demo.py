@@ -126,7 +126,7 @@ def glyph_alpha(
     em = max(round(longer / max(ink_w, ink_h)), 6)
     face = _font(font, min(em, source_px) if source_px else em)
     left, top, right, bottom = face.getbbox(char)
-    canvas = Image.new("L", (right - left + 4, bottom - top + 4), 0)
+    canvas = Image.new("L", (int(right - left) + 4, int(bottom - top) + 4), 0)  # FreeType's bbox: whole pixels
     ImageDraw.Draw(canvas).text((2 - left, 2 - top), char, font=face, fill=255)
     if source_px and em > source_px:
         scale = em / source_px

@@ -225,11 +225,11 @@ def plot_val_curves(runs: Mapping[str, Sequence[str | Path]], path: str | Path, 
     curves: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for label, paths in runs.items():
         logs = [_read_log(Path(p)) for p in paths]
-        epochs = sorted(set.intersection(*(set(log["epoch"].tolist()) for log in logs))) if logs else []
-        if not epochs:
+        common = sorted(set.intersection(*(set(log["epoch"].tolist()) for log in logs))) if logs else []
+        if not common:
             continue
-        values = np.array([[log[metric][log["epoch"] == e][-1] for e in epochs] for log in logs])  # [seeds, epochs]
-        curves[label] = (np.array(epochs), values)
+        values = np.array([[log[metric][log["epoch"] == e][-1] for e in common] for log in logs])  # [seeds, epochs]
+        curves[label] = (np.array(common), values)
     if not curves:
         raise ValueError("plot_val_curves: no run evaluated on val during training")
     panels = list(dict.fromkeys(label.split(" / ")[0] if " / " in label else "" for label in curves))
