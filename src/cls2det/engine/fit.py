@@ -231,6 +231,7 @@ class _Trainer:
                     if finished or (epoch_done and self.epoch % config.checkpoint_every == 0):
                         self._save(LAST)
         finally:
+            self.loader = None  # its persistent workers end with the run, not at a later garbage collection
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             if self.logger is not None:

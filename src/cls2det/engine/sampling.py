@@ -3,6 +3,8 @@ seed and the epoch / step, so a run stopped at a step boundary and resumed sees 
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from cls2det.data.coco import hflip
@@ -36,7 +38,9 @@ class EpochBatches:
     batch_size), ``fabric`` (rank, world size), ``epoch``, ``steps_per_epoch``, ``batch_in_epoch``."""
 
     def __init__(self, trainer) -> None:
-        self.trainer = trainer
+        # a weak reference: the trainer holds the loader that holds this sampler, and a cycle would leave the loader's
+        # persistent workers to the garbage collector, which shut them down at some later, arbitrary point
+        self.trainer = weakref.proxy(trainer)
 
     def batches(self) -> list[list[int]]:
         t = self.trainer
