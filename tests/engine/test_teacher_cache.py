@@ -244,6 +244,7 @@ def test_gt_feature_cache_round_trip_and_stale_key(teacher, tmp_path):
         "taps": "obj,l0,l1",
         "sample_size": "32",
         "pools": "4,4,4",
+        "hflip": "true",  # built with the flipped crops' rows
     }
     loaded = GTFeatureCache.load(path, key=cache.key)
     assert loaded.taps == TAPS and all(torch.equal(loaded.tables[t], cache.tables[t]) for t in TAPS)
