@@ -137,7 +137,7 @@ def test_every_shipped_config_parses(path):
     rows, the detector teacher's run)."""
     from cls2det.study.runner import check_study
 
-    if path.parent.name == "ablations" or path.name == "demo.yaml" or path.name.startswith("study_"):
+    if path.parent.name in ("ablations", "diagnosis") or path.name == "demo.yaml" or path.name.startswith("study_"):
         check_study(load_config(StudyConfig, path), Path("runs"))
     elif path.parent.name == "teacher":
         load_config(TeacherConfig, path)

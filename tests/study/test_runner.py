@@ -217,7 +217,7 @@ def test_families_study_runs_three_families_on_the_full_studys_recipe():
     assert row_config(study, "baseline", families[2], Path("runs"), 0).optim.lr == 0.001
     frcnn = students["fasterrcnn_mobilenet_v3"]
     assert frcnn.anchor_sizes == [24, 32, 48, 64, 96, 128, 192, 256] and frcnn.options["returned_stages"] == [2, 3, 5]
-    assert [row_config(study, "baseline", d, Path("runs"), 0).epochs for d in families] == [8, 8, 8]
+    assert [row_config(study, "baseline", d, Path("runs"), 0).epochs for d in families] == [6, 6, 6]
     assert all(s.image_size == 256 for s in students.values())
     # one family of the grid: the others' overrides stay in the config, unused
     ssd = load_config(StudyConfig, shipped_config("study_families.yaml"), ["detectors=[ssdlite320_mobilenet_v3]"])
