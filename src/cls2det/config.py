@@ -528,8 +528,12 @@ def resolve_workers(workers: int | str) -> int:
     use), enough to keep one GPU fed with decoded JPEGs."""
     if workers != "auto":
         return int(workers)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return min(8, cores or 1)
+    return min(8, usable_cores())
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _check_workers(name: str, value: int | str) -> int | str:

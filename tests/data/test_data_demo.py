@@ -22,7 +22,6 @@ from cls2det.data.demo import (
     box_overlap,
     glyph_alpha,
     load_backgrounds,
-    size_mix,
 )
 
 SMALL = {"train_images": 10, "val_images": 5, "image_size": 64}
@@ -164,16 +163,10 @@ def test_default_demo_is_sized_and_spreads_its_objects_over_cocos_size_bins(tmp_
     assert 3 * 600 <= train["annotations"] <= MAX_OBJECTS * 600 and train["empty_images"] == 0
     assert min(train["per_class"].values()) > 0.7 * train["annotations"] / 10  # roughly balanced classes
     coco = json.loads((root / "annotations" / "train.json").read_text())
-    mix = size_mix(coco["annotations"])
+    mix = {size: count / train["annotations"] for size, count in train["sizes"].items()}  # COCO's area bins
     assert abs(sum(mix.values()) - 1) < 1e-9
     # every COCO area bin holds a real share (COCO train 2017: small 41%, medium 34%, large 24%)
     assert mix["small"] >= 0.2 and mix["medium"] >= 0.3 and mix["large"] >= 0.1, mix
     widths, heights = (np.array([a["bbox"][k] for a in coco["annotations"]], float) for k in (2, 3))
     aspect = widths / heights
     assert np.quantile(aspect, 0.1) < 0.5 and np.quantile(aspect, 0.9) > 0.9  # tall digits and wide ones
-
-
-def test_size_mix_by_hand():
-    areas = [10, 32**2 - 1, 32**2, 96**2 - 1, 96**2, 10**6]
-    assert size_mix([{"area": a} for a in areas]) == {"small": 2 / 6, "medium": 2 / 6, "large": 2 / 6}
-    assert size_mix([]) == {"small": 0.0, "medium": 0.0, "large": 0.0}

@@ -12,12 +12,12 @@ What there is to learn (the knobs below):
   below the baseline) and up to ``MAX_CLUTTER`` letters that look like digits (O, l, I, S, Z, B, g, q, b, G, J), drawn
   the same way but not annotated;
 * localisation: sizes log-uniform over a 6x range (longer side ``SIZE_RANGE`` of the image side), so COCO's
-  small / medium / large area bins are all present (``size_mix`` measures them; the docs compare with COCO's
+  small / medium / large area bins are all present (``cls2det data check`` counts them; the docs compare with COCO's
   41 / 34 / 24 %), varied aspect ratios, and partial occlusion: a later object may cover part of an earlier one
   (at most ``MAX_OVERLAP`` of the smaller of two boxes lies inside the other: no digit hides inside another one).
 
 A mirrored digit is not a digit: horizontal flips do not preserve these labels, and the annotations say so
-(``info.hflip_preserves_labels: false``, read by :func:`cls2det.data.hflip_policy`).
+(``info.hflip_preserves_labels: false``, read by :attr:`cls2det.data.DetectionSplit.hflip_preserves_labels`).
 
 Layout written: ``out/images/{train,val}/NNNNNN.png`` and ``out/annotations/{train,val}.json`` (categories 1..10
 named "0".."9"; each annotation records ``font``). Train and val come from separate RNG streams; the same seed and
@@ -63,7 +63,6 @@ MAX_CLUTTER = 2  # clutter letters per image (0..MAX_CLUTTER)
 # (an IoU bound lets a small digit sit inside a large one's box).
 MAX_OVERLAP = 0.2
 INK_ALPHA = 0.25  # alpha from which a pixel counts as visible ink (defines the box)
-COCO_AREA_BINS = (32**2, 96**2)  # COCO's small / medium / large thresholds, in px² of the image as stored
 
 
 @lru_cache(maxsize=1)
@@ -278,16 +277,3 @@ def generate_demo(
     for stream, split in enumerate(("train", "val"), start=1):
         write_split(out, split, np.random.default_rng([seed, stream]), counts[split], image_size, **render)
     return out
-
-
-def size_mix(annotations: list[dict]) -> dict[str, float]:
-    """Share of ``annotations`` (COCO dicts with ``area``) in COCO's small / medium / large area bins."""
-    areas = np.array([a["area"] for a in annotations], dtype=np.float64)
-    if len(areas) == 0:
-        return {"small": 0.0, "medium": 0.0, "large": 0.0}
-    small, large = COCO_AREA_BINS
-    return {
-        "small": float(np.mean(areas < small)),
-        "medium": float(np.mean((areas >= small) & (areas < large))),
-        "large": float(np.mean(areas >= large)),
-    }

@@ -29,6 +29,7 @@ from cls2det.config import (
     save_config,
     shipped_config,
     to_dict,
+    usable_cores,
 )
 from cls2det.engine.loading import needs_teacher
 from cls2det.engine.run_dir import (
@@ -106,11 +107,6 @@ def train_rows(runs: Sequence[tuple[TrainConfig, str]], *, jobs: int = 1) -> lis
             for future in futures:
                 future.cancel()
             raise
-
-
-def usable_cores() -> int:
-    """The CPU cores this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def check_study(study: StudyConfig, out: Path) -> None:
